@@ -1,0 +1,3 @@
+from amber.cli import app
+
+app(prog_name="amber")

@@ -1,0 +1,250 @@
+"""The `AmberCompression` resource (amber.dev/v1alpha1): spec and status types.
+
+These models are the single source of truth: the CRD's OpenAPI schema is generated from them
+(`amber.schema`), `amber run` validates a file with them, and the operator reads resources
+through them. Field descriptions start with the field's JSON name (jobset convention) and end
+up in `kubectl explain`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from amber import presets
+from amber.base import Model
+from amber.pipeline import check_pipeline
+from amber.stages import DNS_LABEL, ResourceSpec, Stage
+
+GROUP = "amber.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "AmberCompression"
+PLURAL = "ambercompressions"
+SHORT_NAME = "amc"
+QWEN_IMAGE_LAYERS = 60
+
+
+class SecretKeyRef(Model):
+    """A Secret holding S3 credentials; keys are never written inline in a resource."""
+
+    name: str = Field(..., min_length=1, description="name: the Secret in the same namespace.")
+    access_key_id_key: str = Field(
+        "AWS_ACCESS_KEY_ID", description="accessKeyIdKey: key of the access key id."
+    )
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY", description="secretAccessKeyKey: key of the secret key."
+    )
+
+
+class StorageSpec(Model):
+    uri: str = Field(
+        ...,
+        min_length=1,
+        description="uri: s3://bucket/prefix, file:///path or a plain path. Each resource "
+        "writes under {uri}/{namespace}/{name}/.",
+    )
+    endpoint: str | None = Field(
+        None, description="endpoint: S3 endpoint URL for non-AWS stores (MinIO, Ceph, ...)."
+    )
+    region: str | None = Field(None, description="region: S3 region.")
+    credentials_secret: SecretKeyRef | None = Field(
+        None, description="credentialsSecret: Secret with the S3 keys (never inline)."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, uri: str) -> str:
+        if "://" in uri and not uri.startswith(("s3://", "file://")):
+            raise ValueError(f"uri {uri!r}: only s3://, file:// and plain paths are supported")
+        return uri
+
+
+class TeacherSpec(Model):
+    """The model being compressed: a diffusers folder, or (tests, tiny example) a config."""
+
+    uri: str | None = Field(
+        None,
+        description="uri: a diffusers QwenImageTransformer2DModel folder (s3://, file:// or "
+        "path) or a pipeline folder with a transformer/ subfolder.",
+    )
+    config: dict[str, Any] | None = Field(
+        None,
+        description="config: a QwenImageTransformer2DModel config; the teacher is randomly "
+        "initialised from it with `seed` (for trying recipes, not for real runs).",
+    )
+    num_layers: int | None = Field(
+        None,
+        ge=2,
+        description="numLayers: the teacher's depth; read from `config` when given, else "
+        f"defaults to Qwen-Image's {QWEN_IMAGE_LAYERS}. Presets scale with it.",
+    )
+    seed: int = Field(0, description="seed: initialisation seed for a `config` teacher.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.uri is None) == (self.config is None):
+            raise ValueError("exactly one of uri and config must be set")
+        if self.config is not None:
+            from_config = int(self.config.get("num_layers", QWEN_IMAGE_LAYERS))
+            if self.num_layers not in (None, from_config):
+                raise ValueError(
+                    f"numLayers ({self.num_layers}) disagrees with "
+                    f"config.num_layers ({from_config})"
+                )
+            self.__dict__["num_layers"] = from_config
+        elif self.num_layers is None:
+            self.__dict__["num_layers"] = QWEN_IMAGE_LAYERS
+        return self
+
+
+class SyntheticData(Model):
+    """Random latents and text embeddings shaped for the teacher: for tests and tiny runs."""
+
+    samples: int = Field(256, ge=1, description="samples: pairs generated.")
+    latent_size: int = Field(
+        8, ge=2, multiple_of=2, description="latentSize: latent side in VAE pixels (packed 2x2)."
+    )
+    text_tokens: int = Field(8, ge=1, description="textTokens: text sequence length.")
+    seed: int = Field(0, description="seed: generator seed.")
+
+
+class DataSpec(Model):
+    uri: str | None = Field(
+        None, description="uri: image-text pairs (WebDataset tar shards or parquet) to encode."
+    )
+    cache_uri: str | None = Field(
+        None, description="cacheUri: encoded latent/text-embedding shards (encode's output)."
+    )
+    synthetic: SyntheticData | None = Field(
+        None, description="synthetic: generate data instead of reading it."
+    )
+
+    @model_validator(mode="after")
+    def _some_source(self):
+        if not (self.uri or self.cache_uri or self.synthetic):
+            raise ValueError("one of uri, cacheUri or synthetic must be set")
+        return self
+
+
+class DeepSpeedSpec(Model):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="zeroStage: ZeRO partitioning stage.")
+    offload: Literal["none", "cpu"] = Field(
+        "none", description="offload: optimizer-state offload target."
+    )
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="precision: training precision (fp32 master weights kept)."
+    )
+    activation_checkpointing: bool = Field(
+        True, description="activationCheckpointing: recompute block activations in backward."
+    )
+
+
+class SchedulingSpec(Model):
+    gang: Literal["none", "kueue", "volcano"] = Field(
+        "none", description="gang: all-or-nothing scheduling integration."
+    )
+    queue_name: str | None = Field(
+        None, description="queueName: Kueue LocalQueue or Volcano queue."
+    )
+    priority_class_name: str | None = Field(
+        None, description="priorityClassName: PriorityClass of the stage pods."
+    )
+
+    @model_validator(mode="after")
+    def _queue(self):
+        if self.gang == "kueue" and not self.queue_name:
+            raise ValueError("queueName is required when gang is kueue")
+        return self
+
+
+class FailurePolicy(Model):
+    max_restarts: int = Field(3, ge=0, description="maxRestarts: failed attempts per stage.")
+    backoff_seconds: int = Field(30, ge=0, description="backoffSeconds: first retry delay.")
+    max_backoff_seconds: int = Field(
+        900, ge=0, description="maxBackoffSeconds: cap of the doubling retry delay."
+    )
+    count_disruptions: bool = Field(
+        False,
+        description="countDisruptions: count preemption and node loss (DisruptionTarget) "
+        "against maxRestarts.",
+    )
+
+
+class AmberCompressionSpec(Model):
+    teacher: TeacherSpec = Field(..., description="teacher: the model to compress.")
+    data: DataSpec = Field(..., description="data: training and calibration data.")
+    storage: StorageSpec = Field(..., description="storage: where checkpoints and outputs go.")
+    image: str = Field(
+        "ghcr.io/amber-dev/amber-trainer:0.1.0", description="image: the trainer image."
+    )
+    resources: ResourceSpec = Field(
+        default_factory=ResourceSpec, description="resources: default per-stage resources."
+    )
+    deepspeed: DeepSpeedSpec = Field(
+        default_factory=DeepSpeedSpec, description="deepspeed: DeepSpeed settings."
+    )
+    preset: Literal["amber-10b", "amber-6b"] | None = Field(
+        None, description="preset: a named recipe, scaled to the teacher's depth."
+    )
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="overrides: per preset stage name, fields that replace the preset's.",
+    )
+    stages: list[Stage] | None = Field(
+        None, description="stages: the ordered stages, when no preset is used."
+    )
+    scheduling: SchedulingSpec = Field(
+        default_factory=SchedulingSpec, description="scheduling: gang scheduling."
+    )
+    failure_policy: FailurePolicy = Field(
+        default_factory=FailurePolicy, description="failurePolicy: restarts and backoff."
+    )
+    suspend: bool = Field(
+        False, description="suspend: stop the running stage, keep checkpoints; false resumes."
+    )
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        if (self.preset is None) == (self.stages is None):
+            raise ValueError("exactly one of preset and stages must be set")
+        if self.preset is None and self.overrides:
+            raise ValueError("overrides only apply to a preset")
+        problems = check_pipeline(self.pipeline(), self.teacher.num_layers)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def pipeline(self) -> list[Stage]:
+        """The ordered stages this spec runs: its own, or its preset's with overrides."""
+        if self.stages is not None:
+            return list(self.stages)
+        return presets.build(self.preset, self.teacher.num_layers, self.overrides)
+
+
+class ObjectMeta(Model):
+    model_config = ConfigDict(**{**Model.model_config, "extra": "allow"})
+
+    name: str = Field(..., min_length=1, max_length=63)
+    namespace: str = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _dns(cls, value: str) -> str:
+        if not DNS_LABEL.match(value):
+            raise ValueError(f"{value!r} must be a DNS label (lower-case letters, digits, '-')")
+        return value
+
+
+class AmberCompression(Model):
+    """One compression run: a resource file, as `kubectl apply` and `amber run` read it."""
+
+    model_config = ConfigDict(**{**Model.model_config, "extra": "ignore"})
+
+    api_version: Literal["amber.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["AmberCompression"] = KIND
+    metadata: ObjectMeta
+    spec: AmberCompressionSpec

@@ -1,0 +1,143 @@
+"""The `amber` command line.
+
+Commands import their heavy dependencies (torch, diffusers) only when they run, so the
+operator image, which has neither, can still use `amber crd` and `amber validate`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+import amber
+from amber import resource
+
+app = typer.Typer(
+    name="amber",
+    help="Compress MMDiT text-to-image transformers (Qwen-Image 20B -> Amber-Image 10B / 6B).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+EXIT_INVALID = 2
+
+
+class Output(str, Enum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+def load_or_exit(path: Path) -> resource.AmberCompression:
+    """The resource in `path`; an invalid one prints each field and reason, exit code 2."""
+    try:
+        return resource.load(path)
+    except (resource.InvalidResource, OSError) as err:
+        errors.print(f"[bold red]invalid resource[/] {path}:")
+        for line in str(err).splitlines():
+            errors.print(f"  {line}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+@app.command()
+def version() -> None:
+    """Print Amber's version."""
+    console.print(amber.__version__)
+
+
+@app.command()
+def validate(
+    file: Annotated[Path, typer.Argument(help="An AmberCompression YAML file.")],
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.table,
+) -> None:
+    """Check a resource file and print the stages it resolves to."""
+    obj = load_or_exit(file)
+    stages = [s.dump() for s in obj.spec.pipeline()]
+    if output is Output.json:
+        print(json.dumps(stages, indent=2))
+        return
+    if output is Output.yaml:
+        print(yaml.safe_dump(stages, sort_keys=False), end="")
+        return
+    table = Table(title=f"{obj.metadata.namespace}/{obj.metadata.name}: valid")
+    for column in ("#", "name", "type", "parameters"):
+        table.add_column(column)
+    for i, stage in enumerate(stages):
+        params = {k: v for k, v in stage.items() if k not in ("name", "type")}
+        table.add_row(str(i), stage["name"], stage["type"], json.dumps(params)[:100])
+    console.print(table)
+
+
+@app.command()
+def crd() -> None:
+    """Print the AmberCompression CustomResourceDefinition (generated from the types)."""
+    from amber.schema import crd as build_crd
+
+    print(yaml.safe_dump(build_crd(), sort_keys=False), end="")
+
+
+@app.command()
+def inspect(
+    preset: Annotated[str, typer.Option(help="amber-10b or amber-6b.")] = "amber-6b",
+    model: Annotated[str, typer.Option(help="Teacher config: qwen-image or tiny.")] = "qwen-image",
+    file: Annotated[
+        Path | None, typer.Option(help="Take the teacher and stages from a resource instead.")
+    ] = None,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.table,
+) -> None:
+    """Parameter counts of the teacher and of each model a recipe produces (no weights needed)."""
+    from amber_trainer import inspect as inspection
+    from amber_trainer import models
+
+    from amber.presets import PRESETS
+
+    if file is not None:
+        obj = load_or_exit(file)
+        stages = obj.spec.pipeline()
+        config = obj.spec.teacher.config or models.named_config("qwen-image")
+        label = f"{file}"
+    else:
+        if preset not in PRESETS:
+            errors.print(f"--preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+            raise typer.Exit(EXIT_INVALID)
+        try:
+            config = models.named_config(model)
+        except ValueError as err:
+            errors.print(f"--model: {err}")
+            raise typer.Exit(EXIT_INVALID) from None
+        from amber import presets
+
+        stages = presets.build(preset, config.get("num_layers", 60), {})
+        label = f"{preset} on {model}"
+    rows = inspection.recipe_sizes(config, stages)
+    if output is not Output.table:
+        text = json.dumps(rows, indent=2) if output is Output.json else yaml.safe_dump(rows)
+        print(text)
+        return
+    table = Table(title=f"{label}: parameters")
+    for column in ("model", "dual blocks", "single blocks", "parameters", "of teacher"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    teacher = rows[0]["parameters"]
+    for row in rows:
+        table.add_row(
+            row["model"],
+            str(row["dual_blocks"]),
+            str(row["single_blocks"]),
+            inspection.human(row["parameters"]),
+            f"{row['parameters'] / teacher:.1%}",
+        )
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    sys.exit(app())

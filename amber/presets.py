@@ -1,0 +1,75 @@
+"""Named recipes, scaled to the teacher's depth (brief section 1).
+
+`amber-10b` halves the depth (60 -> 30 for Qwen-Image) and recovers the student by
+layer-wise distillation and fine-tuning. `amber-6b` continues with the hybrid-stream
+conversion of the deepest 80% of the student (24 of 30). The same preset on a 12-layer tiny
+teacher gives 6 layers and 5 single-stream blocks. Step counts are sized for the real model;
+shorten them with `overrides` for tiny runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from amber.stages import Stage
+
+PRESETS = ("amber-10b", "amber-6b")
+_STAGE = TypeAdapter(Stage)
+
+
+def amber_10b(teacher_layers: int) -> list[dict[str, Any]]:
+    student = max(1, teacher_layers // 2)
+    return [
+        {"type": "score", "targetLayers": student, "calibrationSamples": 256},
+        {"type": "prune", "init": "average"},
+        {"type": "distill", "mode": "local", "steps": 4000, "learningRate": 2e-5},
+        {"type": "finetune", "steps": 8000, "learningRate": 1e-5, "distillWeight": 0.5},
+        {"type": "eval"},
+    ]
+
+
+def amber_6b(teacher_layers: int) -> list[dict[str, Any]]:
+    student = max(1, teacher_layers // 2)
+    single = max(1, round(student * 24 / 30))
+    stages = amber_10b(teacher_layers)
+    fuse = {
+        "type": "fuse",
+        "singleLayers": single,
+        "blocksPerPhase": max(1, round(single / 4)),
+        "steps": 1000,
+        "learningRate": 1e-5,
+        "finetuneSteps": 2000,
+    }
+    return [*stages[:-1], fuse, stages[-1]]
+
+
+_RECIPES = {"amber-10b": amber_10b, "amber-6b": amber_6b}
+
+
+def _reasons(name: str, err: ValidationError) -> str:
+    return "; ".join(
+        f"overrides.{'.'.join([name, *(str(p) for p in e['loc'][1:])])}: "
+        + e["msg"].removeprefix("Value error, ")
+        for e in err.errors()
+    )
+
+
+def build(preset: str, teacher_layers: int, overrides: dict[str, dict[str, Any]]) -> list[Stage]:
+    """The preset's stages with `overrides` (stage name -> fields) applied and validated."""
+    raw = _RECIPES[preset](teacher_layers)
+    by_name = {stage.get("name", stage["type"]): stage for stage in raw}
+    unknown = sorted(set(overrides) - set(by_name))
+    if unknown:
+        raise ValueError(
+            f"overrides: no stage named {', '.join(unknown)} in preset {preset} "
+            f"(stages: {', '.join(by_name)})"
+        )
+    stages = []
+    for name, fields in by_name.items():
+        try:
+            stages.append(_STAGE.validate_python({**fields, **overrides.get(name, {})}))
+        except ValidationError as err:
+            raise ValueError(_reasons(name, err)) from None
+    return stages

@@ -1,0 +1,229 @@
+"""Parameters of each compression stage, as they appear in `spec.stages[]`.
+
+One class per stage type; the `type` field picks the class. Every knob has a default, so a
+stage can be as short as `{type: prune}`. Defaults follow brief section 3; the presets in
+`amber.presets` only set what depends on the teacher's depth.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from amber.base import Model
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+STAGE_TYPES = ("encode", "score", "prune", "distill", "finetune", "fuse", "eval")
+
+
+class Toleration(Model):
+    """A Kubernetes toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(None, description="key: taint key; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="operator: Exists or Equal.")
+    value: str | None = Field(None, description="value: taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="effect: taint effect to tolerate; empty matches all."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="tolerationSeconds: how long a NoExecute taint is tolerated."
+    )
+
+
+class ResourceSpec(Model):
+    """What one stage's gang of pods asks for."""
+
+    pods: int = Field(1, ge=1, le=1024, description="pods: pods in the gang (torchrun nodes).")
+    gpus_per_pod: int = Field(
+        8, ge=0, le=16, description="gpusPerPod: GPUs per pod (torchrun processes per node)."
+    )
+    cpu: str | None = Field(None, description="cpu: CPU request and limit per pod, e.g. '32'.")
+    memory: str | None = Field(None, description="memory: memory request per pod, e.g. '512Gi'.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="nodeSelector: node labels the pods must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="tolerations: Kubernetes tolerations for the pods."
+    )
+
+
+class StageBase(Model):
+    name: str = Field(
+        "",
+        max_length=40,
+        description="name: unique within the resource; defaults to the stage type. "
+        "Names the stage's folder in storage and its Job.",
+    )
+    resources: ResourceSpec | None = Field(
+        None, description="resources: replaces spec.resources for this stage."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data):
+        if isinstance(data, dict) and not data.get("name"):
+            data = {**data, "name": data.get("type") or cls.model_fields["type"].default}
+        return data
+
+    @model_validator(mode="after")
+    def _check_name(self):
+        if not DNS_LABEL.match(self.name):
+            raise ValueError(
+                f"name {self.name!r} must be a DNS label: lower-case letters, digits and '-'"
+            )
+        return self
+
+
+class TrainingParams(Model):
+    """Knobs shared by every stage that runs an optimiser."""
+
+    steps: int = Field(1000, ge=1, description="steps: optimiser steps.")
+    learning_rate: float = Field(1e-5, gt=0, description="learningRate: peak AdamW learning rate.")
+    warmup_steps: int = Field(0, ge=0, description="warmupSteps: linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="weightDecay: AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="gradClip: max gradient norm (0 disables).")
+    micro_batch_size: int = Field(1, ge=1, description="microBatchSize: samples per GPU per step.")
+    gradient_accumulation: int = Field(
+        1, ge=1, description="gradientAccumulation: micro-batches per optimiser step."
+    )
+    checkpoint_every: int = Field(
+        500, ge=1, description="checkpointEvery: steps between committed checkpoints."
+    )
+    seed: int = Field(0, description="seed: seeds data order, noise and timesteps.")
+
+
+class EncodeStage(StageBase):
+    """Image-text pairs -> cached VAE latents and text embeddings (safetensors shards)."""
+
+    type: Literal["encode"] = "encode"
+    resolution: int = Field(1024, ge=64, multiple_of=16, description="resolution: image side.")
+    batch_size: int = Field(16, ge=1, description="batchSize: pairs per encoder batch.")
+    shard_size: int = Field(1024, ge=1, description="shardSize: pairs per output shard.")
+    max_text_tokens: int = Field(512, ge=1, description="maxTextTokens: text length cap.")
+
+
+class ScoreStage(StageBase):
+    """Timestep-sensitive layer importance, and the layers that survive pruning."""
+
+    type: Literal["score"] = "score"
+    target_layers: int = Field(
+        ..., ge=1, description="targetLayers: layers the pruned student keeps."
+    )
+    timesteps: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.05, 0.2, 0.4, 0.6, 0.8, 0.95],
+        min_length=1,
+        description="timesteps: flow-matching times t in (0, 1] at which blocks are scored.",
+    )
+    calibration_samples: int = Field(
+        64, ge=1, description="calibrationSamples: (latent, text) pairs scored per timestep."
+    )
+    batch_size: int = Field(4, ge=1, description="batchSize: calibration samples per forward.")
+    normalize: bool = Field(
+        True, description="normalize: scale each timestep's column to max 1 before aggregating."
+    )
+    aggregate: Literal["max", "mean"] = Field(
+        "max",
+        description="aggregate: 'max' keeps a layer critical at any timestep; "
+        "'mean' weighs timesteps by timestepWeights.",
+    )
+    timestep_weights: list[Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="timestepWeights: one weight per timestep for aggregate=mean."
+    )
+    mode: Literal["one-shot", "iterative"] = Field(
+        "one-shot",
+        description="mode: 'iterative' re-scores after each removal (slower, sees interactions).",
+    )
+    keep_first: int = Field(1, ge=0, description="keepFirst: always keep the first k blocks.")
+    keep_last: int = Field(1, ge=0, description="keepLast: always keep the last k blocks.")
+    seed: int = Field(0, description="seed: seeds calibration noise.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.timestep_weights is not None:
+            if self.aggregate != "mean":
+                raise ValueError("timestepWeights is only used with aggregate: mean")
+            if len(self.timestep_weights) != len(self.timesteps):
+                raise ValueError(
+                    f"timestepWeights has {len(self.timestep_weights)} entries, "
+                    f"timesteps has {len(self.timesteps)}"
+                )
+        if self.keep_first + self.keep_last > self.target_layers:
+            raise ValueError(
+                f"keepFirst + keepLast ({self.keep_first + self.keep_last}) exceeds "
+                f"targetLayers ({self.target_layers})"
+            )
+        return self
+
+
+class PruneStage(StageBase):
+    """Depth pruning to the scored layers, re-initialised by local weight averaging."""
+
+    type: Literal["prune"] = "prune"
+    init: Literal["average", "importance-weighted", "keep"] = Field(
+        "average",
+        description="init: average a kept layer with the pruned layers assigned to it "
+        "(uniformly or by importance), or keep its weights unchanged (ablation).",
+    )
+
+
+class DistillStage(StageBase, TrainingParams):
+    """Layer-wise distillation of the pruned student from the frozen teacher."""
+
+    type: Literal["distill"] = "distill"
+    mode: Literal["local", "global"] = Field(
+        "local",
+        description="mode: 'local' feeds each student block the teacher's input to its span; "
+        "'global' runs the student on its own activations.",
+    )
+    output_loss_weight: float = Field(
+        1.0, ge=0, description="outputLossWeight: weight of the velocity loss in global mode."
+    )
+
+
+class FinetuneStage(StageBase, TrainingParams):
+    """Full-parameter flow-matching fine-tuning, optionally with output distillation."""
+
+    type: Literal["finetune"] = "finetune"
+    timestep_sampling: Literal["logit-normal", "shifted", "uniform"] = Field(
+        "logit-normal", description="timestepSampling: how training times t are drawn."
+    )
+    logit_mean: float = Field(0.0, description="logitMean: mean for logit-normal sampling.")
+    logit_std: float = Field(1.0, gt=0, description="logitStd: std for logit-normal sampling.")
+    shift: float = Field(3.0, gt=0, description="shift: time shift for 'shifted' sampling.")
+    distill_weight: float = Field(
+        0.0, ge=0, description="distillWeight: λ of the λ·||v - v_teacher||² term."
+    )
+
+
+class FuseStage(StageBase, TrainingParams):
+    """Progressive conversion of the deepest dual-stream blocks into single-stream blocks."""
+
+    type: Literal["fuse"] = "fuse"
+    single_layers: int = Field(
+        ..., ge=1, description="singleLayers: deepest student blocks made single-stream."
+    )
+    blocks_per_phase: int = Field(
+        4, ge=1, description="blocksPerPhase: blocks converted per phase, deepest first."
+    )
+    finetune_steps: int = Field(
+        0, ge=0, description="finetuneSteps: flow-matching steps after the last phase."
+    )
+
+
+class EvalStage(StageBase):
+    """Teacher-vs-student velocity error per timestep bucket, and sample images."""
+
+    type: Literal["eval"] = "eval"
+    samples: int = Field(64, ge=1, description="samples: held-out pairs evaluated.")
+    timestep_buckets: int = Field(10, ge=1, description="timestepBuckets: buckets over t.")
+    batch_size: int = Field(8, ge=1, description="batchSize: pairs per forward.")
+    sample_steps: int = Field(20, ge=1, description="sampleSteps: sampler steps for images.")
+    seed: int = Field(0, description="seed: seeds held-out noise and sample images.")
+
+
+Stage = Annotated[
+    EncodeStage | ScoreStage | PruneStage | DistillStage | FinetuneStage | FuseStage | EvalStage,
+    Field(discriminator="type"),
+]

@@ -1,0 +1,273 @@
+"""One interface over S3 and local folders.
+
+A `Store` is rooted at a URI (`s3://bucket/prefix`, `file:///path` or a plain path) and
+addresses objects by '/'-separated keys below it. Local writes are atomic (temporary file,
+fsync, rename); S3 writes are atomic by nature. S3 goes through boto3 with its standard retry
+mode (exponential backoff with jitter), so transient errors and throttling are retried
+without code of ours. Credentials come from the environment (`AWS_ACCESS_KEY_ID`, ...),
+boto3's usual chain, or files in `$AMBER_S3_SECRET_DIR` (a mounted Secret).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from urllib.parse import urlparse
+
+SECRET_DIR_ENV = "AMBER_S3_SECRET_DIR"
+
+
+class StorageError(RuntimeError):
+    """A store that cannot be reached, or an object that is not there."""
+
+
+class Store(ABC):
+    uri: str
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def upload(self, path: Path, key: str) -> None: ...
+
+    @abstractmethod
+    def download(self, key: str, path: Path) -> None: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> dict[str, int]:
+        """Keys below `prefix` (relative to the store) with their sizes in bytes."""
+
+    @abstractmethod
+    def delete(self, prefix: str) -> None:
+        """Remove every object below `prefix`."""
+
+    @abstractmethod
+    def child(self, prefix: str) -> Store:
+        """A store rooted at `prefix` below this one."""
+
+    def exists(self, key: str) -> bool:
+        return key in self.list(key)
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode())
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise StorageError(f"key {key!r} escapes {self.root}")
+        return path
+
+    def _atomic(self, key: str, fill) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                fill(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._atomic(key, lambda out: out.write(data))
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri}/{key} does not exist") from None
+
+    def upload(self, path: Path, key: str) -> None:
+        def copy(out):
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+
+        self._atomic(key, copy)
+
+    def download(self, key: str, path: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise StorageError(f"{self.uri}/{key} does not exist")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, path)
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            return {prefix: base.stat().st_size}
+        if not base.is_dir():
+            return {}
+        found = {}
+        for path in base.rglob("*"):
+            # Temporary files of writes in flight are not objects yet.
+            if path.is_file() and not path.name.endswith(".tmp"):
+                found[path.relative_to(self.root).as_posix()] = path.stat().st_size
+        return dict(sorted(found.items()))
+
+    def delete(self, prefix: str) -> None:
+        target = self._path(prefix)
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+    def child(self, prefix: str) -> Store:
+        return LocalStore(self._path(prefix))
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str = "", client=None, **client_options):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{_join(bucket, self.prefix)}"
+        self.client = client or s3_client(**client_options)
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, key)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            raise StorageError(f"{what}: {code or err}") from err
+        except BotoCoreError as err:
+            raise StorageError(f"{what}: {err}") from err
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._call(
+            f"writing {self.uri}/{key}",
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Body=data,
+        )
+
+    def read_bytes(self, key: str) -> bytes:
+        response = self._call(
+            f"reading {self.uri}/{key}",
+            self.client.get_object,
+            Bucket=self.bucket,
+            Key=self._key(key),
+        )
+        return response["Body"].read()
+
+    def upload(self, path: Path, key: str) -> None:
+        # upload_file switches to parallel multipart uploads for large files.
+        self._call(
+            f"uploading {path} to {self.uri}/{key}",
+            self.client.upload_file,
+            str(path),
+            self.bucket,
+            self._key(key),
+        )
+
+    def download(self, key: str, path: Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._call(
+            f"downloading {self.uri}/{key}",
+            self.client.download_file,
+            self.bucket,
+            self._key(key),
+            str(path),
+        )
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        wanted = _join(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call(
+            f"listing {self.uri}/{prefix}",
+            lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=root + wanted)),
+        )
+        found = {}
+        for page in pages:
+            for obj in page.get("Contents", []):
+                key = obj["Key"][len(root) :]
+                # S3 prefixes are plain string prefixes: "a/b" must not match "a/bc/...".
+                if not wanted or key == wanted or key.startswith(wanted + "/"):
+                    found[key] = obj["Size"]
+        return dict(sorted(found.items()))
+
+    def delete(self, prefix: str) -> None:
+        keys = [self._key(k) for k in self.list(prefix)]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self._call(
+                f"deleting {self.uri}/{prefix}",
+                self.client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": batch, "Quiet": True},
+            )
+
+    def child(self, prefix: str) -> Store:
+        return S3Store(self.bucket, self._key(prefix), client=self.client)
+
+
+def s3_client(endpoint: str | None = None, region: str | None = None):
+    """A boto3 S3 client with retries; explicit settings win over the environment."""
+    import boto3
+    from botocore.config import Config
+
+    credentials = {}
+    secret_dir = os.environ.get(SECRET_DIR_ENV)
+    if secret_dir:
+        folder = Path(secret_dir)
+        credentials = {
+            "aws_access_key_id": (folder / "AWS_ACCESS_KEY_ID").read_text().strip(),
+            "aws_secret_access_key": (folder / "AWS_SECRET_ACCESS_KEY").read_text().strip(),
+        }
+    config = Config(
+        retries={"max_attempts": 8, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=120,
+        s3={"addressing_style": "path"} if endpoint or os.environ.get("AWS_ENDPOINT_URL") else {},
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        config=config,
+        **credentials,
+    )
+
+
+def open_store(uri: str, endpoint: str | None = None, region: str | None = None) -> Store:
+    """The store at `uri`: `s3://bucket/prefix`, `file:///path` or a plain path."""
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: no bucket")
+        return S3Store(parsed.netloc, parsed.path, endpoint=endpoint, region=region)
+    if uri.startswith("file://"):
+        return LocalStore(urlparse(uri).path)
+    if "://" in uri:
+        raise StorageError(f"{uri}: only s3://, file:// and plain paths are supported")
+    return LocalStore(uri)

@@ -1,0 +1,1 @@
+"""Amber operator: reconciles AmberCompression resources into stage Jobs."""

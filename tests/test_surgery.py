@@ -1,0 +1,247 @@
+"""Model surgery on tiny configs: the semantics of score, prune and fuse pinned down."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from amber_trainer import data, forward, fuse, models, prune, score
+from amber_trainer.hybrid import AmberHybridTransformer2DModel, AmberSingleStreamBlock
+
+from amber.stages import ScoreStage
+
+TINY = models.named_config("tiny")
+TEXT_TO_IMAGE = {
+    "txt_mod": "img_mod",
+    "txt_mlp": "img_mlp",
+    "attn.add_q_proj": "attn.to_q",
+    "attn.add_k_proj": "attn.to_k",
+    "attn.add_v_proj": "attn.to_v",
+    "attn.to_add_out": "attn.to_out.0",
+    "attn.norm_added_q": "attn.norm_q",
+    "attn.norm_added_k": "attn.norm_k",
+}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return models.build(TINY, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return data.synthetic(TINY, samples=6, batch_size=3, seed=1)
+
+
+def inputs(batch, t=0.5, seed=0):
+    noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(seed))
+    return batch.noised(torch.full((len(batch),), t), noise)
+
+
+def call(model, x):
+    return model(
+        hidden_states=x.hidden_states,
+        encoder_hidden_states=x.encoder_hidden_states,
+        encoder_hidden_states_mask=x.encoder_hidden_states_mask,
+        timestep=x.timestep,
+        img_shapes=x.img_shapes,
+        return_dict=False,
+    )[0]
+
+
+def make_identity(block):
+    """Zero modulation: every gate is 0, so the block adds nothing to either stream."""
+    with torch.no_grad():
+        for mod in (block.img_mod[1], block.txt_mod[1]):
+            mod.weight.zero_()
+            mod.bias.zero_()
+
+
+@torch.no_grad()
+def test_split_forward_equals_diffusers_forward(teacher, batches):
+    x = inputs(batches[0])
+    assert torch.equal(forward.velocity(teacher, x), call(teacher, x))
+
+
+@pytest.mark.parametrize("init", ["keep", "average", "importance-weighted"])
+@torch.no_grad()
+def test_keeping_every_layer_reproduces_the_teacher(teacher, batches, init):
+    entries = prune.layer_map(range(12), 12, init, importance=[1.0] * 12)
+    student = prune.prune(teacher, entries)
+    assert isinstance(student, type(teacher)) and student.config.num_layers == 12
+    x = inputs(batches[0])
+    assert torch.equal(call(student, x), call(teacher, x))
+
+
+@torch.no_grad()
+def test_skipping_an_identity_block_changes_nothing(batches):
+    model = models.build(TINY, seed=3).eval()
+    make_identity(model.transformer_blocks[4])
+    x = inputs(batches[0])
+    assert torch.equal(forward.velocity(model, x, skip=[4]), forward.velocity(model, x))
+    matrix = score.importance_matrix(model, batches, [0.2, 0.8])
+    assert torch.all(matrix[4] == 0)
+    assert torch.all(matrix[[i for i in range(12) if i != 4]] > 0)
+    kept = score.score(model, batches, ScoreStage(target_layers=11, keep_first=0, keep_last=0))
+    assert kept.keep == [i for i in range(12) if i != 4]
+
+
+def test_nearest_assignment_and_spans():
+    groups = prune.assign([0, 3, 9, 11], 12)
+    # 1 -> 0; 2 -> 3; 6 is 3 away from both 3 and 9: the tie goes to the preceding block.
+    assert groups == {0: [0, 1], 3: [2, 3, 4, 5, 6], 9: [7, 8, 9, 10], 11: [11]}
+    entries = prune.layer_map([2, 7], 10, "average")
+    assert [e.span for e in entries] == [(0, 4), (5, 9)]  # spans tile the teacher
+    assert entries[0].sources == [0, 1, 2, 3, 4] and entries[0].weights == [0.2] * 5
+    weighted = prune.layer_map([2, 7], 10, "importance-weighted", importance=[0, 0, 1, 3, 0] * 2)
+    assert weighted[0].weights == [0, 0, 0.25, 0.75, 0]
+    with pytest.raises(ValueError):
+        prune.assign([3, 12], 12)
+
+
+@torch.no_grad()
+def test_averaging_is_the_weighted_mean_of_the_span(teacher):
+    entries = prune.layer_map([1, 5], 12, "average")
+    student = prune.prune(teacher, entries)
+    name = "img_mlp.net.2.weight"
+    expected = torch.stack(
+        [teacher.transformer_blocks[s].state_dict()[name] for s in entries[1].sources]
+    ).mean(0)
+    torch.testing.assert_close(student.transformer_blocks[1].state_dict()[name], expected)
+    keep = prune.prune(teacher, prune.layer_map([1, 5], 12, "keep"))
+    assert torch.equal(
+        keep.transformer_blocks[1].state_dict()[name],
+        teacher.transformer_blocks[5].state_dict()[name],
+    )
+    # Non-block weights (embedders, output head) come over untouched.
+    assert torch.equal(student.proj_out.weight, teacher.proj_out.weight)
+
+
+@torch.no_grad()
+def test_fused_block_equals_dual_block_with_tied_branches(batches):
+    model = models.build(TINY, seed=5).eval()
+    for block in model.transformer_blocks[-3:]:
+        for text, image in TEXT_TO_IMAGE.items():
+            block.get_submodule(text).load_state_dict(block.get_submodule(image).state_dict())
+    hybrid = fuse.convert(model, 3)
+    assert models.block_kinds(hybrid) == ["dual"] * 9 + ["single"] * 3
+    x = inputs(batches[1], t=0.3)
+    torch.testing.assert_close(call(hybrid, x), call(model, x), rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_fuse_drops_text_weights_and_keeps_the_rest(teacher, batches):
+    hybrid = fuse.convert(teacher, 4)
+    single = hybrid.transformer_blocks[-1]
+    assert isinstance(single, AmberSingleStreamBlock)
+    assert not any("txt" in n or "add_" in n for n, _ in single.named_parameters())
+    assert torch.equal(
+        single.img_mlp.net[2].weight, teacher.transformer_blocks[-1].img_mlp.net[2].weight
+    )
+    assert torch.equal(
+        hybrid.transformer_blocks[0].txt_mod[1].weight,
+        teacher.transformer_blocks[0].txt_mod[1].weight,
+    )
+    # Untied text weights: the output moves, but stays finite and the right shape.
+    out = call(hybrid, inputs(batches[0]))
+    assert out.shape == batches[0].latents.shape and torch.isfinite(out).all()
+    # Progressive: converting more of an already-hybrid model keeps earlier conversions.
+    more = fuse.convert(hybrid, 6)
+    assert models.block_kinds(more).count("single") == 6
+    assert torch.equal(more.transformer_blocks[-1].img_mod[1].weight, single.img_mod[1].weight)
+    with pytest.raises(ValueError):
+        fuse.convert(more, 2)
+
+
+def test_progressive_phases_go_deepest_first():
+    assert fuse.phases(5, 2) == [2, 4, 5]
+    assert fuse.phases(24, 6) == [6, 12, 18, 24]
+    assert fuse.phases(4, 8) == [4]
+    assert fuse.phases(6, 2, already=4) == [6]
+
+
+@torch.no_grad()
+def test_hybrid_round_trips_through_save_and_load(teacher, tmp_path, batches):
+    hybrid = fuse.convert(teacher, 5)
+    hybrid.save_pretrained(tmp_path / "hybrid")
+    loaded = models.load(tmp_path / "hybrid")
+    assert type(loaded) is AmberHybridTransformer2DModel
+    assert (loaded.config.num_layers, loaded.config.num_single_layers) == (12, 5)
+    original, restored = hybrid.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    x = inputs(batches[0])
+    assert torch.equal(call(loaded, x), call(hybrid, x))
+
+
+@torch.no_grad()
+def test_hybrid_runs_inside_qwen_image_pipeline(teacher):
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    vae = AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=fuse.convert(teacher, 6),
+    )
+    out = pipe(
+        prompt_embeds=torch.randn(1, 8, TINY["joint_attention_dim"]),
+        prompt_embeds_mask=torch.ones(1, 8, dtype=torch.long),
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.images.shape == (1, 32, 32, 3)
+
+
+def test_max_keeps_a_layer_critical_at_one_timestep_where_mean_drops_it():
+    # Layer 0 matters only at the last timestep; layer 1 is moderately useful everywhere.
+    matrix = torch.tensor([[0.0, 0.0, 0.9], [0.5, 0.5, 0.5], [0.1, 0.1, 0.1], [1.0, 1.0, 1.0]])
+    params = dict(target_layers=2, timesteps=[0.1, 0.5, 0.9], keep_first=0, keep_last=0)
+    by_max = score.select(score.aggregate(matrix, ScoreStage(**params)), ScoreStage(**params))
+    mean = ScoreStage(**params, aggregate="mean")
+    by_mean = score.select(score.aggregate(matrix, mean), mean)
+    assert by_max == [0, 3] and by_mean == [1, 3]
+    # Protected layers survive whatever their score.
+    guard = ScoreStage(**{**params, "keep_first": 1, "keep_last": 0}, aggregate="mean")
+    assert score.select(score.aggregate(matrix, guard), guard) == [0, 3]
+
+
+def test_iterative_scoring_removes_one_layer_per_round(teacher, batches):
+    result = score.score(
+        teacher, batches[:1], ScoreStage(target_layers=8, timesteps=[0.5], mode="iterative")
+    )
+    assert len(result.keep) == 8 and len(result.removal_order) == 4
+    assert sorted(set(range(12)) - set(result.keep)) == sorted(result.removal_order)
+    assert 0 in result.keep and 11 in result.keep  # keepFirst / keepLast default to 1
+
+
+def test_heatmap_is_written(teacher, batches, tmp_path):
+    result = score.score(teacher, batches[:1], ScoreStage(target_layers=6, timesteps=[0.3, 0.7]))
+    path = score.heatmap(result, tmp_path / "importance.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert score.ScoreResult.from_json(result.to_json()) == result
+
+
+def test_parameter_arithmetic_of_the_real_recipes():
+    from amber_trainer.inspect import recipe_sizes
+
+    from amber import presets
+
+    rows = recipe_sizes({}, presets.build("amber-6b", 60, {}))
+    teacher, pruned, fused = (r["parameters"] for r in rows)
+    assert 20.3e9 < teacher < 20.5e9  # Qwen-Image: 20.4B
+    assert 10.1e9 < pruned < 10.3e9  # 30 layers: ~10.2B
+    assert 6.0e9 < fused < 6.2e9  # 24 of 30 single-stream: ~6.1B
+    assert (rows[2]["dual_blocks"], rows[2]["single_blocks"]) == (6, 24)

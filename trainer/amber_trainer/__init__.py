@@ -1,0 +1,1 @@
+"""Amber trainer: the compression stages, run under torchrun with DeepSpeed."""
