@@ -96,8 +96,7 @@ def inspect(
     output: Annotated[Output, typer.Option("--output", "-o")] = Output.table,
 ) -> None:
     """Parameter counts of the teacher and of each model a recipe produces (no weights needed)."""
-    from amber_trainer import inspect as inspection
-    from amber_trainer import models
+    from amber_trainer import models, sizes
 
     from amber.presets import PRESETS
 
@@ -119,7 +118,7 @@ def inspect(
 
         stages = presets.build(preset, config.get("num_layers", 60), {})
         label = f"{preset} on {model}"
-    rows = inspection.recipe_sizes(config, stages)
+    rows = sizes.recipe_sizes(config, stages)
     if output is not Output.table:
         text = json.dumps(rows, indent=2) if output is Output.json else yaml.safe_dump(rows)
         print(text)
@@ -133,10 +132,26 @@ def inspect(
             row["model"],
             str(row["dual_blocks"]),
             str(row["single_blocks"]),
-            inspection.human(row["parameters"]),
+            sizes.human(row["parameters"]),
             f"{row['parameters'] / teacher:.1%}",
         )
     console.print(table)
+
+
+@app.command()
+def trainer(
+    stage: Annotated[str, typer.Argument(help="Stage type: score, prune, distill, ...")],
+    config: Annotated[Path, typer.Option(help="The rendered stage config (JSON).")],
+) -> None:
+    """Run one stage in this process (launched by torchrun, one process per GPU)."""
+    from amber_trainer import entry
+
+    try:
+        code = entry.main(stage, config)
+    except entry.ConfigError as err:
+        errors.print(f"invalid stage config: {err}", markup=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover - console script entry

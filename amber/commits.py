@@ -33,6 +33,7 @@ class Manifest(BaseModel):
     step: int = Field(..., ge=0)
     files: dict[str, FileEntry]
     metrics: dict[str, Any] = Field(default_factory=dict)
+    spec_hash: str = Field("", description="The stage spec it was produced under.")
     created: float = Field(default_factory=time.time)
     folder: str = Field("", exclude=True, description="Where it was read from (not stored).")
 
@@ -50,10 +51,8 @@ def checkpoint_folder(step: int) -> str:
     return f"{CHECKPOINTS}/step-{step:010d}"
 
 
-def commit(
-    store: Store, folder: str, local_dir: Path, step: int, metrics: dict | None = None
-) -> Manifest:
-    """Upload every file under `local_dir` to `folder`, then write the marker last."""
+def upload_files(store: Store, folder: str, local_dir: Path) -> dict[str, FileEntry]:
+    """Upload every file under `local_dir` to `folder`; their entries for a manifest."""
     local_dir = Path(local_dir)
     files = {}
     for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
@@ -62,9 +61,36 @@ def commit(
             continue
         files[name] = FileEntry(size=path.stat().st_size, sha256=sha256_file(path))
         store.upload(path, f"{folder}/{name}")
-    manifest = Manifest(step=step, files=files, metrics=metrics or {}, folder=folder)
+    return files
+
+
+def write_marker(
+    store: Store,
+    folder: str,
+    step: int,
+    files: dict[str, FileEntry],
+    metrics: dict | None = None,
+    spec_hash: str = "",
+) -> Manifest:
+    """Commit `folder`: call only after every file in `files` is uploaded."""
+    manifest = Manifest(
+        step=step, files=files, metrics=metrics or {}, spec_hash=spec_hash, folder=folder
+    )
     store.write_text(f"{folder}/{MARKER}", manifest.model_dump_json(indent=2))
     return manifest
+
+
+def commit(
+    store: Store,
+    folder: str,
+    local_dir: Path,
+    step: int,
+    metrics: dict | None = None,
+    spec_hash: str = "",
+) -> Manifest:
+    """Upload every file under `local_dir` to `folder`, then write the marker last."""
+    files = upload_files(store, folder, local_dir)
+    return write_marker(store, folder, step, files, metrics, spec_hash)
 
 
 def read_manifest(store: Store, folder: str) -> Manifest | None:
@@ -84,8 +110,9 @@ def is_complete(manifest: Manifest, listing: dict[str, int]) -> bool:
     )
 
 
-def latest_checkpoint(store: Store, stage: str) -> Manifest | None:
-    """The newest committed, complete checkpoint of `stage`; partial ones are skipped."""
+def latest_checkpoint(store: Store, stage: str, spec_hash: str | None = None) -> Manifest | None:
+    """The newest committed, complete checkpoint of `stage`; partial ones are skipped, and so
+    are those of another spec when `spec_hash` is given."""
     listing = store.list(f"{stage}/{CHECKPOINTS}")
     folders = sorted(
         (key.removesuffix(f"/{MARKER}") for key in listing if key.endswith(f"/{MARKER}")),
@@ -93,7 +120,9 @@ def latest_checkpoint(store: Store, stage: str) -> Manifest | None:
     )
     for folder in folders:
         manifest = read_manifest(store, folder)
-        if manifest is not None and is_complete(manifest, listing):
+        if manifest is None or (spec_hash is not None and manifest.spec_hash != spec_hash):
+            continue
+        if is_complete(manifest, listing):
             return manifest
     return None
 

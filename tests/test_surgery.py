@@ -235,7 +235,7 @@ def test_heatmap_is_written(teacher, batches, tmp_path):
 
 
 def test_parameter_arithmetic_of_the_real_recipes():
-    from amber_trainer.inspect import recipe_sizes
+    from amber_trainer.sizes import recipe_sizes
 
     from amber import presets
 

@@ -61,3 +61,87 @@ def synthetic(
             )
         )
     return batches
+
+
+class TensorDataset:
+    """Encoded pairs held as tensors: rows are (latents, text, mask) with one image size."""
+
+    def __init__(self, latents, text, text_mask, side: int):
+        self.latents = latents  # (n, N, C)
+        self.text = text  # (n, T, D)
+        self.text_mask = text_mask  # (n, T)
+        self.side = side  # packed latent side: N = side²
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def rows(self, indices: list[int], device=None) -> Batch:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return Batch(
+            latents=self.latents[idx].to(device),
+            text=self.text[idx].to(device),
+            text_mask=self.text_mask[idx].to(device),
+            img_shapes=[[(1, self.side, self.side)]] * len(indices),
+        )
+
+    def split(self, held_out_fraction: float = 0.05) -> tuple[TensorDataset, TensorDataset]:
+        """Training rows and held-out rows (the last ones), never overlapping."""
+        held = max(1, int(len(self) * held_out_fraction))
+        cut = len(self) - held
+
+        def part(s):
+            return TensorDataset(self.latents[s], self.text[s], self.text_mask[s], self.side)
+
+        return part(slice(0, cut)), part(slice(cut, None))
+
+
+def synthetic_dataset(config: dict, samples: int, latent_size: int, text_tokens: int, seed: int):
+    batches = synthetic(config, samples, latent_size, text_tokens, batch_size=samples, seed=seed)
+    b = batches[0]
+    return TensorDataset(b.latents, b.text, b.text_mask, b.img_shapes[0][0][1])
+
+
+def load_shards(paths: list) -> TensorDataset:
+    """Encoded safetensors shards (from the encode stage) as one dataset."""
+    from safetensors.torch import load_file
+
+    parts = [load_file(str(p)) for p in sorted(paths)]
+    if not parts:
+        raise FileNotFoundError("no encoded shards found")
+    side = int(parts[0]["side"].item())
+    return TensorDataset(
+        torch.cat([p["latents"] for p in parts]),
+        torch.cat([p["text"] for p in parts]),
+        torch.cat([p["text_mask"] for p in parts]),
+        side,
+    )
+
+
+class Sampler:
+    """Which rows and which noise a process uses at a micro-step: pure functions of the step.
+
+    Position p = (micro_step * world + rank) * micro_batch + k walks seeded permutations of the
+    dataset, one per epoch. Nothing needs saving to resume: the step number is the position.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.size, generator=gen)}
+        return self._perms[epoch]
+
+    def indices(self, micro_step: int, rank: int, world: int, micro_batch: int) -> list[int]:
+        start = (micro_step * world + rank) * micro_batch
+        return [
+            int(self._perm(p // self.size)[p % self.size])
+            for p in range(start, start + micro_batch)
+        ]
+
+    def generator(self, micro_step: int, rank: int) -> torch.Generator:
+        """Noise and timestep randomness for one process at one micro-step."""
+        return torch.Generator().manual_seed(hash((self.seed, micro_step, rank)) & (2**62 - 1))

@@ -79,3 +79,25 @@ def block_kinds(model: torch.nn.Module) -> list[str]:
         "single" if type(b).__name__ == "AmberSingleStreamBlock" else "dual"
         for b in model.transformer_blocks
     ]
+
+
+def load_teacher(spec, workdir: Path, endpoint: str | None = None, region: str | None = None):
+    """The teacher of a resource: built from its config, or read from its URI."""
+    if spec.config is not None:
+        return build(spec.config, seed=spec.seed)
+    from amber.storage import open_store
+
+    uri = spec.uri
+    if uri.startswith("s3://"):
+        store = open_store(uri, endpoint=endpoint, region=region)
+        listing = store.list("transformer") or store.list()
+        if not listing:
+            raise FileNotFoundError(f"teacher {uri} is empty or does not exist")
+        local = workdir / "teacher"
+        for key in listing:
+            store.download(key, local / key)
+        return load(local)
+    path = Path(uri.removeprefix("file://"))
+    if not (path / "config.json").exists() and not (path / "transformer" / "config.json").exists():
+        raise FileNotFoundError(f"teacher {uri}: no diffusers model folder there")
+    return load(path)

@@ -112,32 +112,34 @@ def score(
     batches: Sequence[Batch],
     params: ScoreStage,
     on_step: Callable[[], None] | None = None,
+    matrix_fn: Callable[[Sequence[int]], torch.Tensor] | None = None,
 ) -> ScoreResult:
+    """Importance, aggregate and kept layers. `matrix_fn(removed)` replaces the local
+    importance computation (the stage passes one that combines all processes' shares)."""
     num_layers = len(model.transformer_blocks)
     if params.target_layers >= num_layers:
         raise ValueError(
             f"targetLayers ({params.target_layers}) is not below the teacher's {num_layers} layers"
         )
-    matrix = importance_matrix(model, batches, params.timesteps, params.seed, on_step=on_step)
+    if matrix_fn is None:
+
+        def matrix_fn(removed):
+            return importance_matrix(
+                model, batches, params.timesteps, params.seed, removed, on_step=on_step
+            )
+
+    matrix = matrix_fn(())
     scores = aggregate(matrix, params)
     removal_order: list[int] = []
     if params.mode == "iterative":
-        removed: list[int] = []
         guard = protected(num_layers, params)
         current = scores
-        while num_layers - len(removed) > params.target_layers:
-            candidates = [i for i in range(num_layers) if i not in removed and i not in guard]
-            victim = min(candidates, key=lambda i: (float(current[i]), i))
-            removed.append(victim)
-            if num_layers - len(removed) > params.target_layers:
-                current = aggregate(
-                    importance_matrix(
-                        model, batches, params.timesteps, params.seed, removed, on_step
-                    ),
-                    params,
-                )
-        keep = sorted(set(range(num_layers)) - set(removed))
-        removal_order = removed
+        while num_layers - len(removal_order) > params.target_layers:
+            candidates = [i for i in range(num_layers) if i not in removal_order and i not in guard]
+            removal_order.append(min(candidates, key=lambda i: (float(current[i]), i)))
+            if num_layers - len(removal_order) > params.target_layers:
+                current = aggregate(matrix_fn(removal_order), params)
+        keep = sorted(set(range(num_layers)) - set(removal_order))
     else:
         keep = select(scores, params)
     return ScoreResult(

@@ -1,0 +1,102 @@
+"""From a resource to the stage runs it needs: one pure function shared by `amber run` and the
+operator, so both run the same stages with the same inputs and the same storage layout.
+
+Storage layout under `{storage.uri}/{namespace}/{name}/`:
+  {stage}/output/       the stage's committed result (COMMIT.json written last)
+  {stage}/checkpoints/  step-NNNNNNNNNN/ folders, newest committed one wins on restart
+  final/                the last model, diffusers format, with a model card
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import Field
+
+from amber.api import AmberCompression, DataSpec, DeepSpeedSpec, StorageSpec, TeacherSpec
+from amber.base import Model
+from amber.stages import ResourceSpec, Stage
+
+MODEL_STAGES = ("prune", "distill", "finetune", "fuse")
+OUTPUT = "output"
+FINAL = "final"
+
+
+class StageRun(Model):
+    """Everything one stage's processes need: the trainer's `--config` file."""
+
+    namespace: str
+    name: str = Field(..., description="name: the AmberCompression's name.")
+    index: int = Field(..., ge=0, description="index: position in the pipeline.")
+    stage: Stage
+    teacher: TeacherSpec
+    data: DataSpec
+    storage: StorageSpec
+    deepspeed: DeepSpeedSpec
+    resources: ResourceSpec
+    model_from: str | None = Field(
+        None, description="modelFrom: stage whose output model this stage starts from."
+    )
+    score_from: str | None = Field(
+        None, description="scoreFrom: score stage whose kept layers prune uses."
+    )
+    spec_hash: str = Field("", description="specHash: changes when this stage must re-run.")
+
+    @property
+    def run_uri(self) -> str:
+        return f"{self.storage.uri.rstrip('/')}/{self.namespace}/{self.name}"
+
+
+def _digest(*parts) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def plan(obj: AmberCompression) -> list[StageRun]:
+    """The stage runs of a resource, in order, each with its inputs and spec hash.
+
+    A stage's hash covers its own parameters, what it reads (teacher, data) and the hash of
+    the stage it starts from, so a changed stage re-runs itself and everything after it,
+    never the stages before it.
+    """
+    spec = obj.spec
+    runs: list[StageRun] = []
+    last_model: str | None = None
+    last_score: str | None = None
+    hashes: dict[str, str] = {}
+    for index, stage in enumerate(spec.pipeline()):
+        model_from = last_model
+        score_from = last_score if stage.type == "prune" else None
+        upstream = [hashes[n] for n in (model_from, score_from) if n]
+        digest = _digest(
+            stage.dump(), spec.teacher.dump(), spec.data.dump(), spec.deepspeed.dump(), upstream
+        )
+        hashes[stage.name] = digest
+        runs.append(
+            StageRun(
+                namespace=obj.metadata.namespace,
+                name=obj.metadata.name,
+                index=index,
+                stage=stage,
+                teacher=spec.teacher,
+                data=spec.data,
+                storage=spec.storage,
+                deepspeed=spec.deepspeed,
+                resources=stage.resources or spec.resources,
+                model_from=model_from,
+                score_from=score_from,
+                spec_hash=digest,
+            )
+        )
+        if stage.type in MODEL_STAGES:
+            last_model = stage.name
+        if stage.type == "score":
+            last_score = stage.name
+    return runs
+
+
+def final_model_stage(runs: list[StageRun]) -> str | None:
+    """The stage whose output model becomes `final/`."""
+    models = [r.stage.name for r in runs if r.stage.type in MODEL_STAGES]
+    return models[-1] if models else None

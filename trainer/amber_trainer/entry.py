@@ -1,0 +1,80 @@
+"""`amber trainer <stage> --config FILE`: one stage, in one process of a torchrun gang."""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from amber.plan import StageRun
+from amber_trainer import runtime
+from amber_trainer.stages import runner
+
+# Metrics kept in the commit marker and the termination message: scalars and short lists.
+SUMMARY_LIST_MAX = 32
+
+
+class ConfigError(ValueError):
+    """A stage config that cannot run; nothing has been written."""
+
+
+def read_config(path: Path, stage_type: str) -> StageRun:
+    try:
+        run = StageRun.model_validate_json(Path(path).read_text())
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if run.stage.type != stage_type:
+        raise ConfigError(f"{path} is a {run.stage.type} stage, not {stage_type}")
+    return run
+
+
+def summary(metrics: dict) -> dict:
+    return {
+        k: v
+        for k, v in metrics.items()
+        if not isinstance(v, (list, dict)) or len(v) <= SUMMARY_LIST_MAX
+    }
+
+
+def main(stage_type: str, config: Path) -> int:
+    run = read_config(config, stage_type)
+    rt = runtime.setup(run)
+    try:
+        existing = rt.output()
+        if existing is not None:
+            # Idempotent: a re-started stage whose output is committed is done.
+            runtime.report(
+                rt,
+                run,
+                "Succeeded",
+                output=f"{rt.store.uri}/{existing.folder}",
+                step=existing.step,
+                reused=True,
+                metrics=existing.metrics,
+            )
+            return 0
+        rt.log("started", index=run.index, world=rt.world, device=str(rt.device))
+        step, metrics = runner(run.stage.type)(rt)
+        manifest = rt.commit_output(rt.workdir / "output", step, summary(metrics))
+        if rt.is_main:
+            runtime.report(
+                rt,
+                run,
+                "Succeeded",
+                output=f"{rt.store.uri}/{manifest.folder}",
+                step=step,
+                metrics=summary(metrics),
+            )
+        return 0
+    except Exception as err:
+        runtime.report(rt, run, "Failed", message=f"{type(err).__name__}: {err}")
+        traceback.print_exc()
+        return 1
+    finally:
+        runtime.teardown(rt)

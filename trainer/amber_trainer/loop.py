@@ -1,0 +1,106 @@
+"""The training loop every optimising stage uses: DeepSpeed step, checkpoints, progress."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import deepspeed
+import torch
+
+from amber.stages import TrainingParams
+from amber_trainer import checkpoint
+from amber_trainer.forward import FlowInputs
+from amber_trainer.runtime import Runtime, deepspeed_config, peak_memory_mb
+
+# make_inputs(micro_step) -> the objective's positional arguments for that micro-batch
+InputFn = Callable[[int], tuple]
+
+
+def cast(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move a batch to the engine's device; floating tensors take the training dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype if value.is_floating_point() else None)
+    if isinstance(value, FlowInputs):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        moved = {k: cast(v, device, dtype) for k, v in fields.items() if k != "timestep"}
+        return FlowInputs(**moved, timestep=value.timestep.to(device))
+    if isinstance(value, dict):
+        return {k: cast(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(cast(v, device, dtype) for v in value)
+    return value
+
+
+def build_engine(rt: Runtime, objective: torch.nn.Module, params: TrainingParams, steps: int):
+    config = deepspeed_config(rt, params, steps)
+    objective.activation_checkpointing = rt.run.deepspeed.activation_checkpointing
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=objective, model_parameters=trainable, config=config
+    )
+    return engine
+
+
+def train(
+    rt: Runtime,
+    engine,
+    params: TrainingParams,
+    make_inputs: InputFn,
+    total_steps: int,
+    label: str = "train",
+    step_offset: int = 0,
+    state: dict | None = None,
+    progress_total: int | None = None,
+) -> dict[str, Any]:
+    """Run optimiser steps [state.step, total_steps) with checkpoints; return the loop state.
+
+    `step_offset` places these steps in a longer stage (fuse's phases) for progress and
+    checkpoint numbering. The state ({step, losses, parts}) survives in checkpoints, so a
+    resumed run reports the same loss curve as an uninterrupted one.
+    """
+    state = state or {"step": 0, "losses": [], "parts": []}
+    dtype = engine.module.student.dtype if hasattr(engine.module, "student") else torch.float32
+    accumulation = params.gradient_accumulation
+    samples_per_step = params.micro_batch_size * accumulation * rt.world
+    started = time.perf_counter()
+    first_step = state["step"]
+    for step in range(state["step"], total_steps):
+        step_loss, step_parts = 0.0, None
+        for micro in range(accumulation):
+            inputs = cast(make_inputs(step * accumulation + micro), rt.device, dtype)
+            loss, parts = engine(*inputs)
+            engine.backward(loss)
+            engine.step()
+            # .item() syncs the host, once per micro-batch: cheap next to a transformer step.
+            step_loss += loss.item() / accumulation
+            parts = parts.float().cpu() / accumulation
+            step_parts = parts if step_parts is None else step_parts + parts
+        state["step"] = step + 1
+        state["losses"].append(step_loss)
+        state["parts"].append(step_parts.tolist())
+        elapsed = time.perf_counter() - started
+        rate = (step + 1 - first_step) * samples_per_step / max(elapsed, 1e-9)
+        rt.progress(
+            step_offset + step + 1,
+            progress_total or step_offset + total_steps,
+            phase=label,
+            loss=round(step_loss, 6),
+            samples_per_s=round(rate, 2),
+        )
+        done = step + 1 == total_steps
+        if (step + 1) % params.checkpoint_every == 0 and not done:
+            checkpoint.save(
+                rt,
+                engine,
+                step_offset + step + 1,
+                {"label": label, **state},
+                {"loss": step_loss, "label": label},
+            )
+    state["samples_per_s"] = (
+        (total_steps - first_step) * samples_per_step / max(time.perf_counter() - started, 1e-9)
+    )
+    state["peak_memory_mb"] = peak_memory_mb(rt.device)
+    return state

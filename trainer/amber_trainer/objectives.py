@@ -1,0 +1,114 @@
+"""Training objectives as modules, so that DeepSpeed wraps exactly what is trained.
+
+Each objective holds the student; the teacher's outputs arrive as inputs computed under
+`torch.no_grad()`, so the teacher is never part of the optimised module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from amber_trainer.forward import FlowInputs, embed, head, run_block
+
+
+def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # Hidden states grow with depth; normalising by the target's power weighs blocks equally.
+    return F.mse_loss(pred, target) / target.pow(2).mean().clamp_min(1e-8)
+
+
+def _block(block, img, txt, cond, use_checkpoint: bool):
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(run_block, block, img, txt, cond, use_reentrant=False)
+    return run_block(block, img, txt, cond)
+
+
+@torch.no_grad()
+def teacher_states(
+    teacher: nn.Module, x: FlowInputs, boundaries: Sequence[int]
+) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Teacher (img, txt) entering each block in `boundaries` (len(blocks) = after the last),
+    and its velocity."""
+    wanted = set(boundaries)
+    img, txt, cond = embed(teacher, x)
+    states = {}
+    for i, block in enumerate(teacher.transformer_blocks):
+        if i in wanted:
+            states[i] = (img, txt)
+        img, txt = run_block(block, img, txt, cond)
+    states[len(teacher.transformer_blocks)] = (img, txt)
+    return states, head(teacher, img, cond)
+
+
+class LayerwiseDistillation(nn.Module):
+    """Student block j reproduces the teacher's hidden states at the end of its span.
+
+    `spans[j] = (first, last)` teacher blocks. Mode `local` feeds block j the teacher's input
+    to its span (blocks learn independently); `global` runs the student on its own states
+    and adds `output_weight` x the velocity loss.
+    """
+
+    def __init__(self, student: nn.Module, spans, mode: str, output_weight: float = 1.0):
+        super().__init__()
+        self.student = student
+        self.spans = [tuple(s) for s in spans]
+        self.mode = mode
+        self.output_weight = output_weight
+        self.activation_checkpointing = False
+
+    def boundaries(self) -> list[int]:
+        return sorted({a for a, _ in self.spans} | {b + 1 for _, b in self.spans})
+
+    def forward(self, x: FlowInputs, states: dict, teacher_velocity: torch.Tensor):
+        blocks = self.student.transformer_blocks
+        img, txt, cond = embed(self.student, x)
+        losses = []
+        for j, (first, last) in enumerate(self.spans):
+            if self.mode == "local":
+                img, txt = states[first]
+            img, txt = _block(blocks[j], img, txt, cond, self.activation_checkpointing)
+            target_img, target_txt = states[last + 1]
+            losses.append(relative_mse(img, target_img) + relative_mse(txt, target_txt))
+        per_block = torch.stack(losses)  # (student blocks,)
+        loss = per_block.sum()
+        if self.mode == "global" and self.output_weight > 0:
+            loss = loss + self.output_weight * F.mse_loss(
+                head(self.student, img, cond), teacher_velocity
+            )
+        return loss, per_block.detach()
+
+
+def sample_timesteps(kind: str, n: int, gen: torch.Generator, mean=0.0, std=1.0, shift=3.0):
+    """Training times t in (0, 1) as the teacher's scheduler would draw them."""
+    if kind == "logit-normal":
+        return torch.sigmoid(mean + std * torch.randn(n, generator=gen))
+    u = torch.rand(n, generator=gen)
+    if kind == "shifted":
+        # The resolution shift of flow-matching schedulers: more time at high noise.
+        return shift * u / (1 + (shift - 1) * u)
+    return u
+
+
+class FlowMatching(nn.Module):
+    """||v_θ(x_t, t, c) - (ε - x0)||², plus λ·||v_θ - v_teacher||² when λ > 0."""
+
+    def __init__(self, student: nn.Module, distill_weight: float = 0.0):
+        super().__init__()
+        self.student = student
+        self.distill_weight = distill_weight
+        self.activation_checkpointing = False
+
+    def forward(self, x: FlowInputs, target: torch.Tensor, teacher_velocity: torch.Tensor | None):
+        img, txt, cond = embed(self.student, x)
+        for block in self.student.transformer_blocks:
+            img, txt = _block(block, img, txt, cond, self.activation_checkpointing)
+        v = head(self.student, img, cond)  # (B, N, C)
+        flow = F.mse_loss(v, target)
+        loss = flow
+        if teacher_velocity is not None and self.distill_weight > 0:
+            loss = loss + self.distill_weight * F.mse_loss(v, teacher_velocity)
+        return loss, flow.detach()[None]

@@ -1,0 +1,193 @@
+"""What every stage process shares: its place in the gang, storage, DeepSpeed, reporting.
+
+A stage runs under `torchrun` (1..N nodes x 1..G processes). The same code path serves GPUs
+(nccl, bf16) and CPUs (`DS_ACCELERATOR=cpu`, gloo, fp32): only `Runtime.device` differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from amber import commits
+from amber.plan import OUTPUT, StageRun
+from amber.stages import TrainingParams
+from amber.storage import Store, open_store
+
+TERMINATION_LOG = Path("/dev/termination-log")
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class Runtime:
+    run: StageRun
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    store: Store  # rooted at {storage}/{namespace}/{name}
+    workdir: Path  # this process's scratch space
+    _last_progress: float = field(default=0.0, repr=False)
+
+    @property
+    def stage(self) -> str:
+        return self.run.stage.name
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def log(self, event: str, **fields: Any) -> None:
+        """One JSON line on stdout (rank 0): `amber run` draws its progress bars from these."""
+        if self.is_main:
+            print(json.dumps({"event": event, "stage": self.stage, **fields}), flush=True)
+
+    def progress(self, step: int, total: int, **metrics: Any) -> None:
+        self.log("progress", step=step, total=total, **metrics)
+        now = time.monotonic()
+        # The operator shows progress from storage; write it at a bounded rate.
+        if self.is_main and (now - self._last_progress > PROGRESS_EVERY_S or step == total):
+            self._last_progress = now
+            record = {"step": step, "total": total, "time": time.time(), **metrics}
+            self.store.write_text(f"{self.stage}/progress.json", json.dumps(record))
+
+    def output(self) -> commits.Manifest | None:
+        """This stage's committed output for the current spec, if it exists."""
+        manifest = commits.read_manifest(self.store, f"{self.stage}/{OUTPUT}")
+        if manifest and manifest.spec_hash == self.run.spec_hash:
+            return manifest
+        return None
+
+    def fetch_output(self, stage: str) -> Path:
+        """Download another stage's committed output (each process gets its own copy)."""
+        manifest = commits.read_manifest(self.store, f"{stage}/{OUTPUT}")
+        if manifest is None:
+            raise FileNotFoundError(f"stage {stage!r} has no committed output in {self.store}")
+        return commits.fetch(self.store, manifest, self.workdir / "inputs" / stage)
+
+    def commit_output(self, local_dir: Path, step: int, metrics: dict) -> commits.Manifest:
+        """Rank 0 uploads the output, marker last; every rank waits for it."""
+        manifest = None
+        if self.is_main:
+            manifest = commits.commit(
+                self.store, f"{self.stage}/{OUTPUT}", local_dir, step, metrics, self.run.spec_hash
+            )
+        self.barrier()
+        return manifest
+
+
+def setup(run: StageRun) -> Runtime:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    # Under torchrun (even with one process) join the gang; DeepSpeed needs a process group.
+    if "MASTER_ADDR" in os.environ and not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    storage = run.storage
+    store = open_store(run.run_uri, endpoint=storage.endpoint, region=storage.region)
+    workdir = Path(tempfile.mkdtemp(prefix=f"amber-{run.stage.name}-r{rank}-"))
+    return Runtime(run, rank, world, local_rank, device, store, workdir)
+
+
+def teardown(rt: Runtime) -> None:
+    shutil.rmtree(rt.workdir, ignore_errors=True)
+    if rt.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def deepspeed_config(rt: Runtime, params: TrainingParams, total_steps: int) -> dict[str, Any]:
+    """The DeepSpeed config for a training stage, from the resource's `deepspeed` settings."""
+    ds = rt.run.deepspeed
+    on_gpu = rt.device.type == "cuda"
+    # CPUs train in fp32: bf16 matmuls there are slow and not what the GPUs will compute.
+    precision = ds.precision if on_gpu else "fp32"
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload == "cpu" and ds.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": params.micro_batch_size,
+        "gradient_accumulation_steps": params.gradient_accumulation,
+        "gradient_clipping": params.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": params.learning_rate,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": params.weight_decay,
+                # DeepSpeed's fused Adam needs CUDA; torch's AdamW is the CPU path.
+                "torch_adam": not on_gpu,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": max(total_steps, params.warmup_steps + 1),
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": params.learning_rate,
+                "warmup_num_steps": max(1, params.warmup_steps),  # DeepSpeed rejects 0
+                "warmup_type": "linear",
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report(rt: Runtime | None, run: StageRun, status: str, **fields: Any) -> None:
+    """The one-line summary Kubernetes reads into the pod status (termination message)."""
+    if rt is not None and not rt.is_main:
+        return
+    line = json.dumps({"stage": run.stage.name, "status": status, **fields}, default=str)
+    print(json.dumps({"event": "result", **json.loads(line)}), flush=True)
+    # Kubernetes mounts this file into every container; elsewhere it does not exist.
+    if TERMINATION_LOG.exists():
+        # Kubernetes keeps at most 4096 bytes of a termination message.
+        TERMINATION_LOG.write_text(line[:4000])
+    sys.stdout.flush()

@@ -1,0 +1,93 @@
+"""Helpers the stage runners share: their inputs (model, data) and their outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from amber_trainer import data, models
+from amber_trainer.forward import FlowInputs
+from amber_trainer.runtime import Runtime
+
+MODEL_DIR = "model"
+LAYER_MAP = "layer_map.json"
+
+
+def teacher(rt: Runtime, frozen: bool = True) -> torch.nn.Module:
+    """The resource's teacher on this process's device; frozen teachers never get gradients."""
+    storage = rt.run.storage
+    model = models.load_teacher(rt.run.teacher, rt.workdir, storage.endpoint, storage.region)
+    if frozen:
+        model.requires_grad_(False).eval()
+        if rt.device.type == "cuda":
+            model = model.to(torch.bfloat16)
+    return model.to(rt.device)
+
+
+def input_model(rt: Runtime) -> tuple[torch.nn.Module, list[dict] | None]:
+    """The model this stage starts from (the previous model stage's output) and its layer map."""
+    if rt.run.model_from is None:
+        return teacher(rt, frozen=False), None
+    folder = rt.fetch_output(rt.run.model_from)
+    layer_map = (
+        json.loads((folder / LAYER_MAP).read_text()) if (folder / LAYER_MAP).exists() else None
+    )
+    return models.load(folder / MODEL_DIR).to(rt.device), layer_map
+
+
+def save_model(model: torch.nn.Module, out: Path, layer_map: list[dict] | None) -> None:
+    model.save_pretrained(out / MODEL_DIR, safe_serialization=True)
+    if layer_map is not None:
+        (out / LAYER_MAP).write_text(json.dumps(layer_map, indent=2))
+
+
+def datasets(rt: Runtime, config: dict) -> tuple[data.TensorDataset, data.TensorDataset]:
+    """Training rows and held-out rows of the resource's data."""
+    spec = rt.run.data
+    if spec.synthetic is not None:
+        s = spec.synthetic
+        # Held-out rows are a separate draw: the training rows stay exactly `samples`.
+        train = data.synthetic_dataset(config, s.samples, s.latent_size, s.text_tokens, s.seed)
+        held = max(8, s.samples // 4)
+        return train, data.synthetic_dataset(config, held, s.latent_size, s.text_tokens, s.seed + 1)
+    if spec.cache_uri:
+        from amber.storage import open_store
+
+        store = open_store(spec.cache_uri, rt.run.storage.endpoint, rt.run.storage.region)
+        shards = [k for k in store.list() if k.endswith(".safetensors")]
+        if not shards:
+            raise FileNotFoundError(f"data.cacheUri {spec.cache_uri}: no .safetensors shards")
+        local = []
+        for key in shards:
+            store.download(key, rt.workdir / "data" / key)
+            local.append(rt.workdir / "data" / key)
+        return data.load_shards(local).split()
+    raise ValueError("data.uri needs an encode stage first: set data.cacheUri to its output")
+
+
+def noised(
+    batch: data.Batch, t: torch.Tensor, gen: torch.Generator
+) -> tuple[FlowInputs, torch.Tensor]:
+    """x_t for times t, and the flow-matching target ε - x0."""
+    noise = torch.randn(batch.latents.shape, generator=gen, dtype=batch.latents.dtype)
+    noise = noise.to(batch.latents.device)
+    return batch.noised(t.to(batch.latents.device), noise), noise - batch.latents
+
+
+def loss_curve(losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,64 @@
+"""Stage `distill`: layer-wise distillation of the pruned student from the frozen teacher."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from amber_trainer import checkpoint, loop
+from amber_trainer.data import Sampler
+from amber_trainer.objectives import LayerwiseDistillation, teacher_states
+from amber_trainer.runtime import Runtime
+from amber_trainer.stages import common
+
+
+def run(rt: Runtime) -> tuple[int, dict]:
+    params = rt.run.stage
+    teacher = common.teacher(rt)
+    student, layer_map = common.input_model(rt)
+    if layer_map is None:
+        raise ValueError(f"{rt.run.model_from} output has no layer map: distill follows prune")
+    student.train()
+    objective = LayerwiseDistillation(
+        student, [e["span"] for e in layer_map], params.mode, params.output_loss_weight
+    )
+    boundaries = objective.boundaries()
+    train, _ = common.datasets(rt, dict(teacher.config))
+    sampler = Sampler(len(train), params.seed)
+
+    def make_inputs(micro_step: int):
+        gen = sampler.generator(micro_step, rt.rank)
+        rows = sampler.indices(micro_step, rt.rank, rt.world, params.micro_batch_size)
+        batch = train.rows(rows, rt.device)
+        t = torch.rand(len(rows), generator=gen)  # distillation covers the whole schedule
+        x, _ = common.noised(batch, t, gen)
+        states, velocity = teacher_states(
+            teacher, loop.cast(x, rt.device, teacher.dtype), boundaries
+        )
+        return x, states, velocity
+
+    engine = loop.build_engine(rt, objective, params, params.steps)
+    state = None
+    if (manifest := checkpoint.latest(rt)) is not None:
+        state = checkpoint.load(rt, engine, manifest)
+        rt.log("resumed", step=manifest.step, checkpoint=manifest.folder)
+    state = loop.train(rt, engine, params, make_inputs, params.steps, "distill", state=state)
+
+    out = rt.workdir / "output"
+    out.mkdir()
+    per_block = state["parts"]
+    metrics = {
+        "loss": state["losses"],
+        "firstLoss": state["losses"][0],
+        "finalLoss": state["losses"][-1],
+        "blockLossFirst": per_block[0],
+        "blockLossFinal": per_block[-1],
+        "samplesPerSecond": state["samples_per_s"],
+        "peakMemoryMB": state["peak_memory_mb"],
+    }
+    if rt.is_main:
+        common.save_model(engine.module.student, out, layer_map)
+        common.loss_curve(state["losses"], out / "loss.png", f"{rt.stage}: layer-wise loss")
+        (out / "metrics.json").write_text(json.dumps(metrics))
+    return params.steps, metrics

@@ -1,0 +1,80 @@
+"""Stage `eval`: how far the compressed model's velocity is from the teacher's, per timestep."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from amber_trainer import models
+from amber_trainer.forward import velocity
+from amber_trainer.runtime import Runtime
+from amber_trainer.stages import common
+
+
+@torch.no_grad()
+def run(rt: Runtime) -> tuple[int, dict]:
+    params = rt.run.stage
+    teacher = common.teacher(rt)
+    student, _ = common.input_model(rt)
+    student.eval().to(teacher.dtype)
+    _, held_out = common.datasets(rt, dict(teacher.config))
+    count = min(params.samples, len(held_out))
+    buckets = params.timestep_buckets
+    gen = torch.Generator().manual_seed(params.seed)
+    # Sums over samples of: relative error to the teacher, and each model's flow-matching MSE.
+    rel = torch.zeros(buckets, dtype=torch.float64)
+    fm_student = torch.zeros(buckets, dtype=torch.float64)
+    fm_teacher = torch.zeros(buckets, dtype=torch.float64)
+    rows = list(range(count))
+    mine = [rows[i : i + params.batch_size] for i in range(0, count, params.batch_size)]
+    mine = mine[rt.rank :: rt.world]
+    for step, chunk in enumerate(mine):
+        batch = held_out.rows(chunk, rt.device)
+        for b in range(buckets):
+            # A fixed time inside each bucket per sample: comparable across models and runs.
+            t = (b + torch.rand(len(chunk), generator=gen)) / buckets
+            x, target = common.noised(batch, t, gen)
+            v_teacher = velocity(teacher, x).double()
+            v_student = velocity(student, x).double()
+            diff = (v_student - v_teacher).flatten(1).norm(dim=1)
+            rel[b] += (diff / v_teacher.flatten(1).norm(dim=1).clamp_min(1e-12)).sum().item()
+            fm_student[b] += (v_student - target).pow(2).flatten(1).mean(1).sum().item()
+            fm_teacher[b] += (v_teacher - target).pow(2).flatten(1).mean(1).sum().item()
+        rt.progress(step + 1, len(mine))
+    totals = rt.gather((rel, fm_student, fm_teacher))
+    rel, fm_student, fm_teacher = (sum(t[i] for t in totals) / max(count, 1) for i in range(3))
+    edges = [(b / buckets, (b + 1) / buckets) for b in range(buckets)]
+    metrics = {
+        "samples": count,
+        "buckets": [list(e) for e in edges],
+        "relativeVelocityError": rel.tolist(),
+        "flowLossStudent": fm_student.tolist(),
+        "flowLossTeacher": fm_teacher.tolist(),
+        "meanRelativeVelocityError": float(rel.mean()),
+        "studentParameters": models.count_parameters(student),
+        "teacherParameters": models.count_parameters(teacher),
+    }
+    out = rt.workdir / "output"
+    out.mkdir()
+    if rt.is_main:
+        (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+        _plot(metrics, out / "velocity_error.png")
+    return 0, {k: metrics[k] for k in ("meanRelativeVelocityError", "samples")}
+
+
+def _plot(metrics: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centers = [(a + b) / 2 for a, b in metrics["buckets"]]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(centers, metrics["relativeVelocityError"], marker="o")
+    ax.set_xlabel("timestep t (bucket centre)")
+    ax.set_ylabel("||v_student - v_teacher|| / ||v_teacher||")
+    ax.set_title("student vs teacher velocity, held-out data")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

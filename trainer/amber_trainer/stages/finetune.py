@@ -1,0 +1,71 @@
+"""Stage `finetune`: full-parameter flow matching, optionally distilling the teacher's output."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from amber_trainer import checkpoint, loop
+from amber_trainer.data import Sampler
+from amber_trainer.forward import velocity
+from amber_trainer.objectives import FlowMatching, sample_timesteps
+from amber_trainer.runtime import Runtime
+from amber_trainer.stages import common
+
+
+def flow_inputs(rt, train, sampler, params, teacher, micro_step: int):
+    """The i-th micro-batch for flow matching: (x_t, target, teacher velocity or None)."""
+    gen = sampler.generator(micro_step, rt.rank)
+    rows = sampler.indices(micro_step, rt.rank, rt.world, params.micro_batch_size)
+    batch = train.rows(rows, rt.device)
+    t = sample_timesteps(
+        getattr(params, "timestep_sampling", "logit-normal"),
+        len(rows),
+        gen,
+        getattr(params, "logit_mean", 0.0),
+        getattr(params, "logit_std", 1.0),
+        getattr(params, "shift", 3.0),
+    )
+    x, target = common.noised(batch, t, gen)
+    teacher_v = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_v = velocity(teacher, loop.cast(x, rt.device, teacher.dtype))
+    return x, target, teacher_v
+
+
+def run(rt: Runtime) -> tuple[int, dict]:
+    params = rt.run.stage
+    student, layer_map = common.input_model(rt)
+    student.train()
+    teacher = common.teacher(rt) if params.distill_weight > 0 else None
+    train, _ = common.datasets(rt, dict(student.config))
+    sampler = Sampler(len(train), params.seed)
+    objective = FlowMatching(student, params.distill_weight)
+    engine = loop.build_engine(rt, objective, params, params.steps)
+    state = None
+    if (manifest := checkpoint.latest(rt)) is not None:
+        state = checkpoint.load(rt, engine, manifest)
+        rt.log("resumed", step=manifest.step, checkpoint=manifest.folder)
+
+    def make_inputs(micro_step):
+        return flow_inputs(rt, train, sampler, params, teacher, micro_step)
+
+    state = loop.train(rt, engine, params, make_inputs, params.steps, "finetune", state=state)
+    out = rt.workdir / "output"
+    out.mkdir()
+    flow = [p[0] for p in state["parts"]]
+    metrics = {
+        "loss": state["losses"],
+        "flowLoss": flow,
+        "firstLoss": state["losses"][0],
+        "finalLoss": state["losses"][-1],
+        "samplesPerSecond": state["samples_per_s"],
+        "peakMemoryMB": state["peak_memory_mb"],
+    }
+    if rt.is_main:
+        common.save_model(engine.module.student, out, layer_map)
+        common.loss_curve(state["losses"], out / "loss.png", f"{rt.stage}: flow-matching loss")
+        (out / "metrics.json").write_text(json.dumps(metrics))
+    return params.steps, metrics

@@ -1,0 +1,52 @@
+"""Stage `score`: timestep-sensitive importance of every teacher block (forward only)."""
+
+from __future__ import annotations
+
+import json
+
+from amber_trainer import score as scoring
+from amber_trainer.runtime import Runtime
+from amber_trainer.stages import common
+
+
+def run(rt: Runtime) -> tuple[int, dict]:
+    params = rt.run.stage
+    teacher = common.teacher(rt)
+    num_layers = len(teacher.transformer_blocks)
+    if params.target_layers >= num_layers:
+        raise ValueError(
+            f"targetLayers ({params.target_layers}) is not below the teacher's {num_layers} layers"
+        )
+    train, _ = common.datasets(rt, dict(teacher.config))
+    count = min(params.calibration_samples, len(train))
+    rows = list(range(count))
+    # Each process scores its share of the calibration batches; the sums are combined.
+    mine = [rows[i : i + params.batch_size] for i in range(0, count, params.batch_size)]
+    mine = mine[rt.rank :: rt.world]
+    batches = [train.rows(r, rt.device) for r in mine]
+    rounds = 1 if params.mode == "one-shot" else num_layers - params.target_layers
+    total = rounds * len(params.timesteps) * len(batches)
+    done = 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        rt.progress(done, total)
+
+    def matrix(removed):
+        local = scoring.importance_matrix(
+            teacher, batches, params.timesteps, params.seed + rt.rank, removed, on_step=tick
+        )
+        weight = sum(len(b) for b in batches)
+        parts = rt.gather((local * weight, weight))
+        return sum(m for m, _ in parts) / max(1, sum(w for _, w in parts))
+
+    result = scoring.score(teacher, batches, params, matrix_fn=matrix)
+    out = rt.workdir / "output"
+    out.mkdir()
+    (out / "importance.json").write_text(result.to_json())
+    metrics = {"keep": result.keep, "calibrationSamples": count}
+    if rt.is_main:
+        scoring.heatmap(result, out / "importance.png")
+        (out / "metrics.json").write_text(json.dumps(metrics))
+    return 0, metrics
