@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -136,6 +137,58 @@ def inspect(
             f"{row['parameters'] / teacher:.1%}",
         )
     console.print(table)
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="An AmberCompression YAML file.")],
+    store: Annotated[
+        str | None, typer.Option(help="Storage URI instead of spec.storage.uri (path or s3://).")
+    ] = None,
+    stages: Annotated[
+        str | None, typer.Option(help="Comma-separated stage names to run (inputs must exist).")
+    ] = None,
+    from_stage: Annotated[
+        str | None, typer.Option("--from-stage", help="Re-run this stage and all after it.")
+    ] = None,
+    nproc: Annotated[
+        int | None, typer.Option(help="Processes per stage (default: one per GPU, else one).")
+    ] = None,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.table,
+) -> None:
+    """Run a resource's whole pipeline on this machine; re-running continues where it stopped."""
+    from amber import local, progress
+
+    obj = load_or_exit(file)
+    only = [s.strip() for s in stages.split(",")] if stages else None
+    view = progress.RunView(console, enabled=output is Output.table)
+    started = time.perf_counter()
+    try:
+        with view:
+            outcomes, final = local.run_resource(
+                obj, store, only, from_stage, nproc, on_event=view.on_event
+            )
+    except ValueError as err:
+        errors.print(f"amber run: {err}", markup=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    except local.StageFailed as err:
+        errors.print(f"[bold red]stage {err.stage} failed[/] (exit {err.code}); log: {err.log}")
+        errors.print(str(err).split("\n", 1)[-1], markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        errors.print("interrupted: run the same command again to continue")
+        raise typer.Exit(130) from None
+    seconds = time.perf_counter() - started
+    if output is Output.table:
+        progress.summary(console, obj, outcomes, final, seconds)
+    else:
+        report = {
+            "resource": f"{obj.metadata.namespace}/{obj.metadata.name}",
+            "seconds": round(seconds, 2),
+            "stages": local.outcome_dicts(outcomes),
+            "final": final,
+        }
+        print(json.dumps(report, indent=2) if output is Output.json else yaml.safe_dump(report))
 
 
 @app.command()

@@ -48,6 +48,10 @@ class Store(ABC):
         """Remove every object below `prefix`."""
 
     @abstractmethod
+    def copy(self, source: str, key: str) -> None:
+        """Copy an object within this store (server-side on S3)."""
+
+    @abstractmethod
     def child(self, prefix: str) -> Store:
         """A store rooted at `prefix` below this one."""
 
@@ -135,6 +139,12 @@ class LocalStore(Store):
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
+
+    def copy(self, source: str, key: str) -> None:
+        src = self._path(source)
+        if not src.is_file():
+            raise StorageError(f"{self.uri}/{source} does not exist")
+        self.upload(src, key)
 
     def child(self, prefix: str) -> Store:
         return LocalStore(self._path(prefix))
@@ -226,6 +236,16 @@ class S3Store(Store):
                 Bucket=self.bucket,
                 Delete={"Objects": batch, "Quiet": True},
             )
+
+    def copy(self, source: str, key: str) -> None:
+        # Managed copy: multipart and server-side for large objects, nothing downloaded.
+        self._call(
+            f"copying {self.uri}/{source}",
+            self.client.copy,
+            {"Bucket": self.bucket, "Key": self._key(source)},
+            self.bucket,
+            self._key(key),
+        )
 
     def child(self, prefix: str) -> Store:
         return S3Store(self.bucket, self._key(prefix), client=self.client)

@@ -143,6 +143,8 @@ func up(args []string) error {
 		"--service-account-signing-key-file="+key,
 		"--service-cluster-ip-range=10.96.0.0/16",
 		"--allow-privileged=true",
+		// The default reconciler refuses loopback endpoints for the kubernetes Service.
+		"--endpoint-reconciler-type=none",
 		"--v=1",
 	); err != nil {
 		return err
@@ -243,7 +245,7 @@ func startEtcd(dir string) (*embed.Etcd, string, error) {
 	}
 	cfg := embed.NewConfig()
 	cfg.Dir = filepath.Join(dir, "etcd")
-	cfg.LogLevel = "error"
+	cfg.LogLevel = "fatal" // its shutdown reports closed listeners as errors
 	client, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", clientPort))
 	peer, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", peerPort))
 	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*client}, []url.URL{*client}

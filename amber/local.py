@@ -1,0 +1,215 @@
+"""`amber run`: a resource's whole pipeline on this machine, no cluster.
+
+The stages are planned exactly as the operator plans them (`amber.plan`), and each runs as a
+local `torchrun` process group executing the same trainer entry point a pod runs. Re-running
+after an interruption continues: stages whose committed output matches their spec hash are
+reused, the interrupted stage resumes from its newest committed checkpoint, and a changed
+stage re-runs together with the stages after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from amber import commits
+from amber.api import AmberCompression, StorageSpec
+from amber.plan import MODEL_STAGES, OUTPUT, StageRun, plan
+from amber.publish import publish_final
+from amber.storage import Store, open_store
+
+HISTORY = "history.jsonl"
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, code: int, log: Path, tail: str):
+        super().__init__(f"stage {stage} failed (exit {code}); log: {log}\n{tail}")
+        self.stage, self.code, self.log = stage, code, log
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    type: str
+    status: str  # ran | resumed | reused
+    seconds: float
+    output: str
+    metrics: dict = field(default_factory=dict)
+    resumed_from: int | None = None
+
+
+# on_event(stage_run, event): progress callbacks for the terminal UI
+EventFn = Callable[[StageRun, dict], None]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def default_processes(run: StageRun) -> int:
+    """The resource's process count, capped to this machine (one per GPU, else one)."""
+    wanted = run.resources.pods * max(1, run.resources.gpus_per_pod)
+    try:
+        import torch
+
+        available = torch.cuda.device_count()
+    except ImportError:
+        available = 0
+    return max(1, min(wanted, available)) if available else 1
+
+
+def with_store(obj: AmberCompression, store_uri: str | None) -> AmberCompression:
+    if store_uri is None:
+        return obj
+    spec = obj.spec.model_copy(update={"storage": StorageSpec(uri=store_uri)})
+    return obj.model_copy(update={"spec": spec})
+
+
+def record(store: Store, entry: dict) -> None:
+    """Append to the run's history (what each invocation did, for people and tests)."""
+    previous = store.read_text(HISTORY) if store.exists(HISTORY) else ""
+    store.write_text(HISTORY, previous + json.dumps({"time": time.time(), **entry}) + "\n")
+
+
+def history(store: Store) -> list[dict]:
+    if not store.exists(HISTORY):
+        return []
+    return [json.loads(line) for line in store.read_text(HISTORY).splitlines() if line]
+
+
+def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> dict:
+    """Run one stage as a torchrun gang on this machine; its result event."""
+    config = logs / f"{run.stage.name}.json"
+    config.write_text(run.model_dump_json(by_alias=True, indent=2))
+    log_path = logs / f"{run.stage.name}.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={processes}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "amber",
+        "trainer",
+        run.stage.type,
+        "--config",
+        str(config),
+    ]
+    result: dict = {}
+    resumed = None
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,  # Ctrl-C here stops the whole gang, not half of it
+        )
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if line.startswith('{"event"'):
+                    event = json.loads(line)
+                    on_event(run, event)
+                    if event["event"] == "result":
+                        result = event
+                    elif event["event"] == "resumed" and resumed is None:
+                        resumed = event["step"]
+            code = proc.wait()
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    if code != 0 or result.get("status") != "Succeeded":
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
+        raise StageFailed(run.stage.name, code, log_path, tail)
+    return {**result, "resumedFrom": resumed}
+
+
+def run_resource(
+    obj: AmberCompression,
+    store_uri: str | None = None,
+    only: list[str] | None = None,
+    from_stage: str | None = None,
+    processes: int | None = None,
+    on_event: EventFn = lambda run, event: None,
+) -> tuple[list[StageOutcome], str | None]:
+    """Run (or continue) the pipeline; the outcome of each stage and the final model's URI."""
+    obj = with_store(obj, store_uri)
+    runs = plan(obj)
+    names = [r.stage.name for r in runs]
+    for name in [*(only or []), *([from_stage] if from_stage else [])]:
+        if name not in names:
+            raise ValueError(f"no stage named {name!r} (stages: {', '.join(names)})")
+    forced = set(names[names.index(from_stage) :]) if from_stage else set()
+    store = open_store(runs[0].run_uri, obj.spec.storage.endpoint, obj.spec.storage.region)
+    logs = Path(tempfile.mkdtemp(prefix=f"amber-run-{obj.metadata.name}-"))
+    outcomes = []
+    for run in runs:
+        name = run.stage.name
+        output = commits.read_manifest(store, f"{name}/{OUTPUT}")
+        current = output is not None and output.spec_hash == run.spec_hash
+        if current and name not in forced:
+            outcomes.append(
+                StageOutcome(
+                    name,
+                    run.stage.type,
+                    "reused",
+                    0.0,
+                    f"{store.uri}/{output.folder}",
+                    output.metrics,
+                )
+            )
+            record(store, {"stage": name, "status": "reused"})
+            on_event(run, {"event": "reused", "stage": name})
+            continue
+        if only and name not in only:
+            raise ValueError(f"stage {name} has no current output; include it in --stages")
+        if output is not None or name in forced:
+            store.delete(name)  # stale: another spec, or re-run asked for
+        started = time.perf_counter()
+        result = launch(run, processes or default_processes(run), logs, on_event)
+        resumed = result["resumedFrom"]
+        status = "ran" if resumed is None else "resumed"
+        seconds = time.perf_counter() - started
+        outcomes.append(
+            StageOutcome(
+                name, run.stage.type, status, seconds, result["output"], result["metrics"], resumed
+            )
+        )
+        record(store, {"stage": name, "status": status, "resumedFrom": resumed})
+    produces_model = any(r.stage.type in MODEL_STAGES for r in runs)
+    if not produces_model or only:
+        return outcomes, None
+    final = publish_final(obj, runs, store)
+    return outcomes, f"{store.uri}/{final.folder}"
+
+
+def outcome_dicts(outcomes: list[StageOutcome]) -> list[dict]:
+    return [asdict(o) for o in outcomes]

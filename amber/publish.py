@@ -1,0 +1,83 @@
+"""Publishing the final model: `{run}/final/`, a diffusers folder with a model card.
+
+The files are copied inside the store (server-side on S3) from the last model stage's
+committed output, then `final/COMMIT.json` is written last, like every other output. It
+needs no torch, so the operator can publish too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from amber import commits
+from amber.api import AmberCompression
+from amber.plan import FINAL, MODEL_STAGES, OUTPUT, StageRun
+from amber.storage import Store
+
+
+def model_card(obj: AmberCompression, runs: list[StageRun], store: Store, source: str) -> str:
+    """A README for the final folder: recipe, layer map, parameter counts, metrics."""
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: text-to-image",
+        "tags: [amber, depth-pruning, distillation, qwen-image]",
+        "---",
+        f"# {obj.metadata.name}",
+        "",
+        f"Compressed with Amber from teacher `{obj.spec.teacher.uri or 'config'}` "
+        f"({obj.spec.teacher.num_layers} layers). Load it with "
+        "`diffusers` (the hybrid class is `amber_trainer.hybrid.AmberHybridTransformer2DModel`).",
+        "",
+        "## Recipe",
+        "",
+        "| # | stage | type | parameters |",
+        "|---|---|---|---|",
+    ]
+    for run in runs:
+        params = {k: v for k, v in run.stage.dump().items() if k not in ("name", "type")}
+        lines.append(
+            f"| {run.index} | {run.stage.name} | {run.stage.type} | `{json.dumps(params)}` |"
+        )
+    lines += ["", "## Results", ""]
+    for run in runs:
+        manifest = commits.read_manifest(store, f"{run.stage.name}/{OUTPUT}")
+        if manifest is None:
+            continue
+        shown = {k: v for k, v in manifest.metrics.items() if not isinstance(v, list)}
+        lines.append(f"- **{run.stage.name}**: `{json.dumps(shown)}`")
+    layer_map_key = f"{source}/{OUTPUT}/layer_map.json"
+    if store.exists(layer_map_key):
+        entries = json.loads(store.read_text(layer_map_key))
+        lines += ["", "## Layer map (student block <- teacher span)", ""]
+        lines += [
+            f"- {e['student']} <- teacher {e['span'][0]}..{e['span'][1]} (kept {e['teacher']})"
+            for e in entries
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def publish_final(obj: AmberCompression, runs: list[StageRun], store: Store) -> commits.Manifest:
+    """Copy the last model stage's model to `final/` and commit it."""
+    sources = [r for r in runs if r.stage.type in MODEL_STAGES]
+    if not sources:
+        raise ValueError("the pipeline produces no model (it has no prune stage)")
+    last = sources[-1]
+    output = commits.read_manifest(store, f"{last.stage.name}/{OUTPUT}")
+    if output is None:
+        raise FileNotFoundError(f"stage {last.stage.name} has no committed output")
+    files = {}
+    for name, entry in output.files.items():
+        if name.startswith("model/"):
+            relative = name.removeprefix("model/")
+            store.copy(f"{output.folder}/{name}", f"{FINAL}/{relative}")
+            files[relative] = entry
+    card = model_card(obj, runs, store, last.stage.name)
+    store.write_text(f"{FINAL}/README.md", card)
+    files["README.md"] = commits.FileEntry(
+        size=len(card.encode()), sha256=hashlib.sha256(card.encode()).hexdigest()
+    )
+    return commits.write_marker(
+        store, FINAL, output.step, files, {"source": last.stage.name}, last.spec_hash
+    )
