@@ -40,7 +40,7 @@ class StageFailed(RuntimeError):
 class StageOutcome:
     stage: str
     type: str
-    status: str  # ran | resumed | reused
+    status: str  # ran | resumed | reused | skipped (not in --stages)
     seconds: float
     output: str
     metrics: dict = field(default_factory=dict)
@@ -190,7 +190,8 @@ def run_resource(
             on_event(run, {"event": "reused", "stage": name})
             continue
         if only and name not in only:
-            raise ValueError(f"stage {name} has no current output; include it in --stages")
+            outcomes.append(StageOutcome(name, run.stage.type, "skipped", 0.0, ""))
+            continue
         if output is not None or name in forced:
             store.delete(name)  # stale: another spec, or re-run asked for
         started = time.perf_counter()

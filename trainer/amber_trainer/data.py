@@ -39,11 +39,21 @@ def synthetic(
     batch_size: int = 4,
     seed: int = 0,
 ) -> list[Batch]:
-    """Random data shaped for a model config: latent_size x latent_size VAE latents, packed 2x2."""
+    """Data shaped for a model config: latent_size² VAE latents (packed 2x2) and captions.
+
+    Latents depend on their caption (a fixed projection of its mean embedding) plus a fixed
+    spatial pattern and some noise, so there is something to learn: a model that reads the
+    text beats one that does not, and flow-matching losses can fall well below their
+    unconditional level.
+    """
     gen = torch.Generator().manual_seed(seed)
     side = latent_size // config.get("patch_size", 2)
     channels = config.get("in_channels", 64)
     width = config.get("joint_attention_dim", 3584)
+    # The "world" is fixed across seeds; only the samples drawn from it change.
+    world = torch.Generator().manual_seed(1234)
+    projection = torch.randn(width, channels, generator=world) / width**0.5
+    pattern = torch.randn(side * side, channels, generator=world)
     batches = []
     for start in range(0, samples, batch_size):
         n = min(batch_size, samples - start)
@@ -52,10 +62,14 @@ def synthetic(
         lengths = torch.randint(max(1, text_tokens // 2), text_tokens + 1, (n,), generator=gen)
         for i, length in enumerate(lengths):
             mask[i, length:] = 0
+        text = torch.randn(n, text_tokens, width, generator=gen)
+        caption = (text * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (n, width)
+        content = (caption @ projection)[:, None, :] * 2 + 0.5 * pattern  # (n, N, C)
+        latents = content + 0.3 * torch.randn(n, side * side, channels, generator=gen)
         batches.append(
             Batch(
-                latents=torch.randn(n, side * side, channels, generator=gen),
-                text=torch.randn(n, text_tokens, width, generator=gen),
+                latents=latents,
+                text=text,
                 text_mask=mask,
                 img_shapes=[[(1, side, side)]] * n,
             )

@@ -1,0 +1,178 @@
+"""Trainer stages as real 2-process DeepSpeed (ZeRO-2, gloo) runs on CPU, storage on loopback S3."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from amber_trainer import models
+from trainer_helpers import finish, kill_tree, stage_runs, tiny_resource, torchrun
+
+from amber import commits
+from amber.storage import open_store
+
+pytestmark = [pytest.mark.slow, pytest.mark.s3]
+ORDER = ["score", "prune", "distill", "finetune", "fuse", "eval"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(s3_endpoint, tmp_path_factory):
+    """Every stage of the tiny amber-6b recipe, each a 2-process torchrun gang."""
+    import boto3
+
+    env = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "amber-test",
+        "AWS_SECRET_ACCESS_KEY": "amber-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    mp = pytest.MonkeyPatch()
+    for k, v in env.items():
+        mp.setenv(k, v)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="pipeline")
+    tmp = tmp_path_factory.mktemp("pipeline")
+    runs = stage_runs(tiny_resource("s3://pipeline/runs"))
+    results = {}
+    for name in ORDER:
+        code, out, events = finish(torchrun(runs[name], tmp))
+        assert code == 0, out[-3000:]
+        results[name] = next(e for e in events if e["event"] == "result")
+    store = open_store(runs["score"].run_uri)
+    yield runs, results, store
+    mp.undo()
+
+
+def test_every_stage_commits_its_output(pipeline):
+    runs, results, store = pipeline
+    for name in ORDER:
+        manifest = commits.read_manifest(store, f"{name}/output")
+        assert manifest is not None, name
+        assert manifest.spec_hash == runs[name].spec_hash
+        assert results[name]["status"] == "Succeeded"
+        assert results[name]["output"] == f"s3://pipeline/runs/default/tiny/{name}/output"
+    assert store.exists("score/output/importance.png")
+    assert len(json.loads(store.read_text("score/output/importance.json"))["keep"]) == 6
+
+
+def test_distill_lowers_the_per_block_feature_loss(pipeline):
+    _, results, store = pipeline
+    metrics = json.loads(store.read_text("distill/output/metrics.json"))
+    first, last = metrics["blockLossFirst"], metrics["blockLossFinal"]
+    assert len(first) == 6
+    # Blocks that were re-initialised by averaging start off and must improve a lot.
+    for before, after in zip(first, last, strict=True):
+        if before > 1e-3:
+            assert after < 0.5 * before
+    losses = metrics["loss"]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_finetune_lowers_the_flow_matching_loss(pipeline):
+    _, _, store = pipeline
+    losses = json.loads(store.read_text("finetune/output/metrics.json"))["flowLoss"]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+
+
+def test_teacher_is_never_optimised(pipeline, tmp_path):
+    runs, _, store = pipeline
+    # The teacher is rebuilt from its config and seed; the student descends from it.
+    teacher = models.build(runs["score"].teacher.config, seed=runs["score"].teacher.seed)
+    folder = commits.fetch(store, commits.read_manifest(store, "distill/output"), tmp_path)
+    student = models.load(folder / "model")
+    layer_map = json.loads((folder / "layer_map.json").read_text())
+    kept = layer_map[1]["teacher"]
+    assert not torch.equal(
+        student.transformer_blocks[1].img_mlp.net[2].weight,
+        teacher.transformer_blocks[kept].img_mlp.net[2].weight,
+    ) or layer_map[1]["sources"] == [kept]
+
+
+def test_fuse_produces_a_loadable_hybrid_model(pipeline, tmp_path):
+    _, _, store = pipeline
+    folder = commits.fetch(store, commits.read_manifest(store, "fuse/output"), tmp_path)
+    model = models.load(folder / "model")
+    assert models.block_kinds(model) == ["dual"] + ["single"] * 5
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert [p["singleLayers"] for p in metrics["phases"]] == [3, 5]
+    for phase in (0, 1):
+        assert commits.read_manifest(store, f"fuse/phases/phase-{phase}") is not None
+
+
+def test_eval_reports_error_per_timestep_bucket(pipeline):
+    _, _, store = pipeline
+    report = json.loads(store.read_text("eval/output/eval.json"))
+    assert len(report["relativeVelocityError"]) == 3
+    assert all(e > 0 for e in report["relativeVelocityError"])
+    assert report["studentParameters"] < 0.35 * report["teacherParameters"]
+    assert store.exists("eval/output/velocity_error.png")
+
+
+def test_a_finished_stage_is_not_run_again(pipeline, tmp_path):
+    runs, _, store = pipeline
+    before = commits.read_manifest(store, "distill/output")
+    code, out, events = finish(torchrun(runs["distill"], tmp_path))
+    assert code == 0, out[-2000:]
+    result = next(e for e in events if e["event"] == "result")
+    assert result["reused"] is True
+    assert commits.read_manifest(store, "distill/output").created == before.created
+
+
+def test_killed_stage_resumes_from_its_last_checkpoint_with_the_same_curve(bucket, tmp_path):
+    steps = {
+        "distill": {
+            **tiny_resource("x")["spec"]["overrides"]["distill"],
+            "steps": 24,
+            "checkpointEvery": 8,
+        }
+    }
+    for prefix in ("straight", "killed"):
+        runs = stage_runs(tiny_resource(f"s3://{bucket}/{prefix}", **steps))
+        for name in ("score", "prune"):
+            assert finish(torchrun(runs[name], tmp_path, nproc=1))[0] == 0
+    straight = stage_runs(tiny_resource(f"s3://{bucket}/straight", **steps))["distill"]
+    code, out, _ = finish(torchrun(straight, tmp_path))
+    assert code == 0, out[-2000:]
+
+    killed = stage_runs(tiny_resource(f"s3://{bucket}/killed", **steps))["distill"]
+    store = open_store(killed.run_uri)
+    proc = torchrun(killed, tmp_path)
+    deadline = time.monotonic() + 300
+    while commits.latest_checkpoint(store, "distill") is None:
+        assert proc.poll() is None, "finished before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    kill_tree(proc)
+    first = commits.latest_checkpoint(store, "distill")
+    assert commits.read_manifest(store, "distill/output") is None
+    # A newer checkpoint whose files landed but whose marker did not: must be ignored.
+    store.write_bytes(f"distill/{commits.checkpoint_folder(first.step + 4)}/state/junk.pt", b"x")
+
+    code, out, events = finish(torchrun(killed, tmp_path))
+    assert code == 0, out[-2000:]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert resumed and resumed[0]["step"] >= first.step and resumed[0]["step"] < 24
+    done = json.loads(open_store(killed.run_uri).read_text("distill/output/metrics.json"))
+    reference = json.loads(open_store(straight.run_uri).read_text("distill/output/metrics.json"))
+    assert len(done["loss"]) == 24
+    assert done["loss"] == pytest.approx(reference["loss"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code", "message"),
+    [
+        (lambda c: c["stage"].update(stepz=3), 2, "stage.distill.stepz"),
+        (lambda c: c["teacher"].update(config=None, uri="s3://nowhere/teacher"), 1, "s3://nowhere"),
+        (lambda c: c["stage"].update(targetLayers=20), 1, "targetLayers (20) is not below"),
+    ],
+    ids=["unknown-field", "missing-teacher", "too-many-layers"],
+)
+def test_bad_stage_config_fails_fast_and_writes_nothing(bucket, tmp_path, mutate, code, message):
+    runs = stage_runs(tiny_resource(f"s3://{bucket}/bad"))
+    stage = "score" if "targetLayers" in message else "distill"
+    config = json.loads(runs[stage].model_dump_json(by_alias=True))
+    mutate(config)
+    rc, out, _ = finish(torchrun(config, tmp_path, stage_type=stage, nproc=1))
+    assert rc != 0 and message in out
+    assert open_store(f"s3://{bucket}").list() == {}

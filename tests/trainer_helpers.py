@@ -1,0 +1,111 @@
+"""Building tiny resources and launching trainer stages as real torchrun process groups."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from amber.plan import StageRun, plan
+from amber.resource import parse
+
+ROOT = Path(__file__).parent.parent
+TINY_YAML = ROOT / "manifests" / "examples" / "amber-tiny.yaml"
+
+# Small enough for two CPU cores, large enough for the losses to move visibly.
+FAST = {
+    "score": {"calibrationSamples": 8, "timesteps": [0.2, 0.8]},
+    "distill": {"steps": 30, "learningRate": 2e-3, "microBatchSize": 8, "checkpointEvery": 10},
+    "finetune": {"steps": 40, "learningRate": 2e-3, "microBatchSize": 8, "checkpointEvery": 20},
+    "fuse": {
+        "steps": 6,
+        "blocksPerPhase": 3,
+        "finetuneSteps": 6,
+        "learningRate": 1e-3,
+        "microBatchSize": 4,
+        "checkpointEvery": 4,
+    },
+    "eval": {"samples": 8, "timestepBuckets": 3},
+}
+
+
+def tiny_resource(store: str, name: str = "tiny", **overrides) -> dict:
+    doc = yaml.safe_load(TINY_YAML.read_text())
+    doc["metadata"]["name"] = name
+    doc["spec"]["storage"] = {"uri": store}
+    doc["spec"]["overrides"] = copy.deepcopy({**FAST, **overrides})
+    return doc
+
+
+def stage_runs(doc: dict) -> dict[str, StageRun]:
+    return {r.stage.name: r for r in plan(parse(doc))}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def trainer_env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(run: StageRun | dict, tmp: Path, stage_type: str | None = None, nproc: int = 2):
+    """Start `amber trainer` for one stage under torchrun, as a pod would; returns the Popen."""
+    config = tmp / f"{stage_type or run.stage.name}-{time.monotonic_ns()}.json"
+    if isinstance(run, StageRun):
+        config.write_text(run.model_dump_json(by_alias=True))
+        stage_type = run.stage.type
+    else:
+        config.write_text(json.dumps(run))
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+            "-m",
+            "amber",
+            "trainer",
+            stage_type,
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=trainer_env(),
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, list[dict]]:
+    out, _ = proc.communicate(timeout=timeout)
+    events = [json.loads(line) for line in out.splitlines() if line.startswith('{"event"')]
+    return proc.returncode, out, events
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it (torchrun puts workers in their own
+    sessions, so a process-group kill would leave them running)."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    victims = [parent, *parent.children(recursive=True)]
+    for victim in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            victim.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=60)
+    proc.wait(timeout=60)
