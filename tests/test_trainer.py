@@ -57,7 +57,7 @@ def test_every_stage_commits_its_output(pipeline):
 
 
 def test_distill_lowers_the_per_block_feature_loss(pipeline):
-    _, results, store = pipeline
+    _, _, store = pipeline
     metrics = json.loads(store.read_text("distill/output/metrics.json"))
     first, last = metrics["blockLossFirst"], metrics["blockLossFinal"]
     assert len(first) == 6

@@ -1,0 +1,138 @@
+"""`amber run`: the whole pipeline on one machine, interrupted and continued."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from amber import commits, local
+from amber.storage import open_store
+from trainer_helpers import ROOT, kill_tree, tiny_resource, trainer_env
+
+pytestmark = pytest.mark.slow
+
+
+def amber_run(resource, *args, **popen):
+    return subprocess.Popen(
+        [sys.executable, "-m", "amber", "run", str(resource), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=trainer_env(),
+        start_new_session=True,
+        **popen,
+    )
+
+
+def write(tmp_path, doc, name="tiny.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_interrupted_run_continues_where_it_stopped(tmp_path):
+    store_dir = tmp_path / "store"
+    resource = write(tmp_path, tiny_resource(str(store_dir)))
+    run_store = open_store(str(store_dir / "default" / "tiny"))
+
+    proc = amber_run(resource, "--nproc", "2", "-o", "json")
+    deadline = time.monotonic() + 400
+    while commits.latest_checkpoint(run_store, "distill") is None:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    kill_tree(proc)  # as if the machine lost power mid-stage
+    checkpoint = commits.latest_checkpoint(run_store, "distill")
+
+    proc = amber_run(resource, "--nproc", "2", "-o", "json")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads(out)
+    status = {s["stage"]: s["status"] for s in report["stages"]}
+    assert status == {
+        "score": "reused",
+        "prune": "reused",
+        "distill": "resumed",
+        "finetune": "ran",
+        "fuse": "ran",
+        "eval": "ran",
+    }
+    distill = next(s for s in report["stages"] if s["stage"] == "distill")
+    assert distill["resumed_from"] >= checkpoint.step
+    # The run's own records: every stage ran once (distill never finished before the kill,
+    # then resumed once), and the second invocation reused what the first committed.
+    records = local.history(run_store)
+    ran = [r["stage"] for r in records if r["status"] == "ran"]
+    assert ran == ["score", "prune", "finetune", "fuse", "eval"]
+    assert [r["stage"] for r in records if r["status"] == "reused"] == ["score", "prune"]
+    assert [r["stage"] for r in records if r["status"] == "resumed"] == ["distill"]
+
+    # The final model is a diffusers folder that a fresh process loads.
+    final = store_dir / "default" / "tiny" / "final"
+    assert report["final"] == str(final)
+    assert (final / "README.md").read_text().startswith("---\nlibrary_name: diffusers")
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from amber_trainer.hybrid import AmberHybridTransformer2DModel as M; "
+            "m = M.from_pretrained(sys.argv[1]); "
+            "print(m.config.num_layers, m.config.num_single_layers)",
+            str(final),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.stdout.split() == ["6", "5"], check.stderr[-2000:]
+
+    # A changed stage re-runs with everything after it, nothing before it.
+    changed = tiny_resource(str(store_dir))
+    changed["spec"]["overrides"]["finetune"]["steps"] = 30
+    proc = amber_run(write(tmp_path, changed), "--nproc", "1", "-o", "json")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    status = {s["stage"]: s["status"] for s in json.loads(out)["stages"]}
+    assert status == {
+        "score": "reused",
+        "prune": "reused",
+        "distill": "reused",
+        "finetune": "ran",
+        "fuse": "ran",
+        "eval": "ran",
+    }
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("spec: [unclosed", "not valid YAML"),
+        (None, "spec.stages[4].singleLayers: 9 exceeds the student's 6 layers"),
+        ("kind: Pod\napiVersion: v1\n", "expected one AmberCompression, found 0"),
+    ],
+)
+def test_invalid_resource_exits_2_and_touches_no_storage(tmp_path, content, message):
+    store_dir = tmp_path / "store"
+    if content is None:
+        doc = tiny_resource(str(store_dir))
+        doc["spec"]["overrides"]["fuse"]["singleLayers"] = 9
+        content = yaml.safe_dump(doc)
+    resource = tmp_path / "bad.yaml"
+    resource.write_text(content)
+    proc = amber_run(resource, "--store", str(store_dir))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert message in err
+    assert not store_dir.exists()
+
+
+def test_readme_example_is_the_embedded_default():
+    readme = (ROOT / "README.md").read_text()
+    assert "amber run manifests/examples/amber-tiny.yaml" in readme
+    assert "./tests/run" in readme
+    assert "./tests/run" in (ROOT / ".ci" / "run").read_text()
