@@ -193,7 +193,7 @@ class AmberCompressionSpec(Model):
         description="overrides: per preset stage name, fields that replace the preset's.",
     )
     stages: list[Stage] | None = Field(
-        None, description="stages: the ordered stages, when no preset is used."
+        None, max_length=32, description="stages: the ordered stages, when no preset is used."
     )
     scheduling: SchedulingSpec = Field(
         default_factory=SchedulingSpec, description="scheduling: gang scheduling."

@@ -40,12 +40,6 @@ SPEC_RULES = [
         "!has(self.teacher.numLayers) || s.targetLayers < self.teacher.numLayers)",
         "message": "spec.stages[].targetLayers must be below spec.teacher.numLayers",
     },
-    {
-        "rule": "!has(self.stages) || self.stages.all(s, "
-        "self.stages.exists_one(o, (has(o.name) ? o.name : o.type) == "
-        "(has(s.name) ? s.name : s.type)))",
-        "message": "spec.stages[].name must be unique (it defaults to the stage type)",
-    },
 ]
 TEACHER_RULES = [
     {"rule": "has(self.uri) != has(self.config)", "message": "exactly one of uri and config"}

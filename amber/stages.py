@@ -45,7 +45,9 @@ class ResourceSpec(Model):
         default_factory=dict, description="nodeSelector: node labels the pods must match."
     )
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="tolerations: Kubernetes tolerations for the pods."
+        default_factory=list,
+        max_length=32,
+        description="tolerations: Kubernetes tolerations for the pods.",
     )
 
 
@@ -114,6 +116,7 @@ class ScoreStage(StageBase):
     timesteps: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [0.05, 0.2, 0.4, 0.6, 0.8, 0.95],
         min_length=1,
+        max_length=64,
         description="timesteps: flow-matching times t in (0, 1] at which blocks are scored.",
     )
     calibration_samples: int = Field(

@@ -65,6 +65,18 @@ def bucket(s3_env):
     return name
 
 
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A real control plane on loopback with a fake GPU node and the test pod runner."""
+    from kube import Cluster, build
+
+    binaries = build()
+    running = Cluster(tmp_path_factory.mktemp("cluster"), binaries["testcluster"]).start()
+    running.binaries = binaries
+    yield running
+    running.stop()
+
+
 @pytest.fixture(autouse=True)
 def _quiet_threads(monkeypatch):
     # Two cores: keep torch from oversubscribing them when tests run model code.

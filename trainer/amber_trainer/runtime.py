@@ -25,7 +25,8 @@ from amber.plan import OUTPUT, StageRun
 from amber.stages import TrainingParams
 from amber.storage import Store, open_store
 
-TERMINATION_LOG = Path("/dev/termination-log")
+# Kubernetes mounts this file into every container; a test pod runner names another.
+TERMINATION_LOG_ENV = "AMBER_TERMINATION_LOG"
 PROGRESS_EVERY_S = 10.0
 
 
@@ -186,8 +187,8 @@ def report(rt: Runtime | None, run: StageRun, status: str, **fields: Any) -> Non
         return
     line = json.dumps({"stage": run.stage.name, "status": status, **fields}, default=str)
     print(json.dumps({"event": "result", **json.loads(line)}), flush=True)
-    # Kubernetes mounts this file into every container; elsewhere it does not exist.
-    if TERMINATION_LOG.exists():
+    path = Path(os.environ.get(TERMINATION_LOG_ENV, "/dev/termination-log"))
+    if TERMINATION_LOG_ENV in os.environ or path.exists():
         # Kubernetes keeps at most 4096 bytes of a termination message.
-        TERMINATION_LOG.write_text(line[:4000])
+        path.write_text(line[:4000])
     sys.stdout.flush()

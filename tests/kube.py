@@ -1,0 +1,406 @@
+"""A real Kubernetes control plane for tests, and a pod runner standing in for the kubelet.
+
+`Cluster.start()` builds (or reuses) `tests/cluster`'s binary, starts etcd, kube-apiserver,
+kube-controller-manager and kube-scheduler on loopback, and registers a Ready fake node with
+CPU, memory and `nvidia.com/gpu` capacity. There is no container runtime here, so
+`PodRunner` plays the kubelet for pods bound to that node: it runs the container's command
+and args as a local process with the pod's environment (downward API, Secret and ConfigMap
+references resolved), maps ConfigMap volumes to local folders, and writes the exit code and
+termination message back into the pod status. Jobs therefore really progress through the
+controller-manager. This runner is the one mock in the Kubernetes tests, and only because no
+container runtime can exist on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import urllib3
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+HERE = Path(__file__).parent
+# The control plane serves a self-signed certificate on loopback.
+urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+NODE = "amber-fake-node"
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
+def build() -> dict[str, str]:
+    """Paths of the cached binaries (built on first use)."""
+    out = subprocess.run(
+        ["bash", str(HERE / "cluster" / "build.sh")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return dict(line.split("=", 1) for line in out.split())
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = "condition"):
+    """Poll until `predicate()` is truthy; its value. Bounded, with a message when it is not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    binary: str
+    proc: subprocess.Popen | None = None
+    kubeconfig: Path = field(init=False)
+    runner: PodRunner | None = None
+
+    def __post_init__(self):
+        self.kubeconfig = self.dir / "kubeconfig"
+
+    def start(self, timeout: float = 180) -> Cluster:
+        self.log = open(self.dir / "testcluster.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [self.binary, "up", "--dir", str(self.dir)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        ready = self.dir / "ready"
+        wait_for(
+            lambda: ready.exists() or self.proc.poll() is not None,
+            timeout,
+            what="the control plane",
+        )
+        if not ready.exists():
+            raise RuntimeError(f"testcluster exited: {(self.dir / 'testcluster.log').read_text()}")
+        self.api = config.new_client_from_config(str(self.kubeconfig))
+        self.core = client.CoreV1Api(self.api)
+        self.register_node()
+        wait_for(self._default_service_account, 60, what="the default service account")
+        self.runner = PodRunner(self)
+        self.runner.start()
+        return self
+
+    def _default_service_account(self) -> bool:
+        try:
+            self.core.read_namespaced_service_account("default", "default")
+            return True
+        except ApiException:
+            return False
+
+    def register_node(self) -> None:
+        capacity = {"cpu": "64", "memory": "512Gi", "pods": "220", "nvidia.com/gpu": "8"}
+        node = client.V1Node(
+            metadata=client.V1ObjectMeta(
+                name=NODE, labels={"kubernetes.io/hostname": NODE, "amber.dev/fake": "true"}
+            ),
+            status=client.V1NodeStatus(capacity=capacity, allocatable=capacity),
+        )
+        self.core.create_node(node)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ready = {
+            "type": "Ready",
+            "status": "True",
+            "reason": "KubeletReady",
+            "message": "amber test pod runner",
+            "lastHeartbeatTime": now,
+            "lastTransitionTime": now,
+        }
+        self.core.patch_node_status(NODE, {"status": {"conditions": [ready]}})
+        # Admission taints a new node not-ready; the node lifecycle controller (not run here)
+        # would lift that once the node reports Ready. Do its job.
+        self.core.patch_node(NODE, {"spec": {"taints": []}})
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True):
+        return subprocess.run(
+            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
+
+    def stop(self) -> None:
+        if self.runner:
+            self.runner.stop()
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+class PodRunner:
+    """Runs pods bound to the fake node as local processes and reports their status."""
+
+    def __init__(self, cluster: Cluster):
+        self.core = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
+        self.work = Path(tempfile.mkdtemp(prefix="amber-pods-"))
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.extra_env: dict[str, str] = {}
+
+    def start(self) -> None:
+        thread = threading.Thread(target=self._watch, name="pod-runner", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            for proc in self.procs.values():
+                _kill(proc)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def _watch(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                stream = watch.Watch().stream(
+                    self.core.list_pod_for_all_namespaces,
+                    field_selector=f"spec.nodeName={NODE}",
+                    timeout_seconds=5,
+                )
+                for event in stream:
+                    if self.stopping.is_set():
+                        return
+                    self._handle(event["type"], event["object"])
+            except Exception as err:  # the watch is restarted; errors are shown, not lost
+                if not self.stopping.is_set():
+                    print(f"pod runner: {err!r}", file=sys.stderr)
+                    time.sleep(0.5)
+
+    def _handle(self, kind: str, pod) -> None:
+        key = f"{pod.metadata.namespace}/{pod.metadata.name}"
+        if pod.metadata.deletion_timestamp is not None:
+            with self.lock:
+                proc = self.procs.pop(key, None)
+            if proc:
+                _kill(proc)
+            # No kubelet will confirm the deletion: finish it as the kubelet would.
+            with contextlib.suppress(ApiException):
+                self.core.delete_namespaced_pod(
+                    pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0
+                )
+            return
+        if kind == "DELETED" or pod.status.phase not in (None, "Pending"):
+            return
+        with self.lock:
+            if key in self.procs:
+                return
+            self.procs[key] = None  # claimed
+        thread = threading.Thread(target=self._run, args=(pod, key), daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _env(self, pod, container, volumes: dict[str, Path]) -> dict[str, str]:
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": os.environ.get("HOME", "/root"),
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+        for source in container.env_from or []:
+            if source.secret_ref:
+                secret = self.core.read_namespaced_secret(
+                    source.secret_ref.name, pod.metadata.namespace
+                )
+                env.update(_decode(secret.data))
+            if source.config_map_ref:
+                cm = self.core.read_namespaced_config_map(
+                    source.config_map_ref.name, pod.metadata.namespace
+                )
+                env.update(cm.data or {})
+        for var in container.env or []:
+            env[var.name] = self._value(pod, var)
+        return env
+
+    def _value(self, pod, var) -> str:
+        if var.value_from is None:
+            return var.value or ""
+        source = var.value_from
+        if source.field_ref:
+            path = source.field_ref.field_path
+            meta = pod.metadata
+            if path == "metadata.name":
+                return meta.name
+            if path == "metadata.namespace":
+                return meta.namespace
+            if path == "status.podIP":
+                return "127.0.0.1"
+            for prefix, mapping in (
+                ("metadata.annotations", meta.annotations),
+                ("metadata.labels", meta.labels),
+            ):
+                if path.startswith(prefix + "["):
+                    return (mapping or {}).get(path[len(prefix) + 2 : -2], "")
+            raise ValueError(f"unsupported fieldRef {path}")
+        if source.secret_key_ref:
+            ref = source.secret_key_ref
+            secret = self.core.read_namespaced_secret(ref.name, pod.metadata.namespace)
+            return _decode(secret.data)[ref.key]
+        if source.config_map_key_ref:
+            ref = source.config_map_key_ref
+            cm = self.core.read_namespaced_config_map(ref.name, pod.metadata.namespace)
+            return cm.data[ref.key]
+        raise ValueError(f"unsupported valueFrom for {var.name}")
+
+    def _volumes(self, pod, root: Path) -> dict[str, Path]:
+        """ConfigMap and emptyDir volumes as local folders, by volume name."""
+        folders = {}
+        for volume in pod.spec.volumes or []:
+            folder = root / "volumes" / volume.name
+            folder.mkdir(parents=True, exist_ok=True)
+            if volume.config_map:
+                cm = self.core.read_namespaced_config_map(
+                    volume.config_map.name, pod.metadata.namespace
+                )
+                for name, text in (cm.data or {}).items():
+                    (folder / name).write_text(text)
+            folders[volume.name] = folder
+        return folders
+
+    def _run(self, pod, key: str) -> None:
+        container = pod.spec.containers[0]
+        root = self.work / key.replace("/", "_")
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            volumes = self._volumes(pod, root)
+            env = self._env(pod, container, volumes)
+        except Exception as err:  # report a pod that cannot start as Failed, like a kubelet
+            self._finish(pod, 128, "CreateContainerConfigError", str(err))
+            return
+        # Paths under volume mounts point at the local folders instead.
+        mounts = {m.mount_path: volumes[m.name] for m in container.volume_mounts or []}
+        termination = root / "termination-log"
+        env["AMBER_TERMINATION_LOG"] = str(termination)
+
+        def local(arg: str) -> str:
+            for mount, folder in mounts.items():
+                arg = arg.replace(mount.rstrip("/") + "/", f"{folder}/")
+            return arg
+
+        argv = [local(a) for a in [*(container.command or []), *(container.args or [])]]
+        if argv and argv[0] in ("python", "python3"):
+            argv[0] = sys.executable  # the interpreter the tests run under
+        self._status(pod, "Running")
+        log = open(root / "log.txt", "w")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        with self.lock:
+            if key not in self.procs:  # deleted while starting
+                _kill(proc)
+                return
+            self.procs[key] = proc
+        code = proc.wait()
+        log.close()
+        with self.lock:
+            still_ours = self.procs.pop(key, None) is proc
+        if still_ours and not self.stopping.is_set():
+            message = termination.read_text() if termination.exists() else ""
+            self._finish(pod, code, "Completed" if code == 0 else "Error", message)
+
+    def _status(self, pod, phase: str) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        container = pod.spec.containers[0]
+        status = {
+            "phase": phase,
+            "podIP": "127.0.0.1",
+            "startTime": now,
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+            "containerStatuses": [
+                {
+                    "name": container.name,
+                    "image": container.image,
+                    "imageID": "",
+                    "ready": True,
+                    "restartCount": 0,
+                    "started": True,
+                    "state": {"running": {"startedAt": now}},
+                }
+            ],
+        }
+        with contextlib.suppress(ApiException):
+            self.core.patch_namespaced_pod_status(
+                pod.metadata.name, pod.metadata.namespace, {"status": status}
+            )
+
+    def _finish(self, pod, code: int, reason: str, message: str) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        container = pod.spec.containers[0]
+        status = {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": now}],
+            "containerStatuses": [
+                {
+                    "name": container.name,
+                    "image": container.image,
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {
+                        "terminated": {
+                            "exitCode": code,
+                            "reason": reason,
+                            "message": message[-4096:],
+                            "finishedAt": now,
+                        }
+                    },
+                }
+            ],
+        }
+        with contextlib.suppress(ApiException):
+            self.core.patch_namespaced_pod_status(
+                pod.metadata.name, pod.metadata.namespace, {"status": status}
+            )
+
+
+def _decode(data: dict | None) -> dict[str, str]:
+    import base64
+
+    return {k: base64.b64decode(v).decode() for k, v in (data or {}).items()}
+
+
+def _kill(proc: subprocess.Popen | None) -> None:
+    """End a pod's process and everything it started (torchrun workers included)."""
+    if proc is None or proc.poll() is not None:
+        return
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        parent = psutil.Process(proc.pid)
+        victims = [parent, *parent.children(recursive=True)]
+        for victim in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(signal.SIGKILL)
+        psutil.wait_procs(victims, timeout=30)
+    proc.wait(timeout=30)
+
+
+def dump(obj) -> str:
+    return json.dumps(client.ApiClient().sanitize_for_serialization(obj), indent=2)
