@@ -248,3 +248,50 @@ class AmberCompression(Model):
     kind: Literal["AmberCompression"] = KIND
     metadata: ObjectMeta
     spec: AmberCompressionSpec
+
+
+# --- status -------------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+
+
+class Condition(Model):
+    """A Kubernetes-style condition; lastTransitionTime moves only when status flips."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class StageStatus(Model):
+    name: str = Field(..., description="name: the stage.")
+    type: str = Field(..., description="type: the stage type.")
+    phase: Phase = Field("Pending", description="phase: of this stage.")
+    spec_hash: str = Field("", description="specHash: the stage spec this status is about.")
+    attempts: int = Field(0, description="attempts: Jobs started for this stage.")
+    restarts: int = Field(0, description="restarts: failed attempts counted against the budget.")
+    disruptions: int = Field(0, description="disruptions: preemptions and node losses.")
+    last_failure: int = Field(0, description="lastFailure: the last attempt recorded as failed.")
+    job: str | None = Field(None, description="job: the current attempt's Job.")
+    start_time: str | None = Field(None, description="startTime: first attempt started.")
+    completion_time: str | None = Field(None, description="completionTime: stage finished.")
+    retry_after: str | None = Field(None, description="retryAfter: earliest next attempt.")
+    progress: str | None = Field(None, description="progress: step/total of the running attempt.")
+    last_checkpoint: int | None = Field(None, description="lastCheckpoint: newest committed step.")
+    output_uri: str | None = Field(None, description="outputUri: the committed output.")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="metrics: key results.")
+    message: str = Field("", description="message: what happened last.")
+
+
+class AmberCompressionStatus(Model):
+    phase: Phase = Field("Pending", description="phase: of the whole run.")
+    current_stage: str | None = Field(None, description="currentStage: running or next stage.")
+    progress: str | None = Field(None, description="progress: stages done and current step.")
+    restarts: int = Field(0, description="restarts: counted failed attempts, all stages.")
+    observed_generation: int | None = Field(None, description="observedGeneration.")
+    final_uri: str | None = Field(None, description="finalUri: the final model folder.")
+    stages: list[StageStatus] = Field(default_factory=list, description="stages: per stage.")
+    conditions: list[Condition] = Field(default_factory=list, description="conditions.")

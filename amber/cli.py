@@ -207,5 +207,34 @@ def trainer(
     raise typer.Exit(code)
 
 
+@app.command()
+def operator(
+    namespace: Annotated[
+        list[str] | None, typer.Option("--namespace", "-n", help="Watch these namespaces only.")
+    ] = None,
+    peering: Annotated[
+        str | None, typer.Option(help="kopf peering name: replicas elect one active operator.")
+    ] = None,
+    liveness_port: Annotated[int, typer.Option(help="Port of /healthz (0: off).")] = 8080,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: off).")] = 9090,
+) -> None:
+    """Run the Kubernetes operator (all namespaces unless --namespace is given)."""
+    import os
+
+    import kopf
+
+    os.environ["AMBER_METRICS_PORT"] = str(metrics_port)
+    import amber_operator.handlers  # noqa: F401 - registers the handlers
+
+    kopf.configure(verbose=False)
+    kopf.run(
+        clusterwide=not namespace,
+        namespaces=namespace or (),
+        standalone=peering is None,
+        peering_name=peering,
+        liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
+    )
+
+
 def main() -> None:  # pragma: no cover - console script entry
     sys.exit(app())

@@ -20,6 +20,7 @@ from amber.api import (
     SHORT_NAME,
     VERSION,
     AmberCompressionSpec,
+    AmberCompressionStatus,
 )
 
 DROP = {"title", "default", "discriminator", "examples"}
@@ -159,6 +160,11 @@ def spec_schema() -> dict[str, Any]:
     return structural(_resolve(raw, raw.get("$defs", {})), "spec")
 
 
+def status_schema() -> dict[str, Any]:
+    raw = AmberCompressionStatus.model_json_schema(by_alias=True, mode="serialization")
+    return structural(_resolve(raw, raw.get("$defs", {})), "status")
+
+
 def crd() -> dict[str, Any]:
     """The CustomResourceDefinition for AmberCompression."""
     column = lambda name, path, kind="string", priority=0: {  # noqa: E731
@@ -205,10 +211,7 @@ def crd() -> dict[str, Any]:
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
                                 "spec": spec_schema(),
-                                "status": {
-                                    "type": "object",
-                                    "x-kubernetes-preserve-unknown-fields": True,
-                                },
+                                "status": status_schema(),
                             },
                         }
                     },

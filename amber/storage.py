@@ -251,14 +251,21 @@ class S3Store(Store):
         return S3Store(self.bucket, self._key(prefix), client=self.client)
 
 
-def s3_client(endpoint: str | None = None, region: str | None = None):
+def s3_client(
+    endpoint: str | None = None,
+    region: str | None = None,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+):
     """A boto3 S3 client with retries; explicit settings win over the environment."""
     import boto3
     from botocore.config import Config
 
     credentials = {}
     secret_dir = os.environ.get(SECRET_DIR_ENV)
-    if secret_dir:
+    if access_key and secret_key:
+        credentials = {"aws_access_key_id": access_key, "aws_secret_access_key": secret_key}
+    elif secret_dir:
         folder = Path(secret_dir)
         credentials = {
             "aws_access_key_id": (folder / "AWS_ACCESS_KEY_ID").read_text().strip(),

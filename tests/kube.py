@@ -155,6 +155,7 @@ class PodRunner:
         self.core = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
         self.work = Path(tempfile.mkdtemp(prefix="amber-pods-"))
         self.procs: dict[str, subprocess.Popen] = {}
+        self.pods: dict[str, object] = {}  # every pod this runner started, by ns/name
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -171,6 +172,27 @@ class PodRunner:
             for proc in self.procs.values():
                 _kill(proc)
         shutil.rmtree(self.work, ignore_errors=True)
+
+    def kill_pods(self, predicate) -> int:
+        """SIGKILL the processes of running pods matching `predicate(pod)` (a crash)."""
+        with self.lock:
+            victims = [
+                proc
+                for key, proc in self.procs.items()
+                if proc is not None and predicate(self.pods[key])
+            ]
+        for proc in victims:
+            _kill(proc)
+        return len(victims)
+
+    def logs(self, predicate) -> str:
+        """Output of the pods matching `predicate(pod)`, concatenated."""
+        texts = []
+        for key, pod in list(self.pods.items()):
+            path = self.work / key.replace("/", "_") / "log.txt"
+            if predicate(pod) and path.exists():
+                texts.append(path.read_text())
+        return "\n".join(texts)
 
     def _watch(self) -> None:
         while not self.stopping.is_set():
@@ -208,6 +230,7 @@ class PodRunner:
             if key in self.procs:
                 return
             self.procs[key] = None  # claimed
+            self.pods[key] = pod
         thread = threading.Thread(target=self._run, args=(pod, key), daemon=True)
         thread.start()
         self.threads.append(thread)
@@ -323,6 +346,7 @@ class PodRunner:
             still_ours = self.procs.pop(key, None) is proc
         if still_ours and not self.stopping.is_set():
             message = termination.read_text() if termination.exists() else ""
+            code = 128 - code if code < 0 else code  # killed by signal N: exit 128+N
             self._finish(pod, code, "Completed" if code == 0 else "Error", message)
 
     def _status(self, pod, phase: str) -> None:

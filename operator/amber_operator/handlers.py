@@ -1,0 +1,146 @@
+"""kopf handlers: thin. Each gathers the inputs, calls `reconcile.decide`, applies the
+actions, writes the status once, then posts the events. Create, resume, spec updates and a
+timer all go through the same `reconcile()`: level-based, never chained through phases."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from datetime import datetime, timezone
+
+import kopf
+from kubernetes import client
+from pydantic import ValidationError
+
+from amber.api import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    AmberCompression,
+    AmberCompressionStatus,
+)
+from amber.resource import format_errors
+from amber_operator import apply, metrics, observe
+from amber_operator import conditions as c
+from amber_operator.reconcile import decide
+
+INTERVAL = float(os.environ.get("AMBER_RECONCILE_INTERVAL", "10"))
+_locks: dict[str, threading.Lock] = {}
+_phases: dict[str, str] = {}
+
+
+def api_client() -> client.ApiClient:
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    # Keep kopf's bookkeeping out of our status (its schema is ours, and structural).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="amber.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="amber.dev")
+    # Watches silently stall behind some load balancers without these (kopf#585, dask#...).
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.posting.level = logging.INFO
+    memo.api = api_client()
+    metrics.serve(int(os.environ.get("AMBER_METRICS_PORT", "9090")))
+
+
+def _status_patch(old: dict, new: dict) -> dict:
+    """A merge patch that also clears fields the new status no longer has."""
+    return {**{k: None for k in old if k not in new}, **new}
+
+
+def reconcile(body: kopf.Body, memo: kopf.Memo, logger) -> None:
+    uid = body.metadata.uid
+    lock = _locks.setdefault(uid, threading.Lock())
+    with lock, metrics.RECONCILE_SECONDS.time():
+        try:
+            _reconcile(body, memo.api, logger)
+        except kopf.PermanentError:
+            raise
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
+
+
+def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> None:
+    ns, name = body.metadata.namespace, body.metadata.name
+    generation = body.metadata.get("generation")
+    objects = client.CustomObjectsApi(api)
+    old_status = dict(body.get("status") or {})
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    try:
+        obj = AmberCompression.model_validate(
+            {k: dict(body[k]) for k in ("metadata", "spec")}
+            | {"apiVersion": body["apiVersion"], "kind": body["kind"]}
+        )
+    except ValidationError as err:
+        why = "; ".join(format_errors(err))
+        status = AmberCompressionStatus.model_validate(old_status or {})
+        status.phase = "Failed"
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        status.conditions = c.set_condition(
+            status.conditions, c.STALLED, True, c.INVALID_SPEC, why, stamp, generation
+        )
+        status.conditions = c.set_condition(
+            status.conditions, c.READY, False, c.INVALID_SPEC, why, stamp, generation
+        )
+        objects.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, PLURAL, name, {"status": _status_patch(old_status, status.dump())}
+        )
+        kopf.event(body, type="Warning", reason=c.INVALID_SPEC, message=why[:1000])
+        raise kopf.PermanentError(why) from None
+
+    status = AmberCompressionStatus.model_validate(old_status) if old_status else None
+    status = status or AmberCompressionStatus()
+    first = obj.spec.pipeline()[0].name
+    observed = observe.observe(api, obj, status.current_stage or first)
+    decision = decide(obj, status, observed, now, generation)
+    apply.apply(api, obj, dict(body), decision.actions, lambda: observe.store_for(api, obj))
+
+    # One status write per pass, and only when something changed; events after it.
+    new_status = decision.status.dump()
+    if new_status != old_status:
+        objects.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, PLURAL, name, {"status": _status_patch(old_status, new_status)}
+        )
+    for event in decision.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        if event.reason in (c.STAGE_FAILED, c.STAGE_DISRUPTED):
+            kind = "disruption" if event.reason == c.STAGE_DISRUPTED else "failure"
+            metrics.RESTARTS.labels(decision.status.current_stage or "", kind).inc()
+        logger.info("%s: %s", event.reason, event.message)
+    for before, after in zip(status.stages, decision.status.stages, strict=False):
+        if before.phase != "Succeeded" and after.phase == "Succeeded" and after.start_time:
+            started = datetime.strptime(after.start_time, "%Y-%m-%dT%H:%M:%SZ")
+            metrics.STAGE_SECONDS.labels(after.type).observe((now - started).total_seconds())
+    _phases[body.metadata.uid] = decision.status.phase
+    metrics.set_phases(_phases)
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL, backoff=5)
+@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=5)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", backoff=5)
+def on_change(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
+    reconcile(body, memo, logger)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL)
+def on_timer(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
+    reconcile(body, memo, logger)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def on_delete(body: kopf.Body, **_) -> None:
+    # Children go with their owner (garbage collector); forget our bookkeeping.
+    _phases.pop(body.metadata.uid, None)
+    _locks.pop(body.metadata.uid, None)
+    metrics.set_phases(_phases)

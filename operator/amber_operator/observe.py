@@ -1,0 +1,135 @@
+"""Reading the world for one reconcile pass: the resource's Jobs (and their pods' termination
+messages) and what storage holds. `job_state` is pure; the rest is I/O at the edge."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from datetime import datetime
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from amber import commits
+from amber.api import AmberCompression
+from amber.plan import FINAL, OUTPUT, plan
+from amber.storage import StorageError, Store, open_store, s3_client
+from amber_operator import render
+from amber_operator.reconcile import Observed, ObservedJob
+
+# The Job controller names the podFailurePolicy rule that failed a Job; rule 0 is ours for
+# DisruptionTarget (see render.job).
+DISRUPTION_RULE = re.compile(r"matching FailJob rule at index 0")
+
+
+def _time(value) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def job_state(job: dict, termination: str = "") -> ObservedJob:
+    """An ObservedJob from a Job (as a dict) and pod 0's termination message."""
+    meta, status = job["metadata"], job.get("status") or {}
+    finished, finished_at, message = None, None, ""
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond["type"] in ("Complete", "Failed"):
+            finished = cond["type"]
+            finished_at = _time(cond.get("lastTransitionTime"))
+            message = cond.get("message") or cond.get("reason") or ""
+    result = None
+    if termination:
+        try:
+            result = json.loads(termination)
+            message = result.get("message", message) if finished == "Failed" else message
+        except json.JSONDecodeError:
+            message = termination[-500:]
+    labels = meta.get("labels") or {}
+    return ObservedJob(
+        name=meta["name"],
+        stage=labels.get(render.LABEL_STAGE, ""),
+        spec_hash=labels.get(render.LABEL_SPEC_HASH, ""),
+        attempt=int(labels.get(render.LABEL_ATTEMPT, "0")),
+        active=status.get("active") or 0,
+        finished=finished,
+        finished_at=finished_at.replace(tzinfo=None) if finished_at else None,
+        disrupted=finished == "Failed" and bool(DISRUPTION_RULE.search(message)),
+        message=message,
+        result=result,
+    )
+
+
+def jobs(api: client.ApiClient, obj: AmberCompression) -> tuple[ObservedJob, ...]:
+    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+    ns, name = obj.metadata.namespace, obj.metadata.name
+    selector = f"{render.LABEL_RESOURCE}={name}"
+    found = []
+    pods = core.list_namespaced_pod(ns, label_selector=selector).items
+    for item in batch.list_namespaced_job(ns, label_selector=selector).items:
+        body = api.sanitize_for_serialization(item)
+        termination = ""
+        for pod in pods:
+            owner = (pod.metadata.labels or {}).get("job-name")
+            index = (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index")
+            if owner == item.metadata.name and index in (None, "0"):
+                for status in pod.status.container_statuses or []:
+                    term = status.state.terminated if status.state else None
+                    if term and term.message:
+                        termination = term.message
+        found.append(job_state(body, termination))
+    return tuple(found)
+
+
+def store_for(api: client.ApiClient, obj: AmberCompression) -> Store:
+    """The resource's store, with credentials from its Secret when it names one."""
+    storage = obj.spec.storage
+    run_uri = f"{storage.uri.rstrip('/')}/{obj.metadata.namespace}/{obj.metadata.name}"
+    secret_ref = storage.credentials_secret
+    if not run_uri.startswith("s3://") or secret_ref is None:
+        return open_store(run_uri, storage.endpoint, storage.region)
+    secret = client.CoreV1Api(api).read_namespaced_secret(secret_ref.name, obj.metadata.namespace)
+    data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+    s3 = s3_client(
+        storage.endpoint,
+        storage.region,
+        access_key=data.get(secret_ref.access_key_id_key),
+        secret_key=data.get(secret_ref.secret_access_key_key),
+    )
+    store = open_store(run_uri, storage.endpoint, storage.region)
+    store.client = s3
+    return store
+
+
+def storage(store: Store, obj: AmberCompression, current_stage: str | None) -> dict:
+    """Committed outputs per stage, the current stage's progress and newest checkpoint."""
+    committed = {}
+    for run in plan(obj):
+        manifest = commits.read_manifest(store, f"{run.stage.name}/{OUTPUT}")
+        if manifest is not None:
+            committed[run.stage.name] = manifest.spec_hash
+    progress, checkpoint = None, None
+    if current_stage:
+        key = f"{current_stage}/progress.json"
+        if store.exists(key):
+            progress = json.loads(store.read_text(key))
+        latest = commits.latest_checkpoint(store, current_stage)
+        checkpoint = latest.step if latest else None
+    final = commits.read_manifest(store, FINAL) is not None
+    return {
+        "committed": committed,
+        "progress": progress,
+        "checkpoint": checkpoint,
+        "final_committed": final,
+    }
+
+
+def observe(api: client.ApiClient, obj: AmberCompression, current_stage: str | None) -> Observed:
+    found = jobs(api, obj)
+    try:
+        seen = storage(store_for(api, obj), obj, current_stage)
+    except (StorageError, ApiException, OSError, KeyError) as err:
+        return Observed(jobs=found, storage_error=f"storage {obj.spec.storage.uri}: {err}")
+    return Observed(jobs=found, **seen)

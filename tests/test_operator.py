@@ -1,0 +1,169 @@
+"""The operator against the real control plane, with the pod runner executing real trainer
+processes: kubectl apply -> operator -> Jobs -> pods -> trainer -> storage -> next stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from kube import wait_for
+from kubernetes import client
+from trainer_helpers import FAST, free_port, tiny_resource
+
+from amber import commits
+from amber.schema import crd
+from amber.storage import open_store
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+GROUP, VERSION, PLURAL = "amber.dev", "v1alpha1", "ambercompressions"
+
+
+class Operator:
+    """`amber operator` as a separate process, as its Deployment would run it."""
+
+    def __init__(self, cluster, namespace, log_path):
+        self.cluster, self.namespace, self.log_path = cluster, namespace, log_path
+        self.metrics_port = free_port()
+        self.proc = None
+
+    def start(self):
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.cluster.kubeconfig),
+            "AMBER_RECONCILE_INTERVAL": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.log = open(self.log_path, "a")  # noqa: SIM115 - closed in kill()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "amber",
+                "operator",
+                "-n",
+                self.namespace,
+                "--liveness-port",
+                str(free_port()),
+                "--metrics-port",
+                str(self.metrics_port),
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=60)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def crd_installed(cluster, tmp_path_factory):
+    path = tmp_path_factory.mktemp("crd") / "crd.yaml"
+    path.write_text(yaml.safe_dump(crd()))
+    cluster.kubectl("apply", "-f", str(path))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/ambercompressions.amber.dev")
+    cluster.runner.extra_env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    return True
+
+
+@pytest.fixture
+def namespace(cluster, crd_installed, request):
+    name = f"e2e-{request.node.name.split('_')[1][:10]}-{os.getpid() % 1000}".lower()
+    cluster.core.create_namespace({"metadata": {"name": name}})
+    return name
+
+
+@pytest.fixture
+def operator(cluster, namespace, tmp_path):
+    op = Operator(cluster, namespace, tmp_path / "operator.log").start()
+    yield op
+    op.kill()
+
+
+def get(cluster, namespace, name):
+    return client.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+
+
+def phase_is(cluster, namespace, name, phase):
+    return lambda: (get(cluster, namespace, name).get("status") or {}).get("phase") == phase
+
+
+def apply(cluster, namespace, doc):
+    doc = {**doc, "metadata": {**doc["metadata"], "namespace": namespace}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
+
+
+def jobs_of(cluster, namespace, stage=None):
+    selector = "amber.dev/resource" + (f",amber.dev/stage={stage}" if stage else "")
+    return (
+        client.BatchV1Api(cluster.api).list_namespaced_job(namespace, label_selector=selector).items
+    )
+
+
+def test_tiny_pipeline_runs_to_the_final_model(cluster, namespace, operator, tmp_path):
+    store_dir = tmp_path / "store"
+    apply(cluster, namespace, tiny_resource(str(store_dir), name="tiny"))
+    wait_for(phase_is(cluster, namespace, "tiny", "Succeeded"), 900, 1, "the pipeline")
+
+    status = get(cluster, namespace, "tiny")["status"]
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 6
+    assert all(s["attempts"] == 1 for s in status["stages"])
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    assert [j.metadata.labels["amber.dev/stage"] for j in jobs_of(cluster, namespace)].count(
+        "score"
+    ) == 1
+    store = open_store(str(store_dir / namespace / "tiny"))
+    assert commits.read_manifest(store, "final") is not None
+    assert store.exists("final/config.json") and store.exists("final/README.md")
+    # What a person sees.
+    table = cluster.kubectl("get", "amc", "-n", namespace).stdout
+    assert "Succeeded" in table and "6/6" in table
+    events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    reasons = {e["reason"] for e in json.loads(events)["items"]}
+    assert {"StageStarted", "StageSucceeded", "FinalPublished"} <= reasons
+
+
+def test_pod_failure_and_operator_restart_lose_nothing(cluster, namespace, operator, tmp_path):
+    store_dir = tmp_path / "store"
+    steps = {**FAST, "distill": {**FAST["distill"], "steps": 60, "checkpointEvery": 10}}
+    apply(cluster, namespace, tiny_resource(str(store_dir), name="faults", **steps))
+    run_store = open_store(str(store_dir / namespace / "faults"))
+    wait_for(lambda: commits.latest_checkpoint(run_store, "distill"), 600, 0.2, "a checkpoint")
+
+    # A pod of the stage dies (its process is killed): a new attempt resumes.
+    [job] = jobs_of(cluster, namespace, "distill")
+    killed = cluster.runner.kill_pods(
+        lambda pod: pod.metadata.labels.get("job-name") == job.metadata.name
+    )
+    assert killed == 1
+    wait_for(lambda: len(jobs_of(cluster, namespace, "distill")) == 2, 120, 0.5, "attempt 2")
+
+    # The operator dies mid-stage and comes back: it finds attempt 2 and creates nothing new.
+    operator.kill()
+    time.sleep(2)
+    operator.start()
+    wait_for(phase_is(cluster, namespace, "faults", "Succeeded"), 900, 1, "the pipeline")
+
+    status = get(cluster, namespace, "faults")["status"]
+    distill = next(s for s in status["stages"] if s["name"] == "distill")
+    assert distill["attempts"] == 2 and distill["restarts"] == 1
+    assert len(jobs_of(cluster, namespace, "distill")) == 2  # no duplicate after the restart
+    assert all(len(jobs_of(cluster, namespace, s)) == 1 for s in ("score", "prune", "finetune"))
+    metrics = json.loads(run_store.read_text("distill/output/metrics.json"))
+    assert len(metrics["loss"]) == 60  # the curve is whole: resumed, not restarted from zero
+    log = cluster.runner.logs(lambda pod: pod.metadata.labels.get("job-name", "").endswith("-2"))
+    assert '"event": "resumed"' in log

@@ -1,0 +1,355 @@
+"""The operator's pure decision function: table-driven cases and properties (hypothesis)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from amber_operator import conditions as c
+from amber_operator import render
+from amber_operator.observe import job_state
+from amber_operator.reconcile import (
+    CreateAttempt,
+    DeleteJob,
+    Observed,
+    ObservedJob,
+    PublishFinal,
+    backoff,
+    decide,
+    job_name,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from amber.api import AmberCompressionStatus
+from amber.plan import plan
+from amber.resource import parse
+
+NOW = datetime(2026, 11, 26, 12, 0, 0)
+
+
+def resource(**spec):
+    doc = {
+        "apiVersion": "amber.dev/v1alpha1",
+        "kind": "AmberCompression",
+        "metadata": {"name": "tiny", "namespace": "ml"},
+        "spec": {
+            "teacher": {"config": {"num_layers": 12}},
+            "data": {"synthetic": {}},
+            "storage": {"uri": "/tmp/store"},
+            "preset": "amber-6b",
+            "failurePolicy": {"maxRestarts": 2, "backoffSeconds": 10, "maxBackoffSeconds": 60},
+            **spec,
+        },
+    }
+    return parse(doc)
+
+
+def job_for(obj, stage: str, attempt: int, finished=None, disrupted=False, result=None, at=NOW):
+    run = next(r for r in plan(obj) if r.stage.name == stage)
+    return ObservedJob(
+        name=job_name("tiny", stage, run.spec_hash, attempt),
+        stage=stage,
+        spec_hash=run.spec_hash,
+        attempt=attempt,
+        active=0 if finished else 1,
+        finished=finished,
+        finished_at=at if finished else None,
+        disrupted=disrupted,
+        message="boom" if finished == "Failed" else "",
+        result=result,
+    )
+
+
+def committed(obj, *stages):
+    return {r.stage.name: r.spec_hash for r in plan(obj) if r.stage.name in stages}
+
+
+def step(obj, status=None, observed=None, now=NOW):
+    return decide(obj, status or AmberCompressionStatus(), observed or Observed(), now, 1)
+
+
+def cond(status, type_):
+    return next(x for x in status.conditions if x.type == type_)
+
+
+def test_a_new_resource_starts_its_first_stage():
+    obj = resource()
+    d = step(obj)
+    [action] = d.actions
+    assert isinstance(action, CreateAttempt) and action.run.stage.name == "score"
+    assert action.attempt == 1 and action.job == job_name("tiny", "score", action.run.spec_hash, 1)
+    assert d.status.phase == "Running" and d.status.current_stage == "score"
+    assert d.status.stages[0].attempts == 1
+    assert cond(d.status, c.RECONCILING).status == "True"
+    assert [e.reason for e in d.events] == [c.STAGE_STARTED]
+
+
+def test_running_job_is_left_alone_and_progress_is_reported():
+    obj = resource()
+    first = step(obj).status
+    running = Observed(
+        jobs=(job_for(obj, "score", 1),), progress={"step": 3, "total": 6}, checkpoint=None
+    )
+    d = step(obj, first, running)
+    assert d.actions == []
+    assert d.status.progress == "0/6 score 3/6"
+    assert d.events == []
+
+
+def test_restarted_operator_finds_its_job_instead_of_creating_another():
+    obj = resource()
+    # The status write of the pass that created attempt 1 was lost.
+    d = step(obj, AmberCompressionStatus(), Observed(jobs=(job_for(obj, "score", 1),)))
+    assert d.actions == []
+    assert d.status.stages[0].attempts == 1 and d.status.phase == "Running"
+
+
+def test_completed_job_moves_to_the_next_stage_in_the_same_pass():
+    obj = resource()
+    status = step(obj).status
+    done = job_for(obj, "score", 1, "Complete", result={"output": "s3://x", "metrics": {"a": 1}})
+    d = step(obj, status, Observed(jobs=(done,)))
+    assert d.status.stages[0].phase == "Succeeded" and d.status.stages[0].output_uri == "s3://x"
+    [action] = d.actions
+    assert action.run.stage.name == "prune"
+    assert d.status.progress == "1/6"
+
+
+def test_failures_back_off_then_retry_then_give_up():
+    obj = resource()
+    status = step(obj).status
+    failed = Observed(jobs=(job_for(obj, "score", 1, "Failed"),))
+    waiting = step(obj, status, failed, NOW + timedelta(seconds=5))
+    assert waiting.actions == [] and waiting.status.phase == "Pending"
+    assert waiting.status.stages[0].restarts == 1 and waiting.requeue_after == 5
+    assert [e.reason for e in waiting.events] == [c.STAGE_FAILED]
+    # The same failure seen again is not counted twice.
+    again = step(obj, waiting.status, failed, NOW + timedelta(seconds=6))
+    assert again.status.stages[0].restarts == 1 and again.events == []
+    retry = step(obj, again.status, failed, NOW + timedelta(seconds=11))
+    [action] = retry.actions
+    assert action.attempt == 2 and [e.reason for e in retry.events] == [c.STAGE_RESTARTED]
+    # Attempt 2 fails: counted, backed off 20s, then attempt 3; it fails too and, with
+    # maxRestarts 2, the run stalls.
+    two = (failed.jobs[0], job_for(obj, "score", 2, "Failed", at=NOW + timedelta(seconds=12)))
+    status = step(obj, retry.status, Observed(jobs=two), NOW + timedelta(seconds=13)).status
+    assert status.stages[0].restarts == 2 and status.phase == "Pending"
+    third = step(obj, status, Observed(jobs=two), NOW + timedelta(seconds=33))
+    assert [a.attempt for a in third.actions] == [3]
+    three = (*two, job_for(obj, "score", 3, "Failed", at=NOW + timedelta(seconds=40)))
+    status = step(obj, third.status, Observed(jobs=three), NOW + timedelta(seconds=41)).status
+    assert status.phase == "Failed"
+    assert cond(status, c.STALLED).status == "True"
+    assert cond(status, c.STALLED).reason == c.RESTARTS_EXHAUSTED
+
+
+def test_disruptions_are_not_counted_and_retry_at_once():
+    obj = resource()
+    status = step(obj).status
+    d = step(obj, status, Observed(jobs=(job_for(obj, "score", 1, "Failed", disrupted=True),)))
+    assert d.status.stages[0].restarts == 0 and d.status.stages[0].disruptions == 1
+    [action] = d.actions
+    assert action.attempt == 2 and d.status.restarts == 0
+    assert c.STAGE_DISRUPTED in [e.reason for e in d.events]
+
+
+def test_suspend_deletes_the_running_job_and_resume_starts_a_new_attempt():
+    obj = resource()
+    status = step(obj).status
+    running = Observed(jobs=(job_for(obj, "score", 1),), checkpoint=4)
+    suspended = step(resource(suspend=True), status, running)
+    assert suspended.actions == [DeleteJob(running.jobs[0].name, "suspended")]
+    assert suspended.status.phase == "Suspended"
+    assert cond(suspended.status, c.SUSPENDED).status == "True"
+    resumed = step(obj, suspended.status, Observed(checkpoint=4))
+    [action] = resumed.actions
+    assert action.attempt == 2 and "from checkpoint 4" in resumed.events[0].message
+    assert resumed.status.stages[0].restarts == 0
+
+
+def test_spec_change_reruns_that_stage_and_later_ones_only():
+    obj = resource()
+    before = committed(obj, "score", "prune", "distill")
+    changed = resource(overrides={"distill": {"steps": 7}})
+    status = step(obj, None, Observed(committed=before)).status
+    running = Observed(jobs=(job_for(obj, "finetune", 1),), committed=before)
+    d = step(changed, status, running)
+    assert DeleteJob(running.jobs[0].name, "its stage spec changed") in d.actions
+    creates = [a for a in d.actions if isinstance(a, CreateAttempt)]
+    assert [a.run.stage.name for a in creates] == ["distill"]
+    assert [s.phase for s in d.status.stages[:2]] == ["Succeeded", "Succeeded"]
+
+
+def test_all_stages_done_publishes_once_and_is_ready():
+    obj = resource()
+    everything = committed(obj, *[r.stage.name for r in plan(obj)])
+    d = step(obj, None, Observed(committed=everything))
+    assert d.actions == [PublishFinal()] and d.status.phase == "Succeeded"
+    assert cond(d.status, c.READY).status == "True"
+    again = step(obj, d.status, Observed(committed=everything, final_committed=True))
+    assert again.actions == [] and again.events == []
+    assert (
+        cond(again.status, c.READY).last_transition_time
+        == cond(d.status, c.READY).last_transition_time
+    )
+
+
+def test_storage_errors_stall_without_actions():
+    obj = resource()
+    d = step(obj, None, Observed(storage_error="storage s3://b: AccessDenied"))
+    assert d.actions == [] and d.status.phase == "Failed"
+    assert cond(d.status, c.STALLED).reason == c.STORAGE_UNAVAILABLE
+    assert d.requeue_after == 30
+
+
+def test_backoff_doubles_and_is_capped():
+    assert [backoff(n, 10, 60) for n in range(6)] == [0, 10, 20, 40, 60, 60]
+
+
+def test_job_names_are_deterministic_and_short():
+    long = job_name("a" * 60, "finetune-6b-long-stage", "0123456789abcdef", 12)
+    assert len(long) <= 52 and long.endswith("-01234-12")
+    assert job_name("x", "score", "ffff0", 1) == "x-score-ffff0-1"
+
+
+def test_job_state_reads_disruptions_and_termination_messages():
+    base = {
+        "metadata": {
+            "name": "j",
+            "labels": {
+                render.LABEL_STAGE: "distill",
+                render.LABEL_ATTEMPT: "2",
+                render.LABEL_SPEC_HASH: "h",
+            },
+        }
+    }
+    disrupted = {
+        **base,
+        "status": {
+            "failed": 1,
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "PodFailurePolicy",
+                    "message": "Pod ml/j-0 has condition DisruptionTarget matching FailJob rule "
+                    "at index 0",
+                    "lastTransitionTime": "2026-11-26T12:00:00Z",
+                }
+            ],
+        },
+    }
+    state = job_state(disrupted)
+    assert state.finished == "Failed" and state.disrupted and state.attempt == 2
+    exit_code = json_like = {
+        **base,
+        "status": {
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "message": "Container trainer for pod ml/j-0 failed with exit code 1 "
+                    "matching FailJob rule at index 1",
+                }
+            ]
+        },
+    }
+    assert not job_state(exit_code).disrupted
+    done = {**base, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    msg = '{"stage": "distill", "status": "Succeeded", "output": "s3://o", "metrics": {}}'
+    assert job_state(done, msg).result["output"] == "s3://o"
+    assert json_like is exit_code
+
+
+# --- properties -----------------------------------------------------------------------------
+
+STAGES = ["score", "prune", "distill", "finetune", "fuse", "eval"]
+
+
+@st.composite
+def worlds(draw):
+    obj = resource(suspend=draw(st.booleans()))
+    runs = plan(obj)
+    jobs = []
+    for run in runs:
+        for attempt in range(1, draw(st.integers(0, 3)) + 1):
+            finished = draw(st.sampled_from([None, "Complete", "Failed"]))
+            stale = draw(st.booleans())
+            jobs.append(
+                ObservedJob(
+                    name=job_name(
+                        "tiny", run.stage.name, "stale" if stale else run.spec_hash, attempt
+                    ),
+                    stage=run.stage.name,
+                    spec_hash="stale" if stale else run.spec_hash,
+                    attempt=attempt,
+                    active=0 if finished else 1,
+                    finished=finished,
+                    finished_at=NOW - timedelta(seconds=draw(st.integers(0, 3600)))
+                    if finished
+                    else None,
+                    disrupted=draw(st.booleans()),
+                )
+            )
+    done = draw(st.lists(st.sampled_from(STAGES), unique=True))
+    observed = Observed(
+        jobs=tuple(jobs),
+        committed=committed(obj, *done),
+        checkpoint=draw(st.none() | st.integers(0, 100)),
+        final_committed=draw(st.booleans()),
+        storage_error=draw(st.none() | st.just("denied")),
+    )
+    status = AmberCompressionStatus()
+    for _ in range(draw(st.integers(0, 3))):  # some history of earlier passes
+        status = decide(obj, status, observed, NOW, 1).status
+    return obj, status, observed
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(worlds())
+def test_decide_never_raises_and_never_plans_two_live_attempts_of_a_stage(world):
+    obj, status, observed = world
+    d = decide(obj, status, observed, NOW, 1)
+    creates = [a for a in d.actions if isinstance(a, CreateAttempt)]
+    assert len(creates) <= 1
+    deleted = {a.name for a in d.actions if isinstance(a, DeleteJob)}
+    for create in creates:
+        live = [
+            j
+            for j in observed.jobs
+            if j.stage == create.run.stage.name and j.finished is None and j.name not in deleted
+        ]
+        assert live == [], "a new attempt while another still runs"
+        assert create.job not in {j.name for j in observed.jobs}, "a duplicate Job name"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(worlds())
+def test_decide_is_idempotent(world):
+    obj, status, observed = world
+    first = decide(obj, status, observed, NOW, 1)
+    second = decide(obj, status, observed, NOW, 1)
+    assert first.actions == second.actions and first.status == second.status
+    # Feeding its own status back with nothing new observed creates nothing new.
+    if first.actions and all(isinstance(a, CreateAttempt) for a in first.actions):
+        created = tuple(
+            ObservedJob(a.job, a.run.stage.name, a.run.spec_hash, a.attempt, active=1)
+            for a in first.actions
+        )
+        again = decide(
+            obj,
+            first.status,
+            Observed(jobs=observed.jobs + created, committed=observed.committed),
+            NOW,
+            1,
+        )
+        assert not [a for a in again.actions if isinstance(a, CreateAttempt)]
+
+
+def test_a_job_whose_create_failed_is_created_again_under_the_same_name():
+    obj = resource()
+    first = step(obj)
+    [created] = first.actions
+    # The API call failed, so no Job exists; the status already says attempt 1.
+    again = step(obj, first.status, Observed())
+    assert again.actions == [created] and again.status.stages[0].attempts == 1
