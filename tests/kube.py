@@ -156,6 +156,7 @@ class PodRunner:
         self.work = Path(tempfile.mkdtemp(prefix="amber-pods-"))
         self.procs: dict[str, subprocess.Popen] = {}
         self.pods: dict[str, object] = {}  # every pod this runner started, by ns/name
+        self.disrupted: set[str] = set()  # pods to report with a DisruptionTarget condition
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -184,6 +185,18 @@ class PodRunner:
         for proc in victims:
             _kill(proc)
         return len(victims)
+
+    def disrupt_pods(self, predicate) -> int:
+        """Fail matching running pods as a preemption or node loss would (DisruptionTarget)."""
+        with self.lock:
+            keys = [k for k, p in self.procs.items() if p is not None and predicate(self.pods[k])]
+            self.disrupted.update(keys)
+        return self.kill_pods(lambda pod: f"{pod.metadata.namespace}/{pod.metadata.name}" in keys)
+
+    def running(self) -> list[str]:
+        """Pods whose processes are alive."""
+        with self.lock:
+            return [k for k, p in self.procs.items() if p is not None and p.poll() is None]
 
     def logs(self, predicate) -> str:
         """Output of the pods matching `predicate(pod)`, concatenated."""
@@ -347,7 +360,8 @@ class PodRunner:
         if still_ours and not self.stopping.is_set():
             message = termination.read_text() if termination.exists() else ""
             code = 128 - code if code < 0 else code  # killed by signal N: exit 128+N
-            self._finish(pod, code, "Completed" if code == 0 else "Error", message)
+            disrupted = key in self.disrupted
+            self._finish(pod, code, "Completed" if code == 0 else "Error", message, disrupted)
 
     def _status(self, pod, phase: str) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -374,12 +388,23 @@ class PodRunner:
                 pod.metadata.name, pod.metadata.namespace, {"status": status}
             )
 
-    def _finish(self, pod, code: int, reason: str, message: str) -> None:
+    def _finish(self, pod, code: int, reason: str, message: str, disrupted=False) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         container = pod.spec.containers[0]
+        conditions = [{"type": "Ready", "status": "False", "lastTransitionTime": now}]
+        if disrupted:
+            conditions.append(
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "PreemptionByScheduler",
+                    "message": "preempted (test pod runner)",
+                    "lastTransitionTime": now,
+                }
+            )
         status = {
             "phase": "Succeeded" if code == 0 else "Failed",
-            "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": now}],
+            "conditions": conditions,
             "containerStatuses": [
                 {
                     "name": container.name,

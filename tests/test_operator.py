@@ -167,3 +167,113 @@ def test_pod_failure_and_operator_restart_lose_nothing(cluster, namespace, opera
     assert len(metrics["loss"]) == 60  # the curve is whole: resumed, not restarted from zero
     log = cluster.runner.logs(lambda pod: pod.metadata.labels.get("job-name", "").endswith("-2"))
     assert '"event": "resumed"' in log
+
+
+def wait_running_stage(cluster, namespace, name, stage, store):
+    """Until `stage` runs and has committed a checkpoint; its Job."""
+    wait_for(lambda: commits.latest_checkpoint(store, stage), 600, 0.2, f"a {stage} checkpoint")
+    jobs = [j for j in jobs_of(cluster, namespace, stage) if not j.status.completion_time]
+    return jobs[-1]
+
+
+def patch_spec(cluster, namespace, name, spec):
+    client.CustomObjectsApi(cluster.api).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, {"spec": spec}
+    )
+
+
+def test_suspend_resume_then_delete_mid_stage(cluster, namespace, operator, tmp_path):
+    store_dir = tmp_path / "store"
+    steps = {**FAST, "distill": {**FAST["distill"], "steps": 400, "checkpointEvery": 10}}
+    apply(cluster, namespace, tiny_resource(str(store_dir), name="pause", **steps))
+    store = open_store(str(store_dir / namespace / "pause"))
+    first = wait_running_stage(cluster, namespace, "pause", "distill", store)
+
+    patch_spec(cluster, namespace, "pause", {"suspend": True})
+    wait_for(phase_is(cluster, namespace, "pause", "Suspended"), 120, 0.5, "Suspended")
+    wait_for(lambda: not jobs_of(cluster, namespace, "distill"), 120, 0.5, "the Job to go")
+    wait_for(lambda: not cluster.runner.running(), 120, 0.5, "the trainer to stop")
+    kept = commits.latest_checkpoint(store, "distill")
+    assert kept is not None  # suspending keeps every checkpoint
+    status = get(cluster, namespace, "pause")["status"]
+    assert next(c for c in status["conditions"] if c["type"] == "Suspended")["status"] == "True"
+
+    patch_spec(cluster, namespace, "pause", {"suspend": False})
+    wait_for(lambda: jobs_of(cluster, namespace, "distill"), 120, 0.5, "a new attempt")
+    [second] = jobs_of(cluster, namespace, "distill")
+    assert second.metadata.name != first.metadata.name
+    wait_for(
+        lambda: (
+            '"event": "resumed"'
+            in cluster.runner.logs(
+                lambda pod: pod.metadata.labels.get("job-name") == second.metadata.name
+            )
+        ),
+        300,
+        0.5,
+        "the trainer to resume from its checkpoint",
+    )
+    status = get(cluster, namespace, "pause")["status"]
+    distill = next(s for s in status["stages"] if s["name"] == "distill")
+    assert distill["restarts"] == 0  # a suspend is not a failure
+
+    # Deleting the resource mid-stage removes every child and stops the trainer.
+    cluster.kubectl("delete", "amc", "pause", "-n", namespace, "--wait=true")
+    wait_for(lambda: not jobs_of(cluster, namespace), 120, 0.5, "the Jobs to be collected")
+    wait_for(
+        lambda: (
+            not cluster.core.list_namespaced_config_map(
+                namespace, label_selector="amber.dev/resource"
+            ).items
+        ),
+        120,
+        0.5,
+        "the ConfigMaps to be collected",
+    )
+    wait_for(lambda: not cluster.runner.running(), 120, 0.5, "the trainer to stop")
+
+
+def test_disruption_is_retried_without_counting(cluster, namespace, operator, tmp_path):
+    store_dir = tmp_path / "store"
+    steps = {**FAST, "distill": {**FAST["distill"], "steps": 400, "checkpointEvery": 10}}
+    apply(cluster, namespace, tiny_resource(str(store_dir), name="preempt", **steps))
+    store = open_store(str(store_dir / namespace / "preempt"))
+    job = wait_running_stage(cluster, namespace, "preempt", "distill", store)
+    hit = cluster.runner.disrupt_pods(
+        lambda pod: pod.metadata.labels.get("job-name") == job.metadata.name
+    )
+    assert hit == 1
+    wait_for(lambda: len(jobs_of(cluster, namespace, "distill")) == 2, 120, 0.5, "attempt 2")
+    status = get(cluster, namespace, "preempt")["status"]
+    distill = next(s for s in status["stages"] if s["name"] == "distill")
+    assert (distill["restarts"], distill["disruptions"]) == (0, 1)
+    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)
+    assert "StageDisrupted" in {e["reason"] for e in events["items"]}
+    cluster.kubectl("delete", "amc", "preempt", "-n", namespace, "--wait=true")
+    wait_for(lambda: not cluster.runner.running(), 120, 0.5, "the trainer to stop")
+
+
+def test_unreadable_storage_stalls_clearly_without_crashing(cluster, namespace, operator, tmp_path):
+    doc = tiny_resource("s3://amber-missing-bucket/runs", name="nocreds")
+    doc["spec"]["storage"]["credentialsSecret"] = {"name": "no-such-secret"}
+    apply(cluster, namespace, doc)
+
+    def stalled():
+        status = get(cluster, namespace, "nocreds").get("status") or {}
+        return next(
+            (
+                c
+                for c in status.get("conditions", [])
+                if c["type"] == "Stalled" and c["status"] == "True"
+            ),
+            None,
+        )
+
+    condition = wait_for(stalled, 120, 0.5, "a Stalled condition")
+    assert condition["reason"] == "StorageUnavailable"
+    assert "no-such-secret" in condition["message"]
+    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)
+    assert "StorageUnavailable" in {e["reason"] for e in events["items"]}
+    assert jobs_of(cluster, namespace) == []
+    time.sleep(3)
+    assert operator.proc.poll() is None  # still serving, not crash-looping
