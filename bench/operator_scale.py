@@ -65,6 +65,7 @@ def main() -> None:
     cluster.kubectl("wait", "--for=condition=Established", "crd/ambercompressions.amber.dev")
 
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "AMBER_RECONCILE_INTERVAL": "10"}
+    log = (work / "operator.log").open("w")  # noqa: SIM115 - closed at the end
     operator = subprocess.Popen(
         [
             sys.executable,
@@ -116,7 +117,7 @@ def main() -> None:
     stop.set()
     after = api_requests(cluster)
     delays = sorted(t - applied for t in first_job.values())
-    p99 = delays[min(len(delays) - 1, int(round(0.99 * len(delays))) - 1)]
+    p99 = delays[min(len(delays) - 1, round(0.99 * len(delays)) - 1)]
     print(f"{args.resources} resources applied at once; operator with reconcile interval 10 s")
     print(
         f"apply -> first Job: median {statistics.median(delays):.2f} s, p99 {p99:.2f} s, "
@@ -129,6 +130,7 @@ def main() -> None:
     print(f"operator peak RSS: {peak:.0f} MiB")
     operator.terminate()
     operator.wait(timeout=30)
+    log.close()
     cluster.stop()
 
 
