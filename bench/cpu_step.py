@@ -14,6 +14,7 @@ import argparse
 import os
 import resource
 import socket
+import statistics
 import time
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -22,7 +23,12 @@ import deepspeed
 import torch
 import torch.nn.functional as F
 from amber_trainer import data, models, prune
+from amber_trainer.loop import single_process_fast_path
 from amber_trainer.objectives import FlowMatching, LayerwiseDistillation, teacher_states
+from amber_trainer.runtime import deepspeed_config
+
+from amber.api import DeepSpeedSpec
+from amber.stages import TrainingParams
 
 
 def rss_mb() -> float:
@@ -67,17 +73,12 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def engine_for(objective):
-    cfg = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-        "zero_optimization": {"stage": 2},
-        "steps_per_print": 10**9,
-    }
-    params = [p for p in objective.parameters() if p.requires_grad]
-    return deepspeed.initialize(model=objective, model_parameters=params, config=cfg)[0]
+def engine_for(objective, params: TrainingParams):
+    # The trainer's own DeepSpeed config and engine setup (one process, CPU), not a copy.
+    cfg = deepspeed_config(DeepSpeedSpec(), params, 10**6, world=1, on_gpu=False)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    engine = deepspeed.initialize(model=objective, model_parameters=trainable, config=cfg)[0]
+    return single_process_fast_path(engine, world=1)
 
 
 def main() -> None:
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,16 +95,17 @@ def main() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
+    params = TrainingParams(learning_rate=1e-4, micro_batch_size=args.batch)
     cfg = config(args.layers * 2)
     teacher = models.build(cfg).requires_grad_(False).eval()
     entries = prune.layer_map(list(range(0, args.layers * 2, 2)), args.layers * 2, "average")
     spans = [e.span for e in entries]
     batches = [inputs(cfg, args.batch, i) for i in range(args.steps + 1)]
-    rows = []
+    loops = {}
 
-    # finetune: baseline
+    # finetune: the diffusers way, then the trainer's objective in its DeepSpeed engine
     student = prune.prune(teacher, entries).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, eps=1e-8)
 
     def base_finetune(i):
         x, target = batches[i]
@@ -112,55 +115,66 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
 
-    rows.append(("finetune", "diffusers loop", timed(base_finetune, args.steps), rss_mb()))
-    engine = engine_for(FlowMatching(prune.prune(teacher, entries).train()))
+    finetune_engine = engine_for(FlowMatching(prune.prune(teacher, entries).train()), params)
 
     def trainer_finetune(i):
         x, target = batches[i]
-        loss, _ = engine(x, target, None)
-        engine.backward(loss)
-        engine.step()
+        loss, _ = finetune_engine(x, target, None)
+        finetune_engine.backward(loss)
+        finetune_engine.step()
 
-    rows.append(("finetune", "amber trainer", timed(trainer_finetune, args.steps), rss_mb()))
-
-    # distill: baseline matches the teacher's output; the trainer matches every block too
-    student = prune.prune(teacher, entries).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    # distill: the baseline matches the teacher's output; the trainer matches every block
+    distill_student = prune.prune(teacher, entries).train()
+    distill_opt = torch.optim.AdamW(distill_student.parameters(), lr=1e-4, eps=1e-8)
 
     def base_distill(i):
         x, _ = batches[i]
         with torch.no_grad():
             target = call(teacher, x)
-        loss = F.mse_loss(call(student, x), target)
-        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(call(distill_student, x), target)
+        distill_opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(distill_student.parameters(), 1.0)
+        distill_opt.step()
 
-    rows.append(("distill", "diffusers loop", timed(base_distill, args.steps), rss_mb()))
     objective = LayerwiseDistillation(prune.prune(teacher, entries).train(), spans, "local")
     boundaries = objective.boundaries()
-    engine = engine_for(objective)
+    distill_engine = engine_for(objective, params)
 
     def trainer_distill(i):
         x, _ = batches[i]
         states, velocity = teacher_states(teacher, x, boundaries)
-        loss, _ = engine(x, states, velocity)
-        engine.backward(loss)
-        engine.step()
+        loss, _ = distill_engine(x, states, velocity)
+        distill_engine.backward(loss)
+        distill_engine.step()
 
-    rows.append(("distill", "amber trainer", timed(trainer_distill, args.steps), rss_mb()))
+    loops = {
+        ("finetune", "diffusers loop"): base_finetune,
+        ("finetune", "amber trainer"): trainer_finetune,
+        ("distill", "diffusers loop"): base_distill,
+        ("distill", "amber trainer"): trainer_distill,
+    }
+    # Interleaved rounds, median per loop: two shared cores make single timings noisy.
+    times = {key: [] for key in loops}
+    for _ in range(args.rounds):
+        for key, fn in loops.items():
+            times[key].append(timed(fn, args.steps))
+    median = {key: statistics.median(values) for key, values in times.items()}
 
     print(
         f"teacher {args.layers * 2} blocks -> student {args.layers}, batch {args.batch}, "
-        f"{args.steps} steps, {torch.get_num_threads()} threads"
+        f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads"
     )
-    print(f"{'step':<9}{'loop':<16}{'ms/step':>9}{'samples/s':>11}{'peak RSS so far MB':>20}")
-    for step, loop, seconds, rss in rows:
-        print(f"{step:<9}{loop:<16}{seconds * 1e3:>9.1f}{args.batch / seconds:>11.1f}{rss:>20.0f}")
+    print(f"{'step':<9}{'loop':<16}{'ms/step':>9}{'samples/s':>11}{'spread ms':>11}")
+    for (step, loop), seconds in median.items():
+        spread = (max(times[(step, loop)]) - min(times[(step, loop)])) * 1e3
+        print(
+            f"{step:<9}{loop:<16}{seconds * 1e3:>9.1f}{args.batch / seconds:>11.1f}{spread:>11.1f}"
+        )
     for step in ("finetune", "distill"):
-        base, ours = (s for st, _, s, _ in rows if st == step)
-        print(f"{step}: trainer speed / baseline speed = {base / ours:.2f}")
+        ratio = median[(step, "diffusers loop")] / median[(step, "amber trainer")]
+        print(f"{step}: trainer speed / baseline speed = {ratio:.2f}")
+    print(f"peak RSS of the whole run: {rss_mb():.0f} MiB")
 
 
 if __name__ == "__main__":

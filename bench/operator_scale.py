@@ -65,7 +65,8 @@ def main() -> None:
     cluster.kubectl("wait", "--for=condition=Established", "crd/ambercompressions.amber.dev")
 
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "AMBER_RECONCILE_INTERVAL": "10"}
-    log = (work / "operator.log").open("w")  # noqa: SIM115 - closed at the end
+    log = (work / "operator.log").open("w")
+    log = (work / "operator.log").open("w")
     operator = subprocess.Popen(
         [
             sys.executable,
@@ -80,7 +81,7 @@ def main() -> None:
             str(free_port()),
         ],
         env=env,
-        stdout=open(work / "operator.log", "w"),
+        stdout=log,
         stderr=subprocess.STDOUT,
     )
     proc = psutil.Process(operator.pid)

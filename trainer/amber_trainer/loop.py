@@ -35,12 +35,20 @@ def cast(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 
 def build_engine(rt: Runtime, objective: torch.nn.Module, params: TrainingParams, steps: int):
-    config = deepspeed_config(rt, params, steps)
+    config = deepspeed_config(rt.run.deepspeed, params, steps, rt.world, rt.device.type == "cuda")
     objective.activation_checkpointing = rt.run.deepspeed.activation_checkpointing
     trainable = [p for p in objective.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=objective, model_parameters=trainable, config=config
     )
+    return single_process_fast_path(engine, rt.world)
+
+
+def single_process_fast_path(engine, world: int):
+    """Alone, there is no one to all-reduce gradients with: skip DeepSpeed's flatten, reduce
+    and unflatten copies after every backward."""
+    if world == 1:
+        engine.enable_backward_allreduce = False
     return engine
 
 
