@@ -97,9 +97,8 @@ def inspect(
     output: Annotated[Output, typer.Option("--output", "-o")] = Output.table,
 ) -> None:
     """Parameter counts of the teacher and of each model a recipe produces (no weights needed)."""
-    from amber_trainer import models, sizes
-
     from amber.presets import PRESETS
+    from amber_trainer import models, sizes
 
     if file is not None:
         obj = load_or_exit(file)
@@ -189,6 +188,24 @@ def run(
             "final": final,
         }
         print(json.dumps(report, indent=2) if output is Output.json else yaml.safe_dump(report))
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Option(help="A final/ folder, or a diffusers pipeline folder.")],
+    prompt: Annotated[str, typer.Option(help="What to draw.")],
+    out: Annotated[Path, typer.Option(help="Where to write the PNG.")] = Path("amber.png"),
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    size: Annotated[int, typer.Option(help="Image side (latent side for a bare model).")] = 16,
+) -> None:
+    """Sample an image from a compressed model."""
+    from amber_trainer.generate import generate as run_generate
+
+    if not model.exists():
+        errors.print(f"--model: {model} does not exist")
+        raise typer.Exit(EXIT_INVALID)
+    console.print(f"wrote {run_generate(model, prompt, out, steps, seed, size)}")
 
 
 @app.command()

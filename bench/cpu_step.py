@@ -22,13 +22,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed
 import torch
 import torch.nn.functional as F
+
+from amber.api import DeepSpeedSpec
+from amber.stages import TrainingParams
 from amber_trainer import data, models, prune
 from amber_trainer.loop import single_process_fast_path
 from amber_trainer.objectives import FlowMatching, LayerwiseDistillation, teacher_states
 from amber_trainer.runtime import deepspeed_config
-
-from amber.api import DeepSpeedSpec
-from amber.stages import TrainingParams
 
 
 def rss_mb() -> float:

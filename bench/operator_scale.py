@@ -29,11 +29,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
-from kube import Cluster, build, wait_for
 from kubernetes import client, watch
-from trainer_helpers import free_port, tiny_resource
 
 from amber.schema import crd
+from kube import Cluster, build, wait_for
+from trainer_helpers import free_port, tiny_resource
 
 
 def api_requests(cluster: Cluster) -> float:

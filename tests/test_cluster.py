@@ -6,11 +6,11 @@ import json
 
 import pytest
 import yaml
-from kube import NODE, wait_for
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from amber.schema import crd
+from kube import NODE, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -12,13 +12,13 @@ import time
 
 import pytest
 import yaml
-from kube import wait_for
 from kubernetes import client
-from trainer_helpers import FAST, free_port, tiny_resource
 
 from amber import commits
 from amber.schema import crd
-from amber.storage import open_store
+from amber.storage import S3Store, open_store, s3_client
+from kube import wait_for
+from trainer_helpers import FAST, free_port, tiny_resource
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 GROUP, VERSION, PLURAL = "amber.dev", "v1alpha1", "ambercompressions"
@@ -113,20 +113,41 @@ def jobs_of(cluster, namespace, stage=None):
     )
 
 
-def test_tiny_pipeline_runs_to_the_final_model(cluster, namespace, operator, tmp_path):
-    store_dir = tmp_path / "store"
-    apply(cluster, namespace, tiny_resource(str(store_dir), name="tiny"))
+def test_tiny_pipeline_runs_to_the_final_model(cluster, namespace, operator, s3_endpoint):
+    import boto3
+
+    keys = {"AWS_ACCESS_KEY_ID": "amber-e2e", "AWS_SECRET_ACCESS_KEY": "amber-e2e-secret"}
+    boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+    ).create_bucket(Bucket=namespace)
+    cluster.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "amber-s3"}, "stringData": keys}
+    )
+    doc = tiny_resource(f"s3://{namespace}/runs", name="tiny")
+    doc["spec"]["storage"].update(
+        endpoint=s3_endpoint, region="us-east-1", credentialsSecret={"name": "amber-s3"}
+    )
+    apply(cluster, namespace, doc)
     wait_for(phase_is(cluster, namespace, "tiny", "Succeeded"), 900, 1, "the pipeline")
 
     status = get(cluster, namespace, "tiny")["status"]
     assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 6
     assert all(s["attempts"] == 1 for s in status["stages"])
+    assert status["finalUri"] == f"s3://{namespace}/runs/{namespace}/tiny/final"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
-    assert [j.metadata.labels["amber.dev/stage"] for j in jobs_of(cluster, namespace)].count(
-        "score"
-    ) == 1
-    store = open_store(str(store_dir / namespace / "tiny"))
+    stages = [j.metadata.labels["amber.dev/stage"] for j in jobs_of(cluster, namespace)]
+    assert sorted(stages) == sorted(s["name"] for s in status["stages"])  # one Job each
+    # The final model sits in the loopback S3 bucket, committed.
+    store = S3Store(
+        namespace,
+        f"runs/{namespace}/tiny",
+        client=s3_client(s3_endpoint, "us-east-1", *keys.values()),
+    )
     assert commits.read_manifest(store, "final") is not None
     assert store.exists("final/config.json") and store.exists("final/README.md")
     # What a person sees.

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from amber.api import AmberCompressionStatus
+from amber.plan import plan
+from amber.resource import parse
 from amber_operator import conditions as c
 from amber_operator import render
 from amber_operator.observe import job_state
@@ -17,12 +23,6 @@ from amber_operator.reconcile import (
     decide,
     job_name,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from amber.api import AmberCompressionStatus
-from amber.plan import plan
-from amber.resource import parse
 
 NOW = datetime(2026, 11, 26, 12, 0, 0)
 

@@ -9,10 +9,10 @@ import time
 
 import pytest
 import yaml
-from trainer_helpers import ROOT, kill_tree, tiny_resource, trainer_env
 
 from amber import commits, local
 from amber.storage import open_store
+from trainer_helpers import ROOT, kill_tree, tiny_resource, trainer_env
 
 pytestmark = pytest.mark.slow
 

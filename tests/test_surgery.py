@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from amber_trainer import data, forward, fuse, models, prune, score
-from amber_trainer.hybrid import AmberHybridTransformer2DModel, AmberSingleStreamBlock
 
 from amber.stages import ScoreStage
+from amber_trainer import data, forward, fuse, models, prune, score
+from amber_trainer.hybrid import AmberHybridTransformer2DModel, AmberSingleStreamBlock
 
 TINY = models.named_config("tiny")
 TEXT_TO_IMAGE = {
@@ -235,9 +235,8 @@ def test_heatmap_is_written(teacher, batches, tmp_path):
 
 
 def test_parameter_arithmetic_of_the_real_recipes():
-    from amber_trainer.sizes import recipe_sizes
-
     from amber import presets
+    from amber_trainer.sizes import recipe_sizes
 
     rows = recipe_sizes({}, presets.build("amber-6b", 60, {}))
     teacher, pruned, fused = (r["parameters"] for r in rows)

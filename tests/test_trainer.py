@@ -7,11 +7,11 @@ import time
 
 import pytest
 import torch
-from amber_trainer import models
-from trainer_helpers import finish, kill_tree, stage_runs, tiny_resource, torchrun
 
 from amber import commits
 from amber.storage import open_store
+from amber_trainer import models
+from trainer_helpers import finish, kill_tree, stage_runs, tiny_resource, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 ORDER = ["score", "prune", "distill", "finetune", "fuse", "eval"]
