@@ -234,6 +234,7 @@ def operator(
     ] = None,
     liveness_port: Annotated[int, typer.Option(help="Port of /healthz (0: off).")] = 8080,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: off).")] = 9090,
+    json_logs: Annotated[bool, typer.Option(help="Structured JSON log lines.")] = False,
 ) -> None:
     """Run the Kubernetes operator (all namespaces unless --namespace is given)."""
     import os
@@ -243,7 +244,7 @@ def operator(
     os.environ["AMBER_METRICS_PORT"] = str(metrics_port)
     import amber_operator.handlers  # noqa: F401 - registers the handlers
 
-    kopf.configure(verbose=False)
+    kopf.configure(log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.FULL)
     kopf.run(
         clusterwide=not namespace,
         namespaces=namespace or (),

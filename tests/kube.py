@@ -30,6 +30,8 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
+from trainer_helpers import kill_tree
+
 HERE = Path(__file__).parent
 # The control plane serves a self-signed certificate on loopback.
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
@@ -437,18 +439,8 @@ def _decode(data: dict | None) -> dict[str, str]:
 
 def _kill(proc: subprocess.Popen | None) -> None:
     """End a pod's process and everything it started (torchrun workers included)."""
-    if proc is None or proc.poll() is not None:
-        return
-    import psutil
-
-    with contextlib.suppress(psutil.NoSuchProcess):
-        parent = psutil.Process(proc.pid)
-        victims = [parent, *parent.children(recursive=True)]
-        for victim in victims:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                victim.send_signal(signal.SIGKILL)
-        psutil.wait_procs(victims, timeout=30)
-    proc.wait(timeout=30)
+    if proc is not None and proc.poll() is None:
+        kill_tree(proc)
 
 
 def dump(obj) -> str:

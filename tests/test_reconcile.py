@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 
 from hypothesis import HealthCheck, given, settings
@@ -305,7 +306,7 @@ def worlds(draw):
     return obj, status, observed
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("AMBER_PROPERTY_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(worlds())
 def test_decide_never_raises_and_never_plans_two_live_attempts_of_a_stage(world):
     obj, status, observed = world
@@ -323,7 +324,7 @@ def test_decide_never_raises_and_never_plans_two_live_attempts_of_a_stage(world)
         assert create.job not in {j.name for j in observed.jobs}, "a duplicate Job name"
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("AMBER_PROPERTY_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(worlds())
 def test_decide_is_idempotent(world):
     obj, status, observed = world

@@ -311,9 +311,11 @@ def decide(
 
 
 def _latest_job(jobs, run: StageRun, stage: StageStatus) -> ObservedJob | None:
-    """The newest attempt's Job of this stage under its current spec."""
+    """The Job that speaks for this stage under its current spec: one still running if there
+    is any (never start another beside it), else the newest attempt's."""
     mine = [j for j in jobs if j.stage == run.stage.name and j.spec_hash == run.spec_hash]
-    return max(mine, key=lambda j: j.attempt, default=None)
+    live = [j for j in mine if j.finished is None]
+    return max(live or mine, key=lambda j: j.attempt, default=None)
 
 
 def _scalars(metrics: dict) -> dict:
