@@ -265,6 +265,8 @@ def test_job_state_reads_disruptions_and_termination_messages():
 # --- properties -----------------------------------------------------------------------------
 
 STAGES = ["score", "prune", "distill", "finetune", "fuse", "eval"]
+# More examples for a deeper search: AMBER_PROPERTY_EXAMPLES=5000 pytest tests/test_reconcile.py
+EXAMPLES = int(os.environ.get("AMBER_PROPERTY_EXAMPLES", "300"))
 
 
 @st.composite
@@ -306,7 +308,7 @@ def worlds(draw):
     return obj, status, observed
 
 
-@settings(max_examples=int(os.environ.get("AMBER_PROPERTY_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(worlds())
 def test_decide_never_raises_and_never_plans_two_live_attempts_of_a_stage(world):
     obj, status, observed = world
@@ -324,7 +326,7 @@ def test_decide_never_raises_and_never_plans_two_live_attempts_of_a_stage(world)
         assert create.job not in {j.name for j in observed.jobs}, "a duplicate Job name"
 
 
-@settings(max_examples=int(os.environ.get("AMBER_PROPERTY_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(worlds())
 def test_decide_is_idempotent(world):
     obj, status, observed = world
