@@ -37,6 +37,23 @@ def input_model(rt: Runtime) -> tuple[torch.nn.Module, list[dict] | None]:
     return models.load(folder / MODEL_DIR).to(rt.device), layer_map
 
 
+def trained_model(engine) -> torch.nn.Module:
+    """The engine's student as a plain model. Under ZeRO-3 each rank holds only a shard of
+    every large weight, so they are gathered (collectively: every rank must call this) into a
+    fresh copy; otherwise the student itself is returned."""
+    student = engine.module.student
+    if not engine.zero_optimization_partition_weights():
+        return student
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
+        state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    config = {k: v for k, v in student.config.items() if not k.startswith("_")}
+    copy = models.build_empty(config)
+    copy.load_state_dict(state, assign=True, strict=True)
+    return copy
+
+
 def save_model(model: torch.nn.Module, out: Path, layer_map: list[dict] | None) -> None:
     model.save_pretrained(out / MODEL_DIR, safe_serialization=True)
     if layer_map is not None:

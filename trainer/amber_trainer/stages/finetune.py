@@ -64,8 +64,9 @@ def run(rt: Runtime) -> tuple[int, dict]:
         "samplesPerSecond": state["samples_per_s"],
         "peakMemoryMB": state["peak_memory_mb"],
     }
+    student = common.trained_model(engine)
     if rt.is_main:
-        common.save_model(engine.module.student, out, layer_map)
+        common.save_model(student, out, layer_map)
         common.loss_curve(state["losses"], out / "loss.png", f"{rt.stage}: flow-matching loss")
         (out / "metrics.json").write_text(json.dumps(metrics))
     return params.steps, metrics

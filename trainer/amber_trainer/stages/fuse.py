@@ -91,7 +91,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
         state = loop.train(
             rt, engine, params, make_inputs, params.steps, label, p * params.steps, state, total
         )
-        model = engine.module.student
+        model = common.trained_model(engine)
         history["phases"].append(
             {
                 "singleLayers": counts[p],
@@ -114,7 +114,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
         state = loop.train(
             rt, engine, params, make_inputs, params.finetune_steps, "finetune", offset, state, total
         )
-        model = engine.module.student
+        model = common.trained_model(engine)
         history["finetuneLoss"] = state["losses"]
         history["losses"] += state["losses"]
 
