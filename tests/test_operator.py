@@ -265,9 +265,14 @@ def test_disruption_is_retried_without_counting(cluster, namespace, operator, tm
     )
     assert hit == 1
     wait_for(lambda: len(jobs_of(cluster, namespace, "distill")) == 2, 120, 0.5, "attempt 2")
-    status = get(cluster, namespace, "preempt")["status"]
-    distill = next(s for s in status["stages"] if s["name"] == "distill")
-    assert (distill["restarts"], distill["disruptions"]) == (0, 1)
+
+    def distill_status():
+        status = get(cluster, namespace, "preempt")["status"]
+        return next(s for s in status["stages"] if s["name"] == "distill")
+
+    # The operator creates attempt 2, then writes the status of that pass: wait for it.
+    wait_for(lambda: distill_status().get("disruptions") == 1, 60, 0.5, "the status write")
+    assert distill_status()["restarts"] == 0
     events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)
     assert "StageDisrupted" in {e["reason"] for e in events["items"]}
     cluster.kubectl("delete", "amc", "preempt", "-n", namespace, "--wait=true")
