@@ -60,6 +60,31 @@ def save_model(model: torch.nn.Module, out: Path, layer_map: list[dict] | None) 
         (out / LAYER_MAP).write_text(json.dumps(layer_map, indent=2))
 
 
+def training_metrics(state: dict) -> dict:
+    """What every optimising stage reports from its loop state."""
+    return {
+        "loss": state["losses"],
+        "firstLoss": state["losses"][0],
+        "finalLoss": state["losses"][-1],
+        "samplesPerSecond": state["samples_per_s"],
+        "peakMemoryMB": state["peak_memory_mb"],
+    }
+
+
+def write_output(
+    rt: Runtime, model, layer_map: list[dict] | None, metrics: dict, title: str
+) -> Path:
+    """A model stage's output folder: model, layer map, loss curve, metrics (rank 0 writes)."""
+    out = rt.workdir / "output"
+    out.mkdir()
+    if rt.is_main:
+        save_model(model, out, layer_map)
+        if metrics.get("loss"):
+            loss_curve(metrics["loss"], out / "loss.png", f"{rt.stage}: {title}")
+        (out / "metrics.json").write_text(json.dumps(metrics))
+    return out
+
+
 def datasets(rt: Runtime, config: dict) -> tuple[data.TensorDataset, data.TensorDataset]:
     """Training rows and held-out rows of the resource's data."""
     spec = rt.run.data

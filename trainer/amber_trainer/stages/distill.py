@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from amber_trainer import checkpoint, loop
@@ -45,21 +43,11 @@ def run(rt: Runtime) -> tuple[int, dict]:
         rt.log("resumed", step=manifest.step, checkpoint=manifest.folder)
     state = loop.train(rt, engine, params, make_inputs, params.steps, "distill", state=state)
 
-    out = rt.workdir / "output"
-    out.mkdir()
     per_block = state["parts"]
     metrics = {
-        "loss": state["losses"],
-        "firstLoss": state["losses"][0],
-        "finalLoss": state["losses"][-1],
+        **common.training_metrics(state),
         "blockLossFirst": per_block[0],
         "blockLossFinal": per_block[-1],
-        "samplesPerSecond": state["samples_per_s"],
-        "peakMemoryMB": state["peak_memory_mb"],
     }
-    student = common.trained_model(engine)
-    if rt.is_main:
-        common.save_model(student, out, layer_map)
-        common.loss_curve(state["losses"], out / "loss.png", f"{rt.stage}: layer-wise loss")
-        (out / "metrics.json").write_text(json.dumps(metrics))
+    common.write_output(rt, common.trained_model(engine), layer_map, metrics, "layer-wise loss")
     return params.steps, metrics

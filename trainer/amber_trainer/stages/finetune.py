@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from amber_trainer import checkpoint, loop
@@ -53,20 +51,6 @@ def run(rt: Runtime) -> tuple[int, dict]:
         return flow_inputs(rt, train, sampler, params, teacher, micro_step)
 
     state = loop.train(rt, engine, params, make_inputs, params.steps, "finetune", state=state)
-    out = rt.workdir / "output"
-    out.mkdir()
-    flow = [p[0] for p in state["parts"]]
-    metrics = {
-        "loss": state["losses"],
-        "flowLoss": flow,
-        "firstLoss": state["losses"][0],
-        "finalLoss": state["losses"][-1],
-        "samplesPerSecond": state["samples_per_s"],
-        "peakMemoryMB": state["peak_memory_mb"],
-    }
-    student = common.trained_model(engine)
-    if rt.is_main:
-        common.save_model(student, out, layer_map)
-        common.loss_curve(state["losses"], out / "loss.png", f"{rt.stage}: flow-matching loss")
-        (out / "metrics.json").write_text(json.dumps(metrics))
+    metrics = {**common.training_metrics(state), "flowLoss": [p[0] for p in state["parts"]]}
+    common.write_output(rt, common.trained_model(engine), layer_map, metrics, "flow-matching loss")
     return params.steps, metrics

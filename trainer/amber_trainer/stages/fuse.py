@@ -8,8 +8,6 @@ restart resumes inside the phase it stopped in, against the right teacher.
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from amber import commits
@@ -118,19 +116,15 @@ def run(rt: Runtime) -> tuple[int, dict]:
         history["finetuneLoss"] = state["losses"]
         history["losses"] += state["losses"]
 
-    out = rt.workdir / "output"
-    out.mkdir()
     metrics = {
-        **history,
+        "phases": history["phases"],
+        "finetuneLoss": history.get("finetuneLoss", []),
+        "loss": history["losses"],
         "singleLayers": params.single_layers,
         "parameters": models.count_parameters(model),
         "blockKinds": models.block_kinds(model),
     }
-    if rt.is_main:
-        common.save_model(model, out, layer_map)
-        if history["losses"]:
-            common.loss_curve(history["losses"], out / "loss.png", f"{rt.stage}: phases + finetune")
-        (out / "metrics.json").write_text(json.dumps(metrics))
+    common.write_output(rt, model, layer_map, metrics, "phases + finetune")
     return total, metrics
 
 
