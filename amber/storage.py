@@ -286,12 +286,17 @@ def s3_client(
     )
 
 
-def open_store(uri: str, endpoint: str | None = None, region: str | None = None) -> Store:
-    """The store at `uri`: `s3://bucket/prefix`, `file:///path` or a plain path."""
+def open_store(
+    uri: str, endpoint: str | None = None, region: str | None = None, client=None
+) -> Store:
+    """The store at `uri`: `s3://bucket/prefix`, `file:///path` or a plain path. `client`
+    reuses an S3 client (building one reads credentials and costs milliseconds)."""
     if uri.startswith("s3://"):
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise StorageError(f"{uri}: no bucket")
+        if client is not None:
+            return S3Store(parsed.netloc, parsed.path, client=client)
         return S3Store(parsed.netloc, parsed.path, endpoint=endpoint, region=region)
     if uri.startswith("file://"):
         return LocalStore(urlparse(uri).path)

@@ -158,11 +158,6 @@ def test_tiny_pipeline_runs_to_the_final_model(cluster, namespace, operator, s3_
     assert {"StageStarted", "StageSucceeded", "FinalPublished"} <= reasons
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="same open defect as the disruption test: a failed stage attempt is sometimes "
-    "recorded as succeeded in the e2e run",
-)
 def test_pod_failure_and_operator_restart_lose_nothing(cluster, namespace, operator, tmp_path):
     store_dir = tmp_path / "store"
     steps = {**FAST, "distill": {**FAST["distill"], "steps": 60, "checkpointEvery": 10}}
@@ -259,11 +254,6 @@ def test_suspend_resume_then_delete_mid_stage(cluster, namespace, operator, tmp_
     wait_for(lambda: not cluster.runner.running(), 120, 0.5, "the trainer to stop")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open defect: in the e2e run the operator sometimes records a disrupted stage as "
-    "succeeded (unit tests of the same path pass); under investigation",
-)
 def test_disruption_is_retried_without_counting(cluster, namespace, operator, tmp_path):
     store_dir = tmp_path / "store"
     steps = {**FAST, "distill": {**FAST["distill"], "steps": 400, "checkpointEvery": 10}}

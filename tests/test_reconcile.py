@@ -89,7 +89,7 @@ def test_running_job_is_left_alone_and_progress_is_reported():
     obj = resource()
     first = step(obj).status
     running = Observed(
-        jobs=(job_for(obj, "score", 1),), progress={"step": 3, "total": 6}, checkpoint=None
+        jobs=(job_for(obj, "score", 1),), stage="score", progress={"step": 3, "total": 6}
     )
     d = step(obj, first, running)
     assert d.actions == []
@@ -109,11 +109,29 @@ def test_completed_job_moves_to_the_next_stage_in_the_same_pass():
     obj = resource()
     status = step(obj).status
     done = job_for(obj, "score", 1, "Complete", result={"output": "s3://x", "metrics": {"a": 1}})
-    d = step(obj, status, Observed(jobs=(done,)))
+    d = step(obj, status, Observed(jobs=(done,), committed=committed(obj, "score")))
     assert d.status.stages[0].phase == "Succeeded" and d.status.stages[0].output_uri == "s3://x"
     [action] = d.actions
     assert action.run.stage.name == "prune"
     assert d.status.progress == "1/6"
+
+
+def test_a_job_that_exits_0_without_committing_is_a_counted_failure():
+    obj = resource()
+    status = step(obj).status
+    done = job_for(obj, "score", 1, "Complete")
+    d = step(obj, status, Observed(jobs=(done,)), NOW + timedelta(seconds=1))
+    assert d.status.stages[0].phase == "Pending" and d.status.stages[0].restarts == 1
+    assert d.actions == [] and d.status.current_stage == "score"
+    [event] = d.events
+    assert event.reason == c.STAGE_FAILED and "no committed output" in event.message
+
+
+def test_progress_of_another_stage_is_not_reported_as_this_ones():
+    obj = resource()
+    status = step(obj, None, Observed(committed=committed(obj, "score"))).status
+    d = step(obj, status, Observed(committed=committed(obj, "score"), stage="score", checkpoint=9))
+    assert "checkpoint" not in d.status.stages[1].message
 
 
 def test_failures_back_off_then_retry_then_give_up():
@@ -157,12 +175,12 @@ def test_disruptions_are_not_counted_and_retry_at_once():
 def test_suspend_deletes_the_running_job_and_resume_starts_a_new_attempt():
     obj = resource()
     status = step(obj).status
-    running = Observed(jobs=(job_for(obj, "score", 1),), checkpoint=4)
+    running = Observed(jobs=(job_for(obj, "score", 1),), stage="score", checkpoint=4)
     suspended = step(resource(suspend=True), status, running)
     assert suspended.actions == [DeleteJob(running.jobs[0].name, "suspended")]
     assert suspended.status.phase == "Suspended"
     assert cond(suspended.status, c.SUSPENDED).status == "True"
-    resumed = step(obj, suspended.status, Observed(checkpoint=4))
+    resumed = step(obj, suspended.status, Observed(stage="score", checkpoint=4))
     [action] = resumed.actions
     assert action.attempt == 2 and "from checkpoint 4" in resumed.events[0].message
     assert resumed.status.stages[0].restarts == 0
@@ -298,6 +316,7 @@ def worlds(draw):
     observed = Observed(
         jobs=tuple(jobs),
         committed=committed(obj, *done),
+        stage=draw(st.none() | st.sampled_from(STAGES)),
         checkpoint=draw(st.none() | st.integers(0, 100)),
         final_committed=draw(st.booleans()),
         storage_error=draw(st.none() | st.just("denied")),
@@ -315,6 +334,9 @@ def test_decide_never_raises_and_never_plans_two_live_attempts_of_a_stage(world)
     d = decide(obj, status, observed, NOW, 1)
     creates = [a for a in d.actions if isinstance(a, CreateAttempt)]
     assert len(creates) <= 1
+    for stage in d.status.stages:  # only storage says a stage is done
+        if stage.phase == "Succeeded":
+            assert observed.committed.get(stage.name) == stage.spec_hash
     deleted = {a.name for a in d.actions if isinstance(a, DeleteJob)}
     for create in creates:
         live = [

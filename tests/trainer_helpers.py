@@ -103,9 +103,11 @@ def kill_tree(proc: subprocess.Popen) -> None:
     import psutil
 
     parent = psutil.Process(proc.pid)
-    victims = [parent, *parent.children(recursive=True)]
-    for victim in victims:
+    descendants = parent.children(recursive=True)
+    for victim in [parent, *descendants]:
         with contextlib.suppress(psutil.NoSuchProcess):
             victim.send_signal(signal.SIGKILL)
-    psutil.wait_procs(victims, timeout=60)
+    # Only Popen may reap its own child: were psutil to reap it first, Popen (in this or a
+    # waiting thread) would find no child and report exit status 0 for a killed process.
     proc.wait(timeout=60)
+    psutil.wait_procs(descendants, timeout=60)

@@ -101,8 +101,7 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> None:
 
     status = AmberCompressionStatus.model_validate(old_status) if old_status else None
     status = status or AmberCompressionStatus()
-    first = obj.spec.pipeline()[0].name
-    observed = observe.observe(api, obj, status.current_stage or first)
+    observed = observe.observe(api, obj)
     decision = decide(obj, status, observed, now, generation)
     apply.apply(api, obj, dict(body), decision.actions, lambda: observe.store_for(api, obj))
 

@@ -83,53 +83,61 @@ def jobs(api: client.ApiClient, obj: AmberCompression) -> tuple[ObservedJob, ...
     return tuple(found)
 
 
+# One S3 client per endpoint and credentials, shared by every pass of every resource
+# (boto3 clients are thread-safe; building one per pass dominated a pass's CPU time).
+_clients: dict[tuple, object] = {}
+
+
 def store_for(api: client.ApiClient, obj: AmberCompression) -> Store:
     """The resource's store, with credentials from its Secret when it names one."""
     storage = obj.spec.storage
     run_uri = f"{storage.uri.rstrip('/')}/{obj.metadata.namespace}/{obj.metadata.name}"
-    secret_ref = storage.credentials_secret
-    if not run_uri.startswith("s3://") or secret_ref is None:
-        return open_store(run_uri, storage.endpoint, storage.region)
-    secret = client.CoreV1Api(api).read_namespaced_secret(secret_ref.name, obj.metadata.namespace)
-    data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
-    s3 = s3_client(
-        storage.endpoint,
-        storage.region,
-        access_key=data.get(secret_ref.access_key_id_key),
-        secret_key=data.get(secret_ref.secret_access_key_key),
-    )
-    store = open_store(run_uri, storage.endpoint, storage.region)
-    store.client = s3
-    return store
+    if not run_uri.startswith("s3://"):
+        return open_store(run_uri)
+    access = secret = None
+    ref = storage.credentials_secret
+    if ref is not None:
+        found = client.CoreV1Api(api).read_namespaced_secret(ref.name, obj.metadata.namespace)
+        data = {k: base64.b64decode(v).decode() for k, v in (found.data or {}).items()}
+        access, secret = data.get(ref.access_key_id_key), data.get(ref.secret_access_key_key)
+    key = (storage.endpoint, storage.region, access, secret)
+    if key not in _clients:
+        _clients[key] = s3_client(
+            storage.endpoint, storage.region, access_key=access, secret_key=secret
+        )
+    return open_store(run_uri, client=_clients[key])
 
 
-def storage(store: Store, obj: AmberCompression, current_stage: str | None) -> dict:
-    """Committed outputs per stage, the current stage's progress and newest checkpoint."""
-    committed = {}
+def storage(store: Store, obj: AmberCompression) -> dict:
+    """Committed outputs per stage; progress and newest checkpoint of the first stage without
+    a committed output (the one `decide` will run)."""
+    committed, pending = {}, None
     for run in plan(obj):
         manifest = commits.read_manifest(store, f"{run.stage.name}/{OUTPUT}")
         if manifest is not None:
             committed[run.stage.name] = manifest.spec_hash
+        if pending is None and committed.get(run.stage.name) != run.spec_hash:
+            pending = run.stage.name
     progress, checkpoint = None, None
-    if current_stage:
-        key = f"{current_stage}/progress.json"
+    if pending:
+        key = f"{pending}/progress.json"
         if store.exists(key):
             progress = json.loads(store.read_text(key))
-        latest = commits.latest_checkpoint(store, current_stage)
+        latest = commits.latest_checkpoint(store, pending)
         checkpoint = latest.step if latest else None
-    final = commits.read_manifest(store, FINAL) is not None
     return {
         "committed": committed,
+        "stage": pending,
         "progress": progress,
         "checkpoint": checkpoint,
-        "final_committed": final,
+        "final_committed": commits.read_manifest(store, FINAL) is not None,
     }
 
 
-def observe(api: client.ApiClient, obj: AmberCompression, current_stage: str | None) -> Observed:
-    found = jobs(api, obj)
+def observe(api: client.ApiClient, obj: AmberCompression) -> Observed:
+    found = jobs(api, obj)  # before storage: a Job seen Complete has committed by then
     try:
-        seen = storage(store_for(api, obj), obj, current_stage)
+        seen = storage(store_for(api, obj), obj)
     except (StorageError, ApiException, OSError, KeyError) as err:
         return Observed(jobs=found, storage_error=f"storage {obj.spec.storage.uri}: {err}")
     return Observed(jobs=found, **seen)

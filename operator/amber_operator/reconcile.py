@@ -7,7 +7,7 @@ Most operator tests exercise this function directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from amber.api import AmberCompression, AmberCompressionStatus, StageStatus
@@ -37,8 +37,9 @@ class ObservedJob:
 class Observed:
     jobs: tuple[ObservedJob, ...] = ()
     committed: dict[str, str] = field(default_factory=dict)  # stage -> output's spec hash
-    progress: dict | None = None  # the current stage's progress.json
-    checkpoint: int | None = None  # the current stage's newest committed checkpoint step
+    stage: str | None = None  # the stage `progress` and `checkpoint` were read for
+    progress: dict | None = None  # that stage's progress.json
+    checkpoint: int | None = None  # that stage's newest committed checkpoint step
     final_committed: bool = False
     storage_error: str | None = None
 
@@ -155,17 +156,10 @@ def decide(
             decision.actions.append(DeleteJob(job.name, "its stage spec changed"))
             event("Normal", c.JOB_DELETED, f"deleted {job.name}: its stage spec changed")
 
-    # 3. Walk the stages: finished Jobs complete their stage, the first unfinished stage runs.
-    current: tuple[StageRun, StageStatus] | None = None
-    for run, stage in zip(runs, stages, strict=True):
-        if stage.phase == "Succeeded":
-            continue
-        latest = _latest_job(observed.jobs, run, stage)
-        if latest is not None and latest.finished == "Complete":
-            succeed(run, stage, latest)
-            continue
-        current = (run, stage)
-        break
+    # 3. The first stage not done is the one to run.
+    current: tuple[StageRun, StageStatus] | None = next(
+        ((r, s) for r, s in zip(runs, stages, strict=True) if s.phase != "Succeeded"), None
+    )
 
     done = sum(s.phase == "Succeeded" for s in stages)
     out.progress = f"{done}/{len(stages)}"
@@ -198,7 +192,14 @@ def decide(
 
     run, stage = current
     out.current_stage = run.stage.name
+    mine = observed.stage == run.stage.name
+    progress = observed.progress if mine else None
+    checkpoint = observed.checkpoint if mine else None
     latest = _latest_job(observed.jobs, run, stage)
+    if latest is not None and latest.finished == "Complete":
+        # Storage decides (step 1): a Job that exited 0 without committing its output failed.
+        why = f"{latest.name} completed but {run.stage.name} has no committed output"
+        latest = replace(latest, finished="Failed", disrupted=False, message=why)
     running = latest is not None and latest.finished is None
     if latest is not None:
         # A Job created just before a restart, whose status write was lost, still counts.
@@ -224,12 +225,12 @@ def decide(
     # 6. An attempt is running: report its progress.
     if running:
         stage.phase = "Running"
-        if observed.progress:
-            step, total = observed.progress.get("step"), observed.progress.get("total")
+        if progress:
+            step, total = progress.get("step"), progress.get("total")
             stage.progress = f"{step}/{total}"
             out.progress = f"{done}/{len(stages)} {run.stage.name} {step}/{total}"
-        if observed.checkpoint is not None:
-            stage.last_checkpoint = observed.checkpoint
+        if checkpoint is not None:
+            stage.last_checkpoint = checkpoint
         out.phase = "Running"
         condition(c.RECONCILING, True, c.STAGE_RUNNING, f"stage {run.stage.name} running")
         condition(c.READY, False, c.STAGE_RUNNING, f"stage {run.stage.name} running")
@@ -296,7 +297,7 @@ def decide(
     stage.phase = "Running"
     stage.start_time = stage.start_time or stamp
     stage.retry_after = None
-    resumed = f" from checkpoint {observed.checkpoint}" if observed.checkpoint else ""
+    resumed = f" from checkpoint {checkpoint}" if checkpoint else ""
     stage.message = f"attempt {attempt} started{resumed}"
     event(
         "Normal",
