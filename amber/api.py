@@ -139,6 +139,9 @@ class DeepSpeedSpec(Model):
     activation_checkpointing: bool = Field(
         True, description="activationCheckpointing: recompute block activations in backward."
     )
+    compile: bool = Field(
+        True, description="compile: torch.compile each transformer block (GPUs, ZeRO < 3)."
+    )
 
 
 class SchedulingSpec(Model):

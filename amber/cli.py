@@ -138,6 +138,114 @@ def inspect(
     console.print(table)
 
 
+def parse_bytes(text: str) -> float:
+    """'80GiB', '141GB', '80Gi' or a number of bytes."""
+    units = {"gib": 2**30, "gi": 2**30, "gb": 1e9, "g": 1e9, "mib": 2**20, "mb": 1e6}
+    lowered = text.strip().lower()
+    for unit, scale in sorted(units.items(), key=lambda u: -len(u[0])):
+        if lowered.endswith(unit):
+            return float(lowered[: -len(unit)]) * scale
+    return float(lowered)
+
+
+@app.command("plan")
+def plan_command(
+    file: Annotated[Path, typer.Argument(help="An AmberCompression YAML file.")],
+    gpus_per_pod: Annotated[
+        int | None, typer.Option(help="GPUs per pod for every stage (default: the resource's).")
+    ] = None,
+    gpu_memory: Annotated[str, typer.Option(help="Memory of one GPU, e.g. 80GiB.")] = "80GiB",
+    resolution: Annotated[
+        int | None, typer.Option(help="Image side (default: the encode stage's).")
+    ] = None,
+    text_tokens: Annotated[
+        int | None, typer.Option(help="Text tokens per sample (default: the encode cap).")
+    ] = None,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.table,
+) -> None:
+    """Per-GPU memory of each training stage and GPU-hours of the recipe; exit 1 when a stage
+    will not fit."""
+    from amber_trainer import budget
+
+    obj = load_or_exit(file)
+    try:
+        limit = parse_bytes(gpu_memory)
+    except ValueError:
+        errors.print(f"--gpu-memory: cannot read {gpu_memory!r}; write e.g. 80GiB")
+        raise typer.Exit(EXIT_INVALID) from None
+    rows = budget.costs(obj, gpus_per_pod, resolution, text_tokens)
+    gib = 2**30
+    records = []
+    for row in rows:
+        mem = row.memory
+        records.append(
+            {
+                "stage": row.run.stage.name,
+                "type": row.run.stage.type,
+                "gpus": row.world,
+                "memoryGiB": {
+                    k: round(v / gib, 2) for k, v in mem.as_dict().items() if isinstance(v, float)
+                }
+                if mem
+                else None,
+                "fits": row.fits(limit),
+                "gpuHours": round(row.gpu_hours, 1),
+            }
+        )
+    too_big = [r for r in records if not r["fits"]]
+    if output is not Output.table:
+        text = json.dumps(records, indent=2) if output is Output.json else yaml.safe_dump(records)
+        print(text)
+    else:
+        table = Table(title=f"{file}: GiB per {gpu_memory} GPU, and GPU-hours")
+        columns = (
+            "stage",
+            "GPUs",
+            "teacher",
+            "weights",
+            "grads",
+            "optim",
+            "activ",
+            "peak",
+            "%GPU",
+            "GPU-h",
+        )
+        for column in columns:
+            table.add_column(column, justify="left" if column == "stage" else "right")
+        for r, row in zip(records, rows, strict=True):
+            m = r["memoryGiB"]
+            cells = ["-"] * 6
+            if m:
+                share = row.memory.total / limit
+                color = "red" if share > 1 else "yellow" if share > 0.9 else "green"
+                cells = [
+                    f"{m['teacher']:.1f}",
+                    f"{m['weights']:.1f}",
+                    f"{m['gradients']:.1f}",
+                    f"{m['optimizer']:.1f}",
+                    f"{m['activations']:.1f}",
+                    f"[{color}]{m['total']:.1f}[/]",
+                ]
+                cells.append(f"[{color}]{share:.0%}[/]")
+            else:
+                cells.append("-")
+            table.add_row(r["stage"], str(r["gpus"]), *cells, f"{r['gpuHours']:.1f}")
+        Console(width=max(console.width, 100)).print(table)
+        total = sum(r.gpu_hours for r in rows)
+        console.print(f"total {total:.0f} GPU-hours at the throughput measured on one H200")
+        for r, row in zip(records, rows, strict=True):
+            if row.memory and r["fits"] and row.memory.total > 0.9 * limit:
+                errors.print(f"[yellow]warning[/] {r['stage']}: over 90% of GPU memory")
+    for r in too_big:
+        errors.print(
+            f"[bold red]will not fit[/] {r['stage']}: {r['memoryGiB']['total']:.1f} GiB per GPU "
+            f"> {gpu_memory}; more GPUs (ZeRO shards by world size), a higher zeroStage, "
+            "activationCheckpointing or a smaller microBatchSize"
+        )
+    if too_big:
+        raise typer.Exit(1)
+
+
 @app.command()
 def run(
     file: Annotated[Path, typer.Argument(help="An AmberCompression YAML file.")],

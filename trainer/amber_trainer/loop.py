@@ -10,8 +10,9 @@ from typing import Any
 import deepspeed
 import torch
 
+from amber.api import DeepSpeedSpec
 from amber.stages import TrainingParams
-from amber_trainer import checkpoint
+from amber_trainer import checkpoint, speed
 from amber_trainer.forward import FlowInputs
 from amber_trainer.runtime import Runtime, deepspeed_config, peak_memory_mb
 
@@ -35,19 +36,38 @@ def cast(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 
 def build_engine(rt: Runtime, objective: torch.nn.Module, params: TrainingParams, steps: int):
-    config = deepspeed_config(rt.run.deepspeed, params, steps, rt.world, rt.device.type == "cuda")
-    objective.activation_checkpointing = rt.run.deepspeed.activation_checkpointing
+    return make_engine(objective, rt.run.deepspeed, params, steps, rt.world, rt.device)
+
+
+def make_engine(
+    objective: torch.nn.Module,
+    ds: DeepSpeedSpec,
+    params: TrainingParams,
+    steps: int,
+    world: int,
+    device: torch.device,
+    overrides: dict | None = None,
+):
+    """The DeepSpeed engine a stage trains `objective` with (benchmarks build the same, and
+    try alternatives through `overrides`, merged into the DeepSpeed config)."""
+    config = deepspeed_config(ds, params, steps, world, device.type == "cuda")
+    for key, value in (overrides or {}).items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    objective.activation_checkpointing = ds.activation_checkpointing
+    if speed.should_compile(ds, device, config["zero_optimization"]["stage"]):
+        speed.compile_blocks(objective.student)
     trainable = [p for p in objective.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=objective, model_parameters=trainable, config=config
     )
-    return single_process_fast_path(engine, rt.world)
+    return single_process_fast_path(engine, world, config["zero_optimization"]["stage"])
 
 
-def single_process_fast_path(engine, world: int):
+def single_process_fast_path(engine, world: int, zero_stage: int = 0):
     """Alone, there is no one to all-reduce gradients with: skip DeepSpeed's flatten, reduce
-    and unflatten copies after every backward."""
-    if world == 1:
+    and unflatten copies after every backward. (Not under ZeRO, whose optimizers take their
+    gradients from that very reduction.)"""
+    if world == 1 and zero_stage == 0:
         engine.enable_backward_allreduce = False
     return engine
 
@@ -76,19 +96,18 @@ def train(
     started = time.perf_counter()
     first_step = state["step"]
     for step in range(state["step"], total_steps):
-        step_loss, step_parts = 0.0, None
+        totals = None  # (loss, *parts) summed on the device: no host sync per micro-batch
         for micro in range(accumulation):
             inputs = cast(make_inputs(step * accumulation + micro), rt.device, dtype)
             loss, parts = engine(*inputs)
             engine.backward(loss)
             engine.step()
-            # .item() syncs the host, once per micro-batch: cheap next to a transformer step.
-            step_loss += loss.item() / accumulation
-            parts = parts.float().cpu() / accumulation
-            step_parts = parts if step_parts is None else step_parts + parts
+            values = torch.cat([loss.detach().float()[None], parts.detach().float()])
+            totals = values if totals is None else totals + values
+        step_loss, *step_parts = (totals / accumulation).tolist()  # the step's one sync
         state["step"] = step + 1
         state["losses"].append(step_loss)
-        state["parts"].append(step_parts.tolist())
+        state["parts"].append(step_parts)
         elapsed = time.perf_counter() - started
         rate = (step + 1 - first_step) * samples_per_step / max(elapsed, 1e-9)
         rt.progress(

@@ -25,6 +25,7 @@ from amber.api import DeepSpeedSpec
 from amber.plan import OUTPUT, StageRun
 from amber.stages import TrainingParams
 from amber.storage import Store, open_store
+from amber_trainer import speed
 
 # Kubernetes mounts this file into every container; a test pod runner names another.
 TERMINATION_LOG_ENV = "AMBER_TERMINATION_LOG"
@@ -156,8 +157,7 @@ def deepspeed_config(
                 "betas": [0.9, 0.999],
                 "eps": 1e-8,
                 "weight_decay": params.weight_decay,
-                # DeepSpeed's fused Adam needs CUDA; torch's AdamW is the CPU path.
-                "torch_adam": not on_gpu,
+                **speed.optimizer_params(on_gpu),
             },
         },
         "scheduler": {

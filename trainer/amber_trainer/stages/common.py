@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from amber_trainer import data, models
+from amber_trainer import data, models, speed
 from amber_trainer.forward import FlowInputs
 from amber_trainer.runtime import Runtime
 
@@ -23,6 +23,8 @@ def teacher(rt: Runtime, frozen: bool = True) -> torch.nn.Module:
         model.requires_grad_(False).eval()
         if rt.device.type == "cuda":
             model = model.to(torch.bfloat16)
+        if speed.should_compile(rt.run.deepspeed, rt.device, zero_stage=0):  # never sharded
+            speed.compile_blocks(model)
     return model.to(rt.device)
 
 

@@ -1,0 +1,113 @@
+"""What a recipe costs: per-GPU memory of each stage (memory.py) and GPU-hours from model
+FLOPs and throughput measured on an H200 (bench/gpu_step.py, docs/performance.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from amber.api import AmberCompression
+from amber.plan import StageRun, plan
+from amber_trainer import memory, models
+
+# Model TFLOP/s (recomputation not credited) measured on one H200 at full width, bf16.
+THROUGHPUT = {
+    "finetune": 407.0,  # trainer finetune step, micro-batch 8 (optimizer amortised)
+    "finetune+ckpt": 321.0,
+    "distill": 343.0,  # frozen-teacher forward + student step, micro-batch 2
+    "distill+ckpt": 302.0,
+    "forward": 375.0,  # full 60-block teacher forward (the issue's anchor)
+}
+FORWARD_ONLY = ("score", "eval")
+
+
+@dataclass(frozen=True)
+class StageCost:
+    run: StageRun
+    world: int
+    memory: memory.StageMemory | None  # None: a stage that trains nothing
+    flops: float
+    gpu_hours: float
+
+    def fits(self, gpu_bytes: float) -> bool:
+        return self.memory is None or self.memory.total <= gpu_bytes
+
+
+def block_flops(width: int, tokens: int) -> float:
+    """Forward FLOPs of one block for one sample: 24·d²·N (linear layers) + 4·N²·d (attention)."""
+    return 24.0 * width**2 * tokens + 4.0 * tokens**2 * width
+
+
+def shape_of(obj: AmberCompression, resolution: int | None, text_tokens: int | None):
+    """The per-sample shape training sees: the synthetic data's, or the encode stage's."""
+    synthetic = obj.spec.data.synthetic
+    if synthetic is not None and resolution is None:
+        side = synthetic.latent_size // 2
+        return memory.Shape(1, side * side, text_tokens or synthetic.text_tokens)
+    encode = next((s for s in obj.spec.pipeline() if s.type == "encode"), None)
+    res = resolution or (encode.resolution if encode else 1024)
+    text = text_tokens or (encode.max_text_tokens if encode else 512)
+    return memory.Shape.at(res, text, 1)
+
+
+def stage_flops(run: StageRun, teacher_layers: int, student_layers: int, f: float, world: int):
+    """Model FLOPs of a whole stage, `f` being one block's forward on one sample."""
+    stage = run.stage
+    if stage.type == "score":
+        layers, samples = teacher_layers, stage.calibration_samples * len(stage.timesteps)
+        if stage.mode == "one-shot":  # one full forward, then each layer skipped once
+            return samples * (layers + 1) * layers * f
+        removals = range(teacher_layers - stage.target_layers)
+        return samples * sum((layers - r) ** 2 for r in removals) * f
+    if stage.type == "eval":
+        return stage.samples * stage.timestep_buckets * (teacher_layers + student_layers) * f
+    if stage.type not in ("distill", "finetune", "fuse"):
+        return 0.0
+    batch = stage.micro_batch_size * stage.gradient_accumulation * world
+    student = 3 * student_layers * f
+    if stage.type == "distill":
+        return stage.steps * batch * (teacher_layers * f + student)
+    if stage.type == "finetune":
+        teacher = teacher_layers * f if stage.distill_weight > 0 else 0.0
+        return stage.steps * batch * (student + teacher)
+    phases = math.ceil(stage.single_layers / stage.blocks_per_phase)
+    return (phases * stage.steps * batch * (student_layers * f + student)) + (
+        stage.finetune_steps * batch * student
+    )
+
+
+def throughput(run: StageRun) -> float:
+    if run.stage.type in FORWARD_ONLY:
+        return THROUGHPUT["forward"]
+    kind = "finetune" if run.stage.type == "finetune" else "distill"
+    return THROUGHPUT[kind + ("+ckpt" if run.deepspeed.activation_checkpointing else "")]
+
+
+def costs(
+    obj: AmberCompression,
+    gpus_per_pod: int | None = None,
+    resolution: int | None = None,
+    text_tokens: int | None = None,
+) -> list[StageCost]:
+    teacher = obj.spec.teacher.config or models.named_config("qwen-image")
+    runs = plan(obj)
+    student = memory.student_config(teacher, runs)
+    shape = shape_of(obj, resolution, text_tokens)
+    width = teacher.get("num_attention_heads", 24) * teacher.get("attention_head_dim", 128)
+    f = block_flops(width, shape.image_tokens + shape.text_tokens)
+    out = []
+    for run in runs:
+        gpus = gpus_per_pod if gpus_per_pod is not None else run.resources.gpus_per_pod
+        world = run.resources.pods * max(gpus, 1)
+        mem = None
+        if run.stage.type in memory.TRAINED_STAGES:
+            micro = memory.Shape(run.stage.micro_batch_size, shape.image_tokens, shape.text_tokens)
+            compiled = run.deepspeed.compile and run.deepspeed.zero_stage < 3
+            mode = "compiled" if compiled else "eager"
+            mem = memory.predict(run, teacher, student, micro, world, mode)
+        flops = stage_flops(
+            run, teacher.get("num_layers", 60), student.get("num_layers", 60), f, world
+        )
+        hours = flops / (throughput(run) * 1e12) / 3600
+        out.append(StageCost(run, world, mem, flops, hours))
+    return out
