@@ -115,7 +115,9 @@ class DataSpec(Model):
         None, description="uri: image-text pairs (WebDataset tar shards or parquet) to encode."
     )
     cache_uri: str | None = Field(
-        None, description="cacheUri: encoded latent/text-embedding shards (encode's output)."
+        None,
+        description="cacheUri: shards encoded before (an earlier run's encode/output), "
+        "used when the pipeline has no encode stage.",
     )
     synthetic: SyntheticData | None = Field(
         None, description="synthetic: generate data instead of reading it."
@@ -214,16 +216,38 @@ class AmberCompressionSpec(Model):
             raise ValueError("exactly one of preset and stages must be set")
         if self.preset is None and self.overrides:
             raise ValueError("overrides only apply to a preset")
-        problems = check_pipeline(self.pipeline(), self.teacher.num_layers)
+        stages = self.pipeline()
+        problems = check_pipeline(stages, self.teacher.num_layers) + self._data_problems(stages)
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
+    def _data_problems(self, stages: list[Stage]) -> list[str]:
+        data, encode = self.data, any(s.type == "encode" for s in stages)
+        if encode and not data.uri:
+            return ["data.uri: the encode stage needs image-text pairs to encode"]
+        if encode and data.cache_uri:
+            return [
+                "data.cacheUri: the encode stage writes the training data; drop cacheUri, "
+                "or drop the encode stage to train on shards encoded before"
+            ]
+        if encode and not self.teacher.uri:
+            return [
+                "teacher.uri: the encode stage needs the teacher pipeline's VAE and "
+                "text encoder (a pipeline folder with vae/, text_encoder/, tokenizer/)"
+            ]
+        if not encode and data.uri and not (data.cache_uri or data.synthetic):
+            return ["data.uri: raw pairs need an encode stage first, or set data.cacheUri"]
+        return []
+
     def pipeline(self) -> list[Stage]:
-        """The ordered stages this spec runs: its own, or its preset's with overrides."""
+        """The ordered stages this spec runs: its own, or its preset's with overrides (and an
+        encode stage first when data.uri holds pairs not encoded yet)."""
         if self.stages is not None:
             return list(self.stages)
-        return presets.build(self.preset, self.teacher.num_layers, self.overrides)
+        encode = self.data.uri is not None and self.data.cache_uri is None
+        layers = self.teacher.num_layers
+        return presets.build(self.preset, layers, self.overrides, encode=encode)
 
 
 class ObjectMeta(Model):

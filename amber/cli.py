@@ -80,11 +80,19 @@ def validate(
 
 
 @app.command()
-def crd() -> None:
+def crd(
+    keep_on_uninstall: Annotated[
+        bool, typer.Option(help="Annotate for Helm to keep it on uninstall (the chart's copy).")
+    ] = False,
+) -> None:
     """Print the AmberCompression CustomResourceDefinition (generated from the types)."""
     from amber.schema import crd as build_crd
 
-    print(yaml.safe_dump(build_crd(), sort_keys=False), end="")
+    doc = build_crd()
+    if keep_on_uninstall:
+        annotations = doc["metadata"].setdefault("annotations", {})
+        annotations["helm.sh/resource-policy"] = "keep"
+    print(yaml.safe_dump(doc, sort_keys=False), end="")
 
 
 @app.command()
@@ -189,7 +197,7 @@ def plan_command(
                 if mem
                 else None,
                 "fits": row.fits(limit),
-                "gpuHours": round(row.gpu_hours, 1),
+                "gpuHours": None if row.gpu_hours is None else round(row.gpu_hours, 1),
             }
         )
     too_big = [r for r in records if not r["fits"]]
@@ -229,10 +237,14 @@ def plan_command(
                 cells.append(f"[{color}]{share:.0%}[/]")
             else:
                 cells.append("-")
-            table.add_row(r["stage"], str(r["gpus"]), *cells, f"{r['gpuHours']:.1f}")
+            hours = "-" if r["gpuHours"] is None else f"{r['gpuHours']:.1f}"
+            table.add_row(r["stage"], str(r["gpus"]), *cells, hours)
         Console(width=max(console.width, 100)).print(table)
-        total = sum(r.gpu_hours for r in rows)
-        console.print(f"total {total:.0f} GPU-hours at the throughput measured on one H200")
+        total = sum(r.gpu_hours or 0.0 for r in rows)
+        console.print(
+            f"total {total:.0f} GPU-hours at the throughput measured on one H200"
+            + (" (encode not counted: it scales with the dataset)" if rows[0].flops is None else "")
+        )
         for r, row in zip(records, rows, strict=True):
             if row.memory and r["fits"] and row.memory.total > 0.9 * limit:
                 errors.print(f"[yellow]warning[/] {r['stage']}: over 90% of GPU memory")

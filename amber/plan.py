@@ -41,6 +41,9 @@ class StageRun(Model):
     score_from: str | None = Field(
         None, description="scoreFrom: score stage whose kept layers prune uses."
     )
+    data_from: str | None = Field(
+        None, description="dataFrom: encode stage whose shards are the training data."
+    )
     spec_hash: str = Field("", description="specHash: changes when this stage must re-run.")
 
     @property
@@ -64,11 +67,13 @@ def plan(obj: AmberCompression) -> list[StageRun]:
     runs: list[StageRun] = []
     last_model: str | None = None
     last_score: str | None = None
+    encoded: str | None = None
     hashes: dict[str, str] = {}
     for index, stage in enumerate(spec.pipeline()):
         model_from = last_model
         score_from = last_score if stage.type == "prune" else None
-        upstream = [hashes[n] for n in (model_from, score_from) if n]
+        data_from = encoded if stage.type != "encode" else None
+        upstream = [hashes[n] for n in (model_from, score_from, data_from) if n]
         digest = _digest(
             stage.dump(), spec.teacher.dump(), spec.data.dump(), spec.deepspeed.dump(), upstream
         )
@@ -86,6 +91,7 @@ def plan(obj: AmberCompression) -> list[StageRun]:
                 resources=stage.resources or spec.resources,
                 model_from=model_from,
                 score_from=score_from,
+                data_from=data_from,
                 spec_hash=digest,
             )
         )
@@ -93,6 +99,8 @@ def plan(obj: AmberCompression) -> list[StageRun]:
             last_model = stage.name
         if stage.type == "score":
             last_score = stage.name
+        if stage.type == "encode":
+            encoded = stage.name
     return runs
 
 

@@ -56,9 +56,12 @@ def _reasons(name: str, err: ValidationError) -> str:
     )
 
 
-def build(preset: str, teacher_layers: int, overrides: dict[str, dict[str, Any]]) -> list[Stage]:
-    """The preset's stages with `overrides` (stage name -> fields) applied and validated."""
-    raw = _RECIPES[preset](teacher_layers)
+def build(
+    preset: str, teacher_layers: int, overrides: dict[str, dict[str, Any]], encode: bool = False
+) -> list[Stage]:
+    """The preset's stages with `overrides` (stage name -> fields) applied and validated;
+    `encode` puts an encode stage first (raw pairs in data.uri, nothing encoded yet)."""
+    raw = ([{"type": "encode"}] if encode else []) + _RECIPES[preset](teacher_layers)
     by_name = {stage.get("name", stage["type"]): stage for stage in raw}
     unknown = sorted(set(overrides) - set(by_name))
     if unknown:

@@ -26,8 +26,8 @@ class StageCost:
     run: StageRun
     world: int
     memory: memory.StageMemory | None  # None: a stage that trains nothing
-    flops: float
-    gpu_hours: float
+    flops: float | None  # None: not modelled (encode depends on the dataset's size)
+    gpu_hours: float | None
 
     def fits(self, gpu_bytes: float) -> bool:
         return self.memory is None or self.memory.total <= gpu_bytes
@@ -53,6 +53,8 @@ def shape_of(obj: AmberCompression, resolution: int | None, text_tokens: int | N
 def stage_flops(run: StageRun, teacher_layers: int, student_layers: int, f: float, world: int):
     """Model FLOPs of a whole stage, `f` being one block's forward on one sample."""
     stage = run.stage
+    if stage.type == "encode":
+        return None
     if stage.type == "score":
         layers, samples = teacher_layers, stage.calibration_samples * len(stage.timesteps)
         if stage.mode == "one-shot":  # one full forward, then each layer skipped once
@@ -108,6 +110,6 @@ def costs(
         flops = stage_flops(
             run, teacher.get("num_layers", 60), student.get("num_layers", 60), f, world
         )
-        hours = flops / (throughput(run) * 1e12) / 3600
+        hours = None if flops is None else flops / (throughput(run) * 1e12) / 3600
         out.append(StageCost(run, world, mem, flops, hours))
     return out

@@ -41,6 +41,8 @@ class Runtime:
     device: torch.device
     store: Store  # rooted at {storage}/{namespace}/{name}
     workdir: Path  # this process's scratch space
+    # output files this rank uploaded itself; rank 0's commit marker lists them too
+    output_parts: dict = field(default_factory=dict)
     _last_progress: float = field(default=0.0, repr=False)
 
     @property
@@ -99,10 +101,15 @@ class Runtime:
 
     def commit_output(self, local_dir: Path, step: int, metrics: dict) -> commits.Manifest:
         """Rank 0 uploads the output, marker last; every rank waits for it."""
+        parts = self.gather(self.output_parts)
         manifest = None
         if self.is_main:
-            manifest = commits.commit(
-                self.store, f"{self.stage}/{OUTPUT}", local_dir, step, metrics, self.run.spec_hash
+            folder = f"{self.stage}/{OUTPUT}"
+            files = commits.upload_files(self.store, folder, local_dir)
+            for part in parts:
+                files.update(part)
+            manifest = commits.write_marker(
+                self.store, folder, step, files, metrics, self.run.spec_hash
             )
         self.barrier()
         return manifest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-RUNNERS = ("score", "prune", "distill", "finetune", "fuse", "eval")
+RUNNERS = ("encode", "score", "prune", "distill", "finetune", "fuse", "eval")
 
 
 def runner(stage_type: str):

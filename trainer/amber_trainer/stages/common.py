@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from amber_trainer import data, models, speed
+from amber_trainer import data, encoders, models, speed
 from amber_trainer.forward import FlowInputs
 from amber_trainer.runtime import Runtime
 
@@ -87,9 +87,42 @@ def write_output(
     return out
 
 
+def teacher_folder(rt: Runtime, parts=encoders.PARTS) -> Path:
+    """The teacher pipeline folder, local: a path as given, an S3 prefix downloaded (only
+    the subfolders in `parts`)."""
+    uri = rt.run.teacher.uri
+    if uri is None:
+        raise ValueError("teacher.uri: this stage needs the teacher pipeline folder")
+    if not uri.startswith("s3://"):
+        return Path(uri.removeprefix("file://"))
+    from amber.storage import open_store
+
+    store = open_store(uri, rt.run.storage.endpoint, rt.run.storage.region)
+    local = rt.workdir / "teacher-pipeline"
+    for part in parts:
+        for key in store.list(part):
+            store.download(key, local / key)
+    return local
+
+
+def vae_pipeline(rt: Runtime):
+    """The teacher pipeline's VAE and text encoder when the teacher is a pipeline folder with
+    a VAE (sample grids decode with it), else None."""
+    if rt.run.teacher.uri is None:
+        return None
+    folder = teacher_folder(rt)
+    if not encoders.has_vae(folder):
+        return None
+    dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+    return encoders.load(folder, rt.device, dtype)
+
+
 def datasets(rt: Runtime, config: dict) -> tuple[data.TensorDataset, data.TensorDataset]:
     """Training rows and held-out rows of the resource's data."""
     spec = rt.run.data
+    if rt.run.data_from is not None:  # this run's encode stage
+        folder = rt.fetch_output(rt.run.data_from)
+        return data.load_shards(sorted(folder.glob("*.safetensors"))).split()
     if spec.synthetic is not None:
         s = spec.synthetic
         # Held-out rows are a separate draw: the training rows stay exactly `samples`.

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from pathlib import Path
 
 import torch
 
-from amber_trainer import models
-from amber_trainer.forward import velocity
+from amber_trainer import encoders, models
+from amber_trainer.forward import FlowInputs, velocity
 from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
 
@@ -60,7 +62,51 @@ def run(rt: Runtime) -> tuple[int, dict]:
     if rt.is_main:
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))
         _plot(metrics, out / "velocity_error.png")
-    return 0, {k: metrics[k] for k in ("meanRelativeVelocityError", "samples")}
+        pipe = common.vae_pipeline(rt)
+        if pipe is not None:  # a teacher pipeline with a VAE: pictures, not only numbers
+            sample_grid(pipe, teacher, student, held_out, params, out / "samples.png")
+            metrics["sampleGrid"] = "samples.png"
+    summary = ("meanRelativeVelocityError", "samples", "sampleGrid")
+    return 0, {k: metrics[k] for k in summary if k in metrics}
+
+
+@torch.no_grad()
+def euler(model, batch, noise: torch.Tensor, steps: int, shift: float = 3.0) -> torch.Tensor:
+    """Integrate dx/dt = v from t=1 (noise) to t=0 with the schedulers' time shift."""
+    x = noise
+    times = torch.linspace(1.0, 0.0, steps + 1)
+    times = shift * times / (1 + (shift - 1) * times)
+    for t, t_next in itertools.pairwise(times.tolist()):
+        at = torch.full((len(batch),), t, device=x.device)
+        inputs = FlowInputs(x, batch.text, batch.text_mask, at, batch.img_shapes)
+        x = x + (t_next - t) * velocity(model, inputs)
+    return x
+
+
+def sample_grid(pipe, teacher, student, held_out, params, path: Path, rows: int = 4) -> None:
+    """Held-out captions, one row each: the data's own image, then teacher and student
+    samples from the same noise, decoded with the teacher pipeline's VAE."""
+    from PIL import Image
+
+    n = min(rows, len(held_out))
+    batch = held_out.rows(list(range(n)), teacher.device)
+    batch.latents = batch.latents.to(teacher.dtype)
+    batch.text = batch.text.to(teacher.dtype)
+    gen = torch.Generator().manual_seed(params.seed)
+    noise = torch.randn(batch.latents.shape, generator=gen).to(batch.latents)
+    columns = [
+        batch.latents,
+        euler(teacher, batch, noise, params.sample_steps),
+        euler(student, batch, noise, params.sample_steps),
+    ]
+    images = [encoders.decode(pipe, c, held_out.side) for c in columns]  # (n, 3, px, px)
+    px = images[0].shape[-1]
+    grid = Image.new("RGB", (px * len(images), px * n))
+    for j, column in enumerate(images):
+        for i in range(n):
+            array = (column[i].permute(1, 2, 0).cpu().numpy() * 255).astype("uint8")
+            grid.paste(Image.fromarray(array), (j * px, i * px))
+    grid.save(path)
 
 
 def _plot(metrics: dict, path) -> None:
