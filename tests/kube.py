@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import urllib3
+import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
@@ -155,6 +156,7 @@ class PodRunner:
 
     def __init__(self, cluster: Cluster):
         self.core = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
+        self.kubeconfig = cluster.kubeconfig
         self.work = Path(tempfile.mkdtemp(prefix="amber-pods-"))
         self.procs: dict[str, subprocess.Popen] = {}
         self.pods: dict[str, object] = {}  # every pod this runner started, by ns/name
@@ -250,12 +252,57 @@ class PodRunner:
         thread.start()
         self.threads.append(thread)
 
-    def _env(self, pod, container, volumes: dict[str, Path]) -> dict[str, str]:
+    def _identity(self, pod, root: Path) -> dict[str, str]:
+        """The pod's ServiceAccount, as a kubelet would give it: a bound token (TokenRequest),
+        here in a kubeconfig (clients fall back to KUBECONFIG outside a real pod). None when
+        the pod opts out of the token."""
+        if pod.spec.automount_service_account_token is False:
+            return {}
+        account = pod.spec.service_account_name or "default"
+        request = {
+            "spec": {
+                "expirationSeconds": 3600,
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": pod.metadata.name,
+                    "uid": pod.metadata.uid,
+                },
+            }
+        }
+        token = self.core.create_namespaced_service_account_token(
+            account, pod.metadata.namespace, request
+        ).status.token
+        admin = yaml.safe_load(self.kubeconfig.read_text())
+        server = admin["clusters"][0]["cluster"]
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "cluster", "cluster": server}],
+            "users": [{"name": account, "user": {"token": token}}],
+            "contexts": [
+                {
+                    "name": "pod",
+                    "context": {
+                        "cluster": "cluster",
+                        "user": account,
+                        "namespace": pod.metadata.namespace,
+                    },
+                }
+            ],
+            "current-context": "pod",
+        }
+        path = root / "serviceaccount.kubeconfig"
+        path.write_text(yaml.safe_dump(doc))
+        return {"KUBECONFIG": str(path)}
+
+    def _env(self, pod, container, volumes: dict[str, Path], root: Path) -> dict[str, str]:
         env = {
             "PATH": os.environ["PATH"],
             "HOME": os.environ.get("HOME", "/root"),
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
+            **self._identity(pod, root),
         }
         for source in container.env_from or []:
             if source.secret_ref:
@@ -323,7 +370,7 @@ class PodRunner:
         root.mkdir(parents=True, exist_ok=True)
         try:
             volumes = self._volumes(pod, root)
-            env = self._env(pod, container, volumes)
+            env = self._env(pod, container, volumes, root)
         except Exception as err:  # report a pod that cannot start as Failed, like a kubelet
             self._finish(pod, 128, "CreateContainerConfigError", str(err))
             return

@@ -17,6 +17,7 @@ from kubernetes import client
 from amber import commits
 from amber.schema import crd
 from amber.storage import S3Store, open_store, s3_client
+from argocd import health
 from kube import wait_for
 from trainer_helpers import FAST, free_port, tiny_resource
 
@@ -140,6 +141,7 @@ def test_tiny_pipeline_runs_to_the_final_model(cluster, namespace, operator, s3_
     assert status["finalUri"] == f"s3://{namespace}/runs/{namespace}/tiny/final"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
+    assert health(get(cluster, namespace, "tiny"))[0] == "Healthy"  # as Argo CD shows it
     stages = [j.metadata.labels["amber.dev/stage"] for j in jobs_of(cluster, namespace)]
     assert sorted(stages) == sorted(s["name"] for s in status["stages"])  # one Job each
     # The final model sits in the loopback S3 bucket, committed.
@@ -218,6 +220,7 @@ def test_suspend_resume_then_delete_mid_stage(cluster, namespace, operator, tmp_
     assert kept is not None  # suspending keeps every checkpoint
     status = get(cluster, namespace, "pause")["status"]
     assert next(c for c in status["conditions"] if c["type"] == "Suspended")["status"] == "True"
+    assert health(get(cluster, namespace, "pause"))[0] == "Suspended"  # as Argo CD shows it
 
     patch_spec(cluster, namespace, "pause", {"suspend": False})
     wait_for(lambda: jobs_of(cluster, namespace, "distill"), 120, 0.5, "a new attempt")
@@ -298,6 +301,8 @@ def test_unreadable_storage_stalls_clearly_without_crashing(cluster, namespace, 
     condition = wait_for(stalled, 120, 0.5, "a Stalled condition")
     assert condition["reason"] == "StorageUnavailable"
     assert "no-such-secret" in condition["message"]
+    status, message = health(get(cluster, namespace, "nocreds"))
+    assert status == "Degraded" and "no-such-secret" in message
     events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)
     assert "StorageUnavailable" in {e["reason"] for e in events["items"]}
     assert jobs_of(cluster, namespace) == []

@@ -68,12 +68,15 @@ def delete_job(api: client.ApiClient, namespace: str, name: str) -> None:
             raise
 
 
-def apply(api, obj: AmberCompression, body: dict, actions: list, store_factory) -> None:
+def apply(
+    api, obj: AmberCompression, body: dict, actions: list, store_factory, service_account=""
+) -> None:
     ns = obj.metadata.namespace
     owner = owner_reference(body)
     for action in actions:
         if isinstance(action, CreateAttempt):
-            for manifest in render.children(obj, action.run, action.attempt, action.job):
+            children = render.children(obj, action.run, action.attempt, action.job, service_account)
+            for manifest in children:
                 create(api, ns, manifest, owner)
         elif isinstance(action, DeleteJob):
             delete_job(api, ns, action.name)

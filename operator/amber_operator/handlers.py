@@ -26,6 +26,8 @@ from amber_operator import conditions as c
 from amber_operator.reconcile import decide
 
 INTERVAL = float(os.environ.get("AMBER_RECONCILE_INTERVAL", "10"))
+# The ServiceAccount of trainer pods (the chart creates one with no permissions).
+TRAINER_SERVICE_ACCOUNT = os.environ.get("AMBER_TRAINER_SERVICE_ACCOUNT", "")
 _locks: dict[str, threading.Lock] = {}
 _phases: dict[str, str] = {}
 
@@ -103,7 +105,14 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> None:
     status = status or AmberCompressionStatus()
     observed = observe.observe(api, obj)
     decision = decide(obj, status, observed, now, generation)
-    apply.apply(api, obj, dict(body), decision.actions, lambda: observe.store_for(api, obj))
+    apply.apply(
+        api,
+        obj,
+        dict(body),
+        decision.actions,
+        lambda: observe.store_for(api, obj),
+        TRAINER_SERVICE_ACCOUNT,
+    )
 
     # One status write per pass, and only when something changed; events after it.
     new_status = decision.status.dump()

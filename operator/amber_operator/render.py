@@ -107,7 +107,9 @@ def environment(obj: AmberCompression, run: StageRun) -> list[dict]:
     return env
 
 
-def job(obj: AmberCompression, run: StageRun, attempt: int, name: str) -> dict:
+def job(
+    obj: AmberCompression, run: StageRun, attempt: int, name: str, service_account: str = ""
+) -> dict:
     spec = obj.spec
     res = run.resources
     gang = spec.scheduling.gang
@@ -128,6 +130,8 @@ def job(obj: AmberCompression, run: StageRun, attempt: int, name: str) -> dict:
     pod_spec: dict = {
         "restartPolicy": "Never",
         "subdomain": name,
+        # Trainers read storage, never the Kubernetes API: no token in their pods.
+        "automountServiceAccountToken": False,
         "containers": [
             {
                 "name": "trainer",
@@ -150,6 +154,8 @@ def job(obj: AmberCompression, run: StageRun, attempt: int, name: str) -> dict:
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         ],
     }
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
@@ -198,10 +204,12 @@ def pod_group(obj: AmberCompression, run: StageRun, attempt: int, name: str) -> 
     }
 
 
-def children(obj: AmberCompression, run: StageRun, attempt: int, name: str) -> list[dict]:
+def children(
+    obj: AmberCompression, run: StageRun, attempt: int, name: str, service_account: str = ""
+) -> list[dict]:
     """Everything one attempt needs, in creation order."""
     out = [config_map(obj, run, attempt, name), service(obj, run, attempt, name)]
     if obj.spec.scheduling.gang == "volcano":
         out.append(pod_group(obj, run, attempt, name))
-    out.append(job(obj, run, attempt, name))
+    out.append(job(obj, run, attempt, name, service_account))
     return out

@@ -1,0 +1,211 @@
+"""The Helm chart, the rendered manifests and the images, installed and exercised for real:
+`helm install` into the test control plane, the chart's own Deployment started by the pod
+runner (with a token of the chart's ServiceAccount, so RBAC is what the chart grants), an
+AmberCompression run to Succeeded by that operator, then upgrade and uninstall."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+from packaging.requirements import Requirement
+
+from amber.schema import crd
+from argocd import health
+from kube import wait_for
+from trainer_helpers import FAST, ROOT, free_port, tiny_resource
+
+CHART = ROOT / "charts" / "amber-operator"
+RELEASE, SYSTEM = "amber-operator", "amber-system"
+OPERATOR_SA = f"system:serviceaccount:{SYSTEM}:{RELEASE}"
+GROUP, VERSION, PLURAL = "amber.dev", "v1alpha1", "ambercompressions"
+
+
+def helm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [cluster.binaries["helm"], f"--kubeconfig={cluster.kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=300,
+    )
+
+
+def test_chart_lints_clean_and_its_crd_is_the_generated_one(cluster):
+    for values in ([], ["--set", "replicas=2", "--set", "watchNamespaces={a,b}"]):
+        out = helm(cluster, "lint", "--strict", str(CHART), *values)
+        assert "0 chart(s) failed" in out.stdout
+    expected = crd()
+    expected["metadata"]["annotations"] = {"helm.sh/resource-policy": "keep"}
+    assert yaml.safe_load((CHART / "files" / "crd.yaml").read_text()) == expected
+    bad = helm(cluster, "lint", str(CHART), "--set", "replicas=0", check=False)
+    assert bad.returncode != 0 and "/replicas" in bad.stdout + bad.stderr
+
+
+def test_rendered_manifests_match_the_chart(cluster):
+    rendered = helm(cluster, "template", RELEASE, str(CHART), "--namespace", SYSTEM).stdout
+    committed = (ROOT / "manifests" / "install" / "amber-operator.yaml").read_text()
+    body = committed.split("\n", 1)[1]  # after the "rendered by" header line
+    assert body == rendered, "manifests/install drifted from the chart: run manifests/render.sh"
+
+
+def _installs(dockerfile: Path) -> tuple[set[str], list[str]]:
+    """(extras of the project installs, other requirements pip installs) in a Dockerfile."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    extras, others = set(), []
+    for command in re.findall(r"pip install ([^&\n]+)", text):
+        for word in command.split():
+            word = word.strip("'\"")
+            if word.startswith("-") or word.startswith("${") or "://" in word:
+                continue
+            if word.startswith(".["):
+                extras.update(word[2:-1].split(","))
+            elif word != ".":
+                others.append(word)
+    return extras, others
+
+
+def test_images_install_the_package_dependency_groups():
+    optional: dict[str, list[str]] = {}
+    for line in metadata.requires("amber-compression"):
+        requirement = Requirement(line)
+        extra = re.search(r'extra == "([^"]+)"', str(requirement.marker or ""))
+        if extra:
+            optional.setdefault(extra.group(1), []).append(
+                requirement.name + str(requirement.specifier)
+            )
+    operator_extras, operator_others = _installs(ROOT / "images/operator/Dockerfile")
+    assert operator_extras == {"operator"} and operator_others == []
+    trainer_extras, trainer_others = _installs(ROOT / "images/trainer/Dockerfile")
+    assert trainer_extras == {"trainer"}
+    # torch is installed first from the CUDA index; its pin must satisfy the trainer group.
+    text = (ROOT / "images/trainer/Dockerfile").read_text()
+    torch_pin = re.search(r"ARG TORCH=([\d.]+)", text).group(1)
+    wanted = next(Requirement(r) for r in optional["trainer"] if r.startswith("torch"))
+    assert wanted.specifier.contains(torch_pin)
+    assert trainer_others == ["torch==${TORCH}"]
+    assert not any(r.startswith(("torch", "deepspeed")) for r in optional["operator"])
+    for image in ("operator", "trainer"):
+        dockerfile = (ROOT / "images" / image / "Dockerfile").read_text()
+        user = re.findall(r"^USER (\S+)", dockerfile, re.M)
+        assert user and not user[-1].startswith(("0", "root")), f"{image} runs as root"
+        assert "org.opencontainers.image.source" in dockerfile
+        base = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+        assert all(":" in b and not b.endswith(":latest") for b in base), base
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", "tests", "amber-store"} <= set(ignored)
+
+
+def can_i(cluster, verb: str, resource: str, namespace: str | None, who=OPERATOR_SA) -> bool:
+    args = ["auth", "can-i", verb, resource, f"--as={who}"]
+    args += ["-n", namespace] if namespace else []
+    return cluster.kubectl(*args, check=False).stdout.strip() == "yes"
+
+
+def operator_pods(cluster):
+    pods = cluster.core.list_namespaced_pod(
+        SYSTEM, label_selector=f"app.kubernetes.io/instance={RELEASE}"
+    ).items
+    return [p for p in pods if p.metadata.deletion_timestamp is None]
+
+
+def running_operator(cluster):
+    pods = [p for p in operator_pods(cluster) if p.status.phase == "Running"]
+    return pods[0] if len(pods) == 1 else None
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_helm_install_runs_the_operator_that_runs_a_compression(cluster, tmp_path):
+    watched = "chart-runs"
+    cluster.core.create_namespace({"metadata": {"name": watched}})
+    # The CRD may exist from another test module; the chart must own it.
+    cluster.kubectl("delete", "crd", "ambercompressions.amber.dev", "--ignore-not-found")
+    ports = [f"livenessPort={free_port()}", f"metrics.port={free_port()}"]
+    values = ["--set", f"watchNamespaces={{{watched}}}", "--set", "reconcileInterval=1"]
+    for port in ports:
+        values += ["--set", port]
+    install = helm(
+        cluster, "install", RELEASE, str(CHART), "-n", SYSTEM, "--create-namespace",
+        *values, "--wait", "--timeout", "3m",
+    )  # fmt: skip
+    assert "kubectl -n amber-system rollout status" in install.stdout  # NOTES.txt
+    pod = wait_for(lambda: running_operator(cluster), 120, 0.5, "the operator pod")
+    assert pod.spec.service_account_name == RELEASE
+    # The runner handed the process a token of that ServiceAccount, as a kubelet would.
+    identity = cluster.runner.work / f"{SYSTEM}_{pod.metadata.name}" / "serviceaccount.kubeconfig"
+    assert yaml.safe_load(identity.read_text())["users"][0]["name"] == RELEASE
+    assert pod.spec.containers[0].security_context.read_only_root_filesystem
+
+    # RBAC: what the operator needs, and nothing it does not.
+    for verb, resource in [
+        ("create", "jobs"), ("delete", "jobs"), ("get", "secrets"), ("list", "pods"),
+        ("create", "configmaps"), ("create", "services"), ("patch", "ambercompressions/status"),
+        ("create", "events"),
+    ]:  # fmt: skip
+        assert can_i(cluster, verb, resource, watched), f"operator cannot {verb} {resource}"
+    for verb, resource, ns in [
+        ("create", "secrets", watched), ("delete", "pods", watched), ("create", "jobs", "default"),
+        ("list", "nodes", None), ("create", "clusterrolebindings", None),
+        ("get", "secrets", SYSTEM),
+    ]:  # fmt: skip
+        assert not can_i(cluster, verb, resource, ns), f"operator may {verb} {resource} in {ns}"
+    trainer_sa = f"system:serviceaccount:{watched}:amber-trainer"
+    assert not can_i(cluster, "get", "pods", watched, who=trainer_sa)
+
+    # The chart as installed is what runs: a tiny compression to Succeeded.
+    doc = tiny_resource(str(tmp_path / "store"), name="charted", **FAST)
+    doc["metadata"]["namespace"] = watched
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
+    objects = client.CustomObjectsApi(cluster.api)
+
+    def resource():
+        return objects.get_namespaced_custom_object(GROUP, VERSION, watched, PLURAL, "charted")
+
+    assert health(resource())[0] == "Progressing"
+    wait_for(
+        lambda: (resource().get("status") or {}).get("phase") == "Succeeded",
+        900, 1, "the compression",
+    )  # fmt: skip
+    assert health(resource())[0] == "Healthy"
+    jobs = client.BatchV1Api(cluster.api).list_namespaced_job(watched).items
+    spec = jobs[0].spec.template.spec
+    assert spec.service_account_name == "amber-trainer"
+    assert spec.automount_service_account_token is False
+
+    # Upgrade with changed values: a new operator pod, nothing re-run or duplicated.
+    before = {j.metadata.name for j in jobs}
+    helm(cluster, "upgrade", RELEASE, str(CHART), "-n", SYSTEM, "--reuse-values",
+         "--set", "reconcileInterval=2", "--wait", "--timeout", "3m")  # fmt: skip
+    new = wait_for(
+        lambda: (p := running_operator(cluster)) and p.metadata.uid != pod.metadata.uid and p,
+        120, 0.5, "the upgraded operator pod",
+    )  # fmt: skip
+    env = {e.name: e.value for e in new.spec.containers[0].env}
+    assert env["AMBER_RECONCILE_INTERVAL"] == "2"
+    # Let the new operator reconcile a few passes before looking for duplicates.
+    wait_for(
+        lambda: cluster.runner.logs(lambda p: p.metadata.uid == new.metadata.uid).count(
+            "on_timer"
+        ) >= 3,
+        120, 0.5, "the upgraded operator to reconcile",
+    )  # fmt: skip
+    batch = client.BatchV1Api(cluster.api)
+    after = {j.metadata.name for j in batch.list_namespaced_job(watched).items}
+    assert after == before and resource()["status"]["phase"] == "Succeeded"
+
+    # Uninstall: the operator goes; the CRD and everyone's resources stay.
+    helm(cluster, "uninstall", RELEASE, "-n", SYSTEM, "--wait")
+    wait_for(lambda: not operator_pods(cluster), 120, 0.5, "the operator pod to go")
+    assert cluster.kubectl("get", "crd", "ambercompressions.amber.dev", check=False).returncode == 0
+    assert resource()["status"]["phase"] == "Succeeded"
+
+    # The plain manifests are valid against this server as they stand.
+    dry = cluster.kubectl("apply", "--dry-run=server", "-k", str(ROOT / "manifests" / "install"))
+    assert "deployment.apps/amber-operator created (server dry run)" in dry.stdout
