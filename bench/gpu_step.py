@@ -51,6 +51,14 @@ GIB = 2**30
 # DeepSpeed's BF16_Optimizer (flat fp32 master, gradients and Adam state) instead of the
 # per-tensor unfused path it picks for bf16 without ZeRO.
 BF16_OPTIMIZER = {"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}
+# DeepSpeed's FusedAdam, which also switches its bf16 wrapper to the fused FP16_Optimizer
+# (flat fp32 master weights) instead of the per-tensor one torch's AdamW gets.
+DEEPSPEED_FUSED_ADAM = {
+    "optimizer": {
+        "type": "AdamW",
+        "params": {"lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    }
+}
 
 
 def call(model, x):
@@ -313,6 +321,16 @@ class Bench:
                 self.trainer_finetune(False, overrides=BF16_OPTIMIZER, accumulation=accumulation),
                 train * accumulation,
             )
+        self.measure("trainer finetune x4", self.trainer_finetune(False, accumulation=4), train * 4)
+        if self.gpu:  # DeepSpeed's own fused Adam: a CUDA extension, built on first use
+            for accumulation in (1, 4):
+                self.measure(
+                    "trainer finetune dsfused" + (f" x{accumulation}" if accumulation > 1 else ""),
+                    self.trainer_finetune(
+                        False, overrides=DEEPSPEED_FUSED_ADAM, accumulation=accumulation
+                    ),
+                    train * accumulation,
+                )
         self.measure(
             "trainer finetune eager",
             self.trainer_finetune(False, compiled=False),
