@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from amber.api import DeepSpeedSpec
 from amber.stages import TrainingParams
 from amber_trainer import data, models, prune
+from amber_trainer.forward import diffusers_forward
 from amber_trainer.loop import single_process_fast_path
 from amber_trainer.objectives import FlowMatching, LayerwiseDistillation, teacher_states
 from amber_trainer.runtime import deepspeed_config
@@ -52,17 +53,6 @@ def inputs(cfg, batch: int, seed: int):
     t = torch.rand(batch, generator=gen)
     noise = torch.randn(b.latents.shape, generator=gen)
     return b.noised(t, noise), noise - b.latents
-
-
-def call(model, x):
-    return model(
-        hidden_states=x.hidden_states,
-        encoder_hidden_states=x.encoder_hidden_states,
-        encoder_hidden_states_mask=x.encoder_hidden_states_mask,
-        timestep=x.timestep,
-        img_shapes=x.img_shapes,
-        return_dict=False,
-    )[0]
 
 
 def timed(fn, steps: int) -> float:
@@ -109,7 +99,7 @@ def main() -> None:
 
     def base_finetune(i):
         x, target = batches[i]
-        loss = F.mse_loss(call(student, x), target)
+        loss = F.mse_loss(diffusers_forward(student, x), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -130,8 +120,8 @@ def main() -> None:
     def base_distill(i):
         x, _ = batches[i]
         with torch.no_grad():
-            target = call(teacher, x)
-        loss = F.mse_loss(call(distill_student, x), target)
+            target = diffusers_forward(teacher, x)
+        loss = F.mse_loss(diffusers_forward(distill_student, x), target)
         distill_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(distill_student.parameters(), 1.0)

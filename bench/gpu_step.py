@@ -45,6 +45,7 @@ from amber.api import DeepSpeedSpec, StorageSpec, TeacherSpec
 from amber.plan import StageRun
 from amber.stages import DistillStage, FinetuneStage, TrainingParams
 from amber_trainer import data, loop, memory, models, prune, speed
+from amber_trainer.forward import diffusers_forward
 from amber_trainer.objectives import FlowMatching, LayerwiseDistillation, teacher_states
 
 GIB = 2**30
@@ -59,17 +60,6 @@ DEEPSPEED_FUSED_ADAM = {
         "params": {"lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
     }
 }
-
-
-def call(model, x):
-    return model(
-        hidden_states=x.hidden_states,
-        encoder_hidden_states=x.encoder_hidden_states,
-        encoder_hidden_states_mask=x.encoder_hidden_states_mask,
-        timestep=x.timestep,
-        img_shapes=x.img_shapes,
-        return_dict=False,
-    )[0]
 
 
 def block_flops(width: int, tokens: int) -> float:
@@ -202,7 +192,7 @@ class Bench:
 
             def step(i):
                 x, target = self.batches[i % 4]
-                F.mse_loss(call(model, x).float(), target.float()).backward()
+                F.mse_loss(diffusers_forward(model, x).float(), target.float()).backward()
                 for p in model.parameters():
                     p.grad = None
 
@@ -221,10 +211,10 @@ class Bench:
                 x, target = self.batches[i % 4]
                 if teacher is not None:
                     with torch.no_grad():
-                        target = call(teacher, x)
+                        target = diffusers_forward(teacher, x)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.gpu):
                     x32 = loop.cast(x, self.device, torch.float32)
-                    loss = F.mse_loss(call(student, x32).float(), target.float())
+                    loss = F.mse_loss(diffusers_forward(student, x32).float(), target.float())
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 opt.step()

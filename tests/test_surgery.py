@@ -7,6 +7,7 @@ import torch
 
 from amber.stages import ScoreStage
 from amber_trainer import data, forward, fuse, models, prune, score
+from amber_trainer.forward import diffusers_forward
 from amber_trainer.hybrid import AmberHybridTransformer2DModel, AmberSingleStreamBlock
 
 TINY = models.named_config("tiny")
@@ -37,17 +38,6 @@ def inputs(batch, t=0.5, seed=0):
     return batch.noised(torch.full((len(batch),), t), noise)
 
 
-def call(model, x):
-    return model(
-        hidden_states=x.hidden_states,
-        encoder_hidden_states=x.encoder_hidden_states,
-        encoder_hidden_states_mask=x.encoder_hidden_states_mask,
-        timestep=x.timestep,
-        img_shapes=x.img_shapes,
-        return_dict=False,
-    )[0]
-
-
 def make_identity(block):
     """Zero modulation: every gate is 0, so the block adds nothing to either stream."""
     with torch.no_grad():
@@ -59,7 +49,7 @@ def make_identity(block):
 @torch.no_grad()
 def test_split_forward_equals_diffusers_forward(teacher, batches):
     x = inputs(batches[0])
-    assert torch.equal(forward.velocity(teacher, x), call(teacher, x))
+    assert torch.equal(forward.velocity(teacher, x), diffusers_forward(teacher, x))
 
 
 @pytest.mark.parametrize("init", ["keep", "average", "importance-weighted"])
@@ -69,7 +59,7 @@ def test_keeping_every_layer_reproduces_the_teacher(teacher, batches, init):
     student = prune.prune(teacher, entries)
     assert isinstance(student, type(teacher)) and student.config.num_layers == 12
     x = inputs(batches[0])
-    assert torch.equal(call(student, x), call(teacher, x))
+    assert torch.equal(diffusers_forward(student, x), diffusers_forward(teacher, x))
 
 
 @torch.no_grad()
@@ -125,7 +115,9 @@ def test_fused_block_equals_dual_block_with_tied_branches(batches):
     hybrid = fuse.convert(model, 3)
     assert models.block_kinds(hybrid) == ["dual"] * 9 + ["single"] * 3
     x = inputs(batches[1], t=0.3)
-    torch.testing.assert_close(call(hybrid, x), call(model, x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        diffusers_forward(hybrid, x), diffusers_forward(model, x), rtol=0, atol=1e-6
+    )
 
 
 @torch.no_grad()
@@ -142,7 +134,7 @@ def test_fuse_drops_text_weights_and_keeps_the_rest(teacher, batches):
         teacher.transformer_blocks[0].txt_mod[1].weight,
     )
     # Untied text weights: the output moves, but stays finite and the right shape.
-    out = call(hybrid, inputs(batches[0]))
+    out = diffusers_forward(hybrid, inputs(batches[0]))
     assert out.shape == batches[0].latents.shape and torch.isfinite(out).all()
     # Progressive: converting more of an already-hybrid model keeps earlier conversions.
     more = fuse.convert(hybrid, 6)
@@ -170,7 +162,7 @@ def test_hybrid_round_trips_through_save_and_load(teacher, tmp_path, batches):
     assert original.keys() == restored.keys()
     assert all(torch.equal(original[k], restored[k]) for k in original)
     x = inputs(batches[0])
-    assert torch.equal(call(loaded, x), call(hybrid, x))
+    assert torch.equal(diffusers_forward(loaded, x), diffusers_forward(hybrid, x))
 
 
 @torch.no_grad()

@@ -95,3 +95,16 @@ def velocity(model: nn.Module, x: FlowInputs, skip: Iterable[int] = ()) -> torch
     blocks = (b for i, b in enumerate(model.transformer_blocks) if i not in skipped)
     img, _ = run_blocks(blocks, img, txt, cond)
     return head(model, img, cond)
+
+
+def diffusers_forward(model: nn.Module, x: FlowInputs) -> torch.Tensor:
+    """The model's own `forward` on the same inputs: the reference the pieces above match,
+    and what a plain diffusers training loop calls."""
+    return model(
+        hidden_states=x.hidden_states,
+        encoder_hidden_states=x.encoder_hidden_states,
+        encoder_hidden_states_mask=x.encoder_hidden_states_mask,
+        timestep=x.timestep,
+        img_shapes=x.img_shapes,
+        return_dict=False,
+    )[0]
