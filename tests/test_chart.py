@@ -174,6 +174,8 @@ def test_helm_install_runs_the_operator_that_runs_a_compression(cluster, tmp_pat
         900, 1, "the compression",
     )  # fmt: skip
     assert health(resource())[0] == "Healthy"
+    log = cluster.runner.logs(lambda p: p.metadata.uid == pod.metadata.uid)
+    assert "403" not in log, [line for line in log.splitlines() if "403" in line][:3]
     jobs = client.BatchV1Api(cluster.api).list_namespaced_job(watched).items
     spec = jobs[0].spec.template.spec
     assert spec.service_account_name == "amber-trainer"
@@ -209,3 +211,41 @@ def test_helm_install_runs_the_operator_that_runs_a_compression(cluster, tmp_pat
     # The plain manifests are valid against this server as they stand.
     dry = cluster.kubectl("apply", "--dry-run=server", "-k", str(ROOT / "manifests" / "install"))
     assert "deployment.apps/amber-operator created (server dry run)" in dry.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_cluster_wide_install_reconciles_any_namespace(cluster, tmp_path):
+    """The default values: one ClusterRole, every namespace watched, trainer pods on each
+    namespace's default ServiceAccount without a token."""
+    anywhere = "chart-anywhere"
+    cluster.core.create_namespace({"metadata": {"name": anywhere}})
+    values = ["--set", f"livenessPort={free_port()}", "--set", f"metrics.port={free_port()}"]
+    helm(cluster, "install", RELEASE, str(CHART), "-n", SYSTEM, "--create-namespace",
+         "--set", "reconcileInterval=1", *values, "--wait", "--timeout", "3m")  # fmt: skip
+    try:
+        wait_for(lambda: running_operator(cluster), 120, 0.5, "the operator pod")
+        assert can_i(cluster, "create", "jobs", anywhere)
+        assert not can_i(cluster, "create", "secrets", anywhere)
+        doc = tiny_resource(str(tmp_path / "store"), name="anywhere", **FAST)
+        doc["metadata"]["namespace"] = anywhere
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
+        batch = client.BatchV1Api(cluster.api)
+        [job] = wait_for(lambda: batch.list_namespaced_job(anywhere).items, 120, 0.5, "a Job")
+        spec = job.spec.template.spec
+        assert spec.service_account_name in (None, "default")
+        assert spec.automount_service_account_token is False
+        objects = client.CustomObjectsApi(cluster.api)
+        status = wait_for(
+            lambda: objects.get_namespaced_custom_object(
+                GROUP, VERSION, anywhere, PLURAL, "anywhere"
+            ).get("status"),
+            60, 0.5, "a status",
+        )  # fmt: skip
+        assert status["phase"] in ("Running", "Succeeded")
+        log = cluster.runner.logs(lambda p: p.metadata.namespace == SYSTEM)
+        assert "403" not in log and "Forbidden" not in log, log[-2000:]
+        cluster.kubectl("delete", "amc", "anywhere", "-n", anywhere, "--wait=true")
+    finally:
+        helm(cluster, "uninstall", RELEASE, "-n", SYSTEM, "--wait")
+        wait_for(lambda: not operator_pods(cluster), 120, 0.5, "the operator pod to go")
