@@ -236,3 +236,15 @@ def test_parameter_arithmetic_of_the_real_recipes():
     assert 10.1e9 < pruned < 10.3e9  # 30 layers: ~10.2B
     assert 6.0e9 < fused < 6.2e9  # 24 of 30 single-stream: ~6.1B
     assert (rows[2]["dual_blocks"], rows[2]["single_blocks"]) == (6, 24)
+
+
+def test_a_bf16_teacher_scores_rows_written_in_another_precision(teacher):
+    """The GPU path (bf16 teacher) on rows stored as fp32: rows() casts them to the model."""
+    rows = data.synthetic_dataset(dict(teacher.config), 4, 8, 8, seed=3)
+    low = models.build(dict(teacher.config)).to(torch.bfloat16).eval()
+    batch = rows.rows([0, 1, 2], None, torch.bfloat16)
+    assert batch.latents.dtype == batch.text.dtype == torch.bfloat16
+    assert batch.text_mask.dtype == torch.long
+    matrix = score.importance_matrix(low, [batch], [0.3, 0.7])
+    assert matrix.shape == (len(low.transformer_blocks), 2) and torch.isfinite(matrix).all()
+    assert (matrix > 0).any()

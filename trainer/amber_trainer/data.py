@@ -89,11 +89,13 @@ class TensorDataset:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def rows(self, indices: list[int], device=None) -> Batch:
+    def rows(self, indices: list[int], device=None, dtype: torch.dtype | None = None) -> Batch:
+        """A batch of these rows on `device`; `dtype` casts latents and text (a bf16 model
+        on a GPU reads bf16, whatever precision the shards were written in)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         return Batch(
-            latents=self.latents[idx].to(device),
-            text=self.text[idx].to(device),
+            latents=self.latents[idx].to(device, dtype),
+            text=self.text[idx].to(device, dtype),
             text_mask=self.text_mask[idx].to(device),
             img_shapes=[[(1, self.side, self.side)]] * len(indices),
         )

@@ -60,7 +60,8 @@ def importance_matrix(
     for j, t in enumerate(timesteps):
         for batch in batches:
             noise = torch.randn(batch.latents.shape, generator=gen, dtype=batch.latents.dtype)
-            x = batch.noised(torch.full((len(batch),), float(t)), noise.to(batch.latents.device))
+            device = batch.latents.device
+            x = batch.noised(torch.full((len(batch),), float(t), device=device), noise.to(device))
             img, txt, cond = embed(model, x)
             states = []  # input of each live block in the full pass
             for i in live:

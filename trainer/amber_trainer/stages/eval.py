@@ -32,7 +32,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
     mine = [rows[i : i + params.batch_size] for i in range(0, count, params.batch_size)]
     mine = mine[rt.rank :: rt.world]
     for step, chunk in enumerate(mine):
-        batch = held_out.rows(chunk, rt.device)
+        batch = held_out.rows(chunk, rt.device, teacher.dtype)
         for b in range(buckets):
             # A fixed time inside each bucket per sample: comparable across models and runs.
             t = (b + torch.rand(len(chunk), generator=gen)) / buckets
@@ -89,9 +89,7 @@ def sample_grid(pipe, teacher, student, held_out, params, path: Path, rows: int 
     from PIL import Image
 
     n = min(rows, len(held_out))
-    batch = held_out.rows(list(range(n)), teacher.device)
-    batch.latents = batch.latents.to(teacher.dtype)
-    batch.text = batch.text.to(teacher.dtype)
+    batch = held_out.rows(list(range(n)), teacher.device, teacher.dtype)
     gen = torch.Generator().manual_seed(params.seed)
     noise = torch.randn(batch.latents.shape, generator=gen).to(batch.latents)
     columns = [

@@ -23,7 +23,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
     # Each process scores its share of the calibration batches; the sums are combined.
     mine = [rows[i : i + params.batch_size] for i in range(0, count, params.batch_size)]
     mine = mine[rt.rank :: rt.world]
-    batches = [train.rows(r, rt.device) for r in mine]
+    batches = [train.rows(r, rt.device, teacher.dtype) for r in mine]
     rounds = 1 if params.mode == "one-shot" else num_layers - params.target_layers
     total = rounds * len(params.timesteps) * len(batches)
     done = 0
