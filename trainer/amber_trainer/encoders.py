@@ -43,8 +43,10 @@ def load(folder: Path, device: torch.device, dtype: torch.dtype) -> QwenImagePip
     return pipe.to(device)
 
 
-def has_vae(folder: Path | None) -> bool:
-    return folder is not None and (Path(folder) / "vae").is_dir()
+def load_vae(folder: Path, device: torch.device, dtype: torch.dtype) -> AutoencoderKLQwenImage:
+    """The pipeline folder's VAE alone (sample grids decode; nothing to encode text)."""
+    vae = AutoencoderKLQwenImage.from_pretrained(Path(folder) / "vae", torch_dtype=dtype)
+    return vae.eval().requires_grad_(False).to(device)
 
 
 def _normalisation(vae, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,9 +88,8 @@ def encode_texts(pipe: QwenImagePipeline, captions: list[str], max_tokens: int):
 
 
 @torch.no_grad()
-def decode(pipe: QwenImagePipeline, latents: torch.Tensor, side: int) -> torch.Tensor:
+def decode(vae, latents: torch.Tensor, side: int) -> torch.Tensor:
     """Packed latents (B, side², 4·z) -> images (B, 3, 8·2·side, 8·2·side) in [0, 1]."""
-    vae = pipe.vae
     b = latents.shape[0]
     px = side * 2 * 8
     x = QwenImagePipeline._unpack_latents(latents.to(vae.device, vae.dtype), px, px, 8)

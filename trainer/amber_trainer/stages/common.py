@@ -105,16 +105,16 @@ def teacher_folder(rt: Runtime, parts=encoders.PARTS) -> Path:
     return local
 
 
-def vae_pipeline(rt: Runtime):
-    """The teacher pipeline's VAE and text encoder when the teacher is a pipeline folder with
-    a VAE (sample grids decode with it), else None."""
+def teacher_vae(rt: Runtime):
+    """The teacher pipeline's VAE when the teacher is a pipeline folder with one (sample grids
+    decode with it), else None; only its vae/ is fetched."""
     if rt.run.teacher.uri is None:
         return None
-    folder = teacher_folder(rt)
-    if not encoders.has_vae(folder):
+    folder = teacher_folder(rt, parts=("vae",))
+    if not (folder / "vae").is_dir():
         return None
     dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-    return encoders.load(folder, rt.device, dtype)
+    return encoders.load_vae(folder, rt.device, dtype)
 
 
 def datasets(rt: Runtime, config: dict) -> tuple[data.TensorDataset, data.TensorDataset]:

@@ -62,9 +62,9 @@ def run(rt: Runtime) -> tuple[int, dict]:
     if rt.is_main:
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))
         _plot(metrics, out / "velocity_error.png")
-        pipe = common.vae_pipeline(rt)
-        if pipe is not None:  # a teacher pipeline with a VAE: pictures, not only numbers
-            sample_grid(pipe, teacher, student, held_out, params, out / "samples.png")
+        vae = common.teacher_vae(rt)
+        if vae is not None:  # a teacher pipeline with a VAE: pictures, not only numbers
+            sample_grid(vae, teacher, student, held_out, params, out / "samples.png")
             metrics["sampleGrid"] = "samples.png"
     summary = ("meanRelativeVelocityError", "samples", "sampleGrid")
     return 0, {k: metrics[k] for k in summary if k in metrics}
@@ -83,7 +83,7 @@ def euler(model, batch, noise: torch.Tensor, steps: int, shift: float = 3.0) -> 
     return x
 
 
-def sample_grid(pipe, teacher, student, held_out, params, path: Path, rows: int = 4) -> None:
+def sample_grid(vae, teacher, student, held_out, params, path: Path, rows: int = 4) -> None:
     """Held-out captions, one row each: the data's own image, then teacher and student
     samples from the same noise, decoded with the teacher pipeline's VAE."""
     from PIL import Image
@@ -97,7 +97,7 @@ def sample_grid(pipe, teacher, student, held_out, params, path: Path, rows: int 
         euler(teacher, batch, noise, params.sample_steps),
         euler(student, batch, noise, params.sample_steps),
     ]
-    images = [encoders.decode(pipe, c, held_out.side) for c in columns]  # (n, 3, px, px)
+    images = [encoders.decode(vae, c, held_out.side) for c in columns]  # (n, 3, px, px)
     px = images[0].shape[-1]
     grid = Image.new("RGB", (px * len(images), px * n))
     for j, column in enumerate(images):
