@@ -113,6 +113,13 @@ class ScoreStage(StageBase):
     target_layers: int = Field(
         ..., ge=1, description="targetLayers: layers the pruned student keeps."
     )
+    criterion: Literal["importance", "block-influence", "uniform", "first", "random"] = Field(
+        "importance",
+        description="criterion: which layers survive. 'importance' is the timestep-sensitive "
+        "skip error; the others are baselines for ablation: 'block-influence' (1 - cosine "
+        "of a block's input and output, ShortGPT), 'uniform' (evenly spaced, first and last "
+        "included), 'first' (the first targetLayers) and 'random' (seeded by seed).",
+    )
     timesteps: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [0.05, 0.2, 0.4, 0.6, 0.8, 0.95],
         min_length=1,

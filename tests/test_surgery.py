@@ -248,3 +248,27 @@ def test_a_bf16_teacher_scores_rows_written_in_another_precision(teacher):
     matrix = score.importance_matrix(low, [batch], [0.3, 0.7])
     assert matrix.shape == (len(low.transformer_blocks), 2) and torch.isfinite(matrix).all()
     assert (matrix > 0).any()
+
+
+@torch.no_grad()
+def test_block_influence_is_zero_for_an_identity_block_and_ranks_it_last(batches):
+    model = models.build(TINY, seed=3).eval()
+    make_identity(model.transformer_blocks[4])
+    matrix = score.influence_matrix(model, batches, [0.2, 0.8])
+    assert matrix.shape == (12, 2)
+    assert torch.allclose(matrix[4], torch.zeros(2, dtype=matrix.dtype), atol=1e-6)
+    assert torch.all(matrix[[i for i in range(12) if i != 4]] > 1e-4)
+    params = ScoreStage(target_layers=11, criterion="block-influence", keep_first=0, keep_last=0)
+    assert score.score(model, batches, params).keep == [i for i in range(12) if i != 4]
+
+
+def test_data_free_baselines_keep_their_patterns(teacher):
+    def keep(criterion, **kw):
+        params = ScoreStage(target_layers=6, criterion=criterion, **kw)
+        return score.score(teacher, [], params).keep
+
+    assert keep("first") == [0, 1, 2, 3, 4, 5]
+    assert keep("uniform") == [0, 2, 4, 7, 9, 11]
+    picked = keep("random", seed=1)
+    assert len(picked) == 6 and {0, 11} <= set(picked)  # keepFirst/keepLast still hold
+    assert picked == keep("random", seed=1) and picked != keep("random", seed=2)

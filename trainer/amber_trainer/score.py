@@ -6,11 +6,16 @@ with block i replaced by the identity and the full teacher's, averaged over the 
 set. Columns are normalised per timestep (so that late, low-error timesteps count as much as
 early ones) and aggregated with a max (a layer critical at any timestep survives) or a
 weighted mean.
+
+Baselines for ablation (`criterion`): block influence (ShortGPT: 1 - cosine similarity of a
+block's input and output states, both streams, through the same normalise-and-aggregate)
+and fixed patterns that look at no data (evenly spaced, the first N, seeded random).
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,6 +85,55 @@ def importance_matrix(
     return errors
 
 
+@torch.no_grad()
+def influence_matrix(
+    model: torch.nn.Module,
+    batches: Sequence[Batch],
+    timesteps: Sequence[float],
+    seed: int = 0,
+    removed: Sequence[int] = (),
+    on_step: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """(layers, timesteps) block influence: 1 - mean cosine similarity between each live
+    block's input and output tokens (image and text streams together)."""
+    blocks = list(model.transformer_blocks)
+    live = [i for i in range(len(blocks)) if i not in set(removed)]
+    influence = torch.zeros(len(blocks), len(timesteps), dtype=torch.float64)
+    samples = sum(len(b) for b in batches)
+    gen = torch.Generator().manual_seed(seed)
+    for j, t in enumerate(timesteps):
+        for batch in batches:
+            noise = torch.randn(batch.latents.shape, generator=gen, dtype=batch.latents.dtype)
+            device = batch.latents.device
+            x = batch.noised(torch.full((len(batch),), float(t), device=device), noise.to(device))
+            img, txt, cond = embed(model, x)
+            for i in live:
+                before = torch.cat([img, txt], dim=1)
+                img, txt = run_block(blocks[i], img, txt, cond)
+                after = torch.cat([img, txt], dim=1)
+                cos = torch.nn.functional.cosine_similarity(before, after, dim=-1).double()
+                influence[i, j] += (1 - cos.mean(dim=1)).sum().item() / samples
+            if on_step:
+                on_step()
+    return influence
+
+
+MATRICES = {"importance": importance_matrix, "block-influence": influence_matrix}
+PATTERNS = ("uniform", "first", "random")
+
+
+def pattern(num_layers: int, params: ScoreStage) -> list[int]:
+    """The layers a data-free baseline keeps."""
+    n = params.target_layers
+    if params.criterion == "first":
+        return list(range(n))
+    if params.criterion == "uniform":
+        return sorted({round(i * (num_layers - 1) / max(1, n - 1)) for i in range(n)})
+    guard = protected(num_layers, params)
+    rest = [i for i in range(num_layers) if i not in guard]
+    return sorted(guard | set(random.Random(params.seed).sample(rest, n - len(guard))))
+
+
 def aggregate(matrix: torch.Tensor, params: ScoreStage) -> torch.Tensor:
     """Per-layer importance from the (layers, timesteps) matrix."""
     m = matrix.clone()
@@ -115,17 +169,23 @@ def score(
     on_step: Callable[[], None] | None = None,
     matrix_fn: Callable[[Sequence[int]], torch.Tensor] | None = None,
 ) -> ScoreResult:
-    """Importance, aggregate and kept layers. `matrix_fn(removed)` replaces the local
-    importance computation (the stage passes one that combines all processes' shares)."""
+    """Importance (or the criterion's matrix), aggregate and kept layers. `matrix_fn(removed)`
+    replaces the local computation (the stage passes one that combines all processes'
+    shares)."""
     num_layers = len(model.transformer_blocks)
     if params.target_layers >= num_layers:
         raise ValueError(
             f"targetLayers ({params.target_layers}) is not below the teacher's {num_layers} layers"
         )
+    if params.criterion in PATTERNS:
+        zeros = [[0.0] * len(params.timesteps) for _ in range(num_layers)]
+        return ScoreResult(
+            list(params.timesteps), zeros, [0.0] * num_layers, pattern(num_layers, params)
+        )
     if matrix_fn is None:
 
         def matrix_fn(removed):
-            return importance_matrix(
+            return MATRICES[params.criterion](
                 model, batches, params.timesteps, params.seed, removed, on_step=on_step
             )
 
@@ -152,7 +212,11 @@ def score(
     )
 
 
-def heatmap(result: ScoreResult, path: Path) -> Path:
+def heatmap(
+    result: ScoreResult,
+    path: Path,
+    title: str = "relative velocity error when the block is skipped",
+) -> Path:
     """Importance per layer and timestep, with the aggregate and the kept layers beside it."""
     import matplotlib
 
@@ -168,7 +232,7 @@ def heatmap(result: ScoreResult, path: Path) -> Path:
     ax.set_xticks(range(len(result.timesteps)), [f"{t:g}" for t in result.timesteps])
     ax.set_xlabel("timestep t")
     ax.set_ylabel("teacher block")
-    ax.set_title("relative velocity error when the block is skipped")
+    ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.04)
     colors = ["tab:green" if i in set(result.keep) else "tab:gray" for i in range(layers)]
     bar.barh(range(layers), result.aggregate, color=colors)

@@ -25,6 +25,8 @@ def run(rt: Runtime) -> tuple[int, dict]:
     mine = mine[rt.rank :: rt.world]
     batches = [train.rows(r, rt.device, teacher.dtype) for r in mine]
     rounds = 1 if params.mode == "one-shot" else num_layers - params.target_layers
+    if params.criterion in scoring.PATTERNS:
+        rounds = 0  # a fixed pattern reads no data
     total = rounds * len(params.timesteps) * len(batches)
     done = 0
 
@@ -34,7 +36,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
         rt.progress(done, total)
 
     def matrix(removed):
-        local = scoring.importance_matrix(
+        local = scoring.MATRICES[params.criterion](
             teacher, batches, params.timesteps, params.seed + rt.rank, removed, on_step=tick
         )
         weight = sum(len(b) for b in batches)
@@ -45,8 +47,12 @@ def run(rt: Runtime) -> tuple[int, dict]:
     out = rt.workdir / "output"
     out.mkdir()
     (out / "importance.json").write_text(result.to_json())
-    metrics = {"keep": result.keep, "calibrationSamples": count}
+    metrics = {"keep": result.keep, "criterion": params.criterion, "calibrationSamples": count}
     if rt.is_main:
-        scoring.heatmap(result, out / "importance.png")
+        if params.criterion == "block-influence":
+            title = "block influence: 1 - cos(block input, block output)"
+            scoring.heatmap(result, out / "importance.png", title)
+        elif params.criterion == "importance":
+            scoring.heatmap(result, out / "importance.png")
         (out / "metrics.json").write_text(json.dumps(metrics))
     return 0, metrics
