@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from amber_trainer import models
+from amber_trainer.data import Batch
 from amber_trainer.forward import FlowInputs, velocity
 
 
@@ -38,18 +39,27 @@ def hashed_prompt(prompt: str, tokens: int, width: int) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
+def euler(model, batch, noise: torch.Tensor, steps: int, shift: float = 3.0) -> torch.Tensor:
+    """Integrate dx/dt = v from t=1 (noise) to t=0 with the schedulers' time shift; `batch`
+    carries the text (a `data.Batch`)."""
+    x = noise
+    times = torch.linspace(1.0, 0.0, steps + 1)
+    times = shift * times / (1 + (shift - 1) * times)
+    for t, t_next in itertools.pairwise(times.tolist()):
+        at = torch.full((x.shape[0],), t, device=x.device)
+        inputs = FlowInputs(x, batch.text, batch.text_mask, at, batch.img_shapes)
+        x = x + (t_next - t) * velocity(model, inputs)
+    return x
+
+
 def sample_latents(
     model, text, mask, side: int, steps: int, seed: int, shift: float = 1.0
 ) -> torch.Tensor:
-    """Euler integration of dx/dt = v from t=1 (noise) to t=0; (1, side², C) packed latents."""
+    """(1, side², C) packed latents sampled for one prompt from seeded noise."""
     channels = model.config.in_channels
     x = torch.randn(1, side * side, channels, generator=torch.Generator().manual_seed(seed))
-    times = torch.linspace(1.0, 0.0, steps + 1)
-    times = shift * times / (1 + (shift - 1) * times)  # the schedulers' time shift
-    for t, t_next in itertools.pairwise(times):
-        inputs = FlowInputs(x, text, mask, t.reshape(1), [[(1, side, side)]])
-        x = x + (t_next - t) * velocity(model, inputs)
-    return x
+    batch = Batch(x, text, mask, [[(1, side, side)]])
+    return euler(model, batch, x, steps, shift)
 
 
 def latents_to_image(latents: torch.Tensor, side: int, patch: int = 2) -> Image.Image:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import torch
 
 from amber_trainer import encoders, models
-from amber_trainer.forward import FlowInputs, velocity
+from amber_trainer.forward import velocity
+from amber_trainer.generate import euler
 from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
 
@@ -24,27 +24,14 @@ def run(rt: Runtime) -> tuple[int, dict]:
     count = min(params.samples, len(held_out))
     buckets = params.timestep_buckets
     gen = torch.Generator().manual_seed(params.seed)
-    # Sums over samples of: relative error to the teacher, and each model's flow-matching MSE.
-    rel = torch.zeros(buckets, dtype=torch.float64)
-    fm_student = torch.zeros(buckets, dtype=torch.float64)
-    fm_teacher = torch.zeros(buckets, dtype=torch.float64)
     rows = list(range(count))
     mine = [rows[i : i + params.batch_size] for i in range(0, count, params.batch_size)]
     mine = mine[rt.rank :: rt.world]
-    for step, chunk in enumerate(mine):
-        batch = held_out.rows(chunk, rt.device, teacher.dtype)
-        for b in range(buckets):
-            # A fixed time inside each bucket per sample: comparable across models and runs.
-            t = (b + torch.rand(len(chunk), generator=gen)) / buckets
-            x, target = common.noised(batch, t, gen)
-            v_teacher = velocity(teacher, x).double()
-            v_student = velocity(student, x).double()
-            diff = (v_student - v_teacher).flatten(1).norm(dim=1)
-            rel[b] += (diff / v_teacher.flatten(1).norm(dim=1).clamp_min(1e-12)).sum().item()
-            fm_student[b] += (v_student - target).pow(2).flatten(1).mean(1).sum().item()
-            fm_teacher[b] += (v_teacher - target).pow(2).flatten(1).mean(1).sum().item()
-        rt.progress(step + 1, len(mine))
-    totals = rt.gather((rel, fm_student, fm_teacher))
+    batches = (held_out.rows(chunk, rt.device, teacher.dtype) for chunk in mine)
+    sums = velocity_errors(
+        teacher, student, batches, buckets, gen, on_batch=lambda i: rt.progress(i, len(mine))
+    )
+    totals = rt.gather(sums)
     rel, fm_student, fm_teacher = (sum(t[i] for t in totals) / max(count, 1) for i in range(3))
     edges = [(b / buckets, (b + 1) / buckets) for b in range(buckets)]
     metrics = {
@@ -71,16 +58,26 @@ def run(rt: Runtime) -> tuple[int, dict]:
 
 
 @torch.no_grad()
-def euler(model, batch, noise: torch.Tensor, steps: int, shift: float = 3.0) -> torch.Tensor:
-    """Integrate dx/dt = v from t=1 (noise) to t=0 with the schedulers' time shift."""
-    x = noise
-    times = torch.linspace(1.0, 0.0, steps + 1)
-    times = shift * times / (1 + (shift - 1) * times)
-    for t, t_next in itertools.pairwise(times.tolist()):
-        at = torch.full((len(batch),), t, device=x.device)
-        inputs = FlowInputs(x, batch.text, batch.text_mask, at, batch.img_shapes)
-        x = x + (t_next - t) * velocity(model, inputs)
-    return x
+def velocity_errors(teacher, student, batches, buckets: int, gen: torch.Generator, on_batch=None):
+    """Sums over samples, per timestep bucket, of: the student's velocity error relative to
+    the teacher's, and each model's flow-matching MSE. Each sample gets one time inside each
+    bucket, drawn from `gen`: comparable across models and runs."""
+    rel = torch.zeros(buckets, dtype=torch.float64)
+    fm_student = torch.zeros(buckets, dtype=torch.float64)
+    fm_teacher = torch.zeros(buckets, dtype=torch.float64)
+    for step, batch in enumerate(batches):
+        for b in range(buckets):
+            t = (b + torch.rand(len(batch), generator=gen)) / buckets
+            x, target = common.noised(batch, t, gen)
+            v_teacher = velocity(teacher, x).double()
+            v_student = velocity(student, x).double()
+            diff = (v_student - v_teacher).flatten(1).norm(dim=1)
+            rel[b] += (diff / v_teacher.flatten(1).norm(dim=1).clamp_min(1e-12)).sum().item()
+            fm_student[b] += (v_student - target).pow(2).flatten(1).mean(1).sum().item()
+            fm_teacher[b] += (v_teacher - target).pow(2).flatten(1).mean(1).sum().item()
+        if on_batch:
+            on_batch(step + 1)
+    return rel, fm_student, fm_teacher
 
 
 def sample_grid(vae, teacher, student, held_out, params, path: Path, rows: int = 4) -> None:
