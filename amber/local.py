@@ -9,6 +9,8 @@ stage re-runs together with the stages after it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -88,19 +90,63 @@ def history(store: Store) -> list[dict]:
     return [json.loads(line) for line in store.read_text(HISTORY).splitlines() if line]
 
 
+def has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class EventLog(io.TextIOBase):
+    """A stage's stdout: every line goes to its log; JSON event lines also to `on_event`,
+    and the result and first resume are kept."""
+
+    def __init__(self, log, run: StageRun, on_event: EventFn):
+        self.log, self.run, self.on_event = log, run, on_event
+        self.result: dict = {}
+        self.resumed: int | None = None
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self.line(line + "\n")
+        return len(text)
+
+    def end(self) -> None:
+        """The stream is over: a last line without its newline still counts."""
+        if self._partial:
+            self.line(self._partial)
+            self._partial = ""
+
+    def line(self, line: str) -> None:
+        self.log.write(line)
+        if line.startswith('{"event"'):
+            event = json.loads(line)
+            self.on_event(self.run, event)
+            if event["event"] == "result":
+                self.result = event
+            elif event["event"] == "resumed" and self.resumed is None:
+                self.resumed = event["step"]
+
+
+def _finish(run: StageRun, code: int, events: EventLog, log_path: Path) -> dict:
+    if code != 0 or events.result.get("status") != "Succeeded":
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
+        raise StageFailed(run.stage.name, code, log_path, tail)
+    return {**events.result, "resumedFrom": events.resumed}
+
+
 def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> dict:
     """Run one stage as a torchrun gang on this machine; its result event."""
     config = logs / f"{run.stage.name}.json"
     config.write_text(run.model_dump_json(by_alias=True, indent=2))
     log_path = logs / f"{run.stage.name}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    try:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    except ImportError:
-        has_gpu = False
-    if not has_gpu:
+    if not has_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     command = [
@@ -117,9 +163,8 @@ def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> dict
         "--config",
         str(config),
     ]
-    result: dict = {}
-    resumed = None
     with open(log_path, "w") as log:
+        events = EventLog(log, run, on_event)
         proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -130,14 +175,7 @@ def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> dict
         )
         try:
             for line in proc.stdout:
-                log.write(line)
-                if line.startswith('{"event"'):
-                    event = json.loads(line)
-                    on_event(run, event)
-                    if event["event"] == "result":
-                        result = event
-                    elif event["event"] == "resumed" and resumed is None:
-                        resumed = event["step"]
+                events.line(line)
             code = proc.wait()
         except BaseException:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -146,10 +184,37 @@ def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> dict
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
             raise
-    if code != 0 or result.get("status") != "Succeeded":
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
-        raise StageFailed(run.stage.name, code, log_path, tail)
-    return {**result, "resumedFrom": resumed}
+    return _finish(run, code, events, log_path)
+
+
+def launch_here(run: StageRun, logs: Path, on_event: EventFn) -> dict:
+    """Run one stage inside this process, as a gang of one, through the same entry point.
+
+    For benchmarks that run dozens of small stages: starting torchrun and importing torch,
+    diffusers and DeepSpeed costs about 10 s a stage on two cores, more than a tiny stage
+    trains. The process group it joins stays up for the next stage.
+    """
+    gang = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    gang["MASTER_PORT"] = str(free_port())
+    if not has_gpu() and "DS_ACCELERATOR" not in os.environ:
+        gang["DS_ACCELERATOR"] = "cpu"
+    config = logs / f"{run.stage.name}.json"
+    config.write_text(run.model_dump_json(by_alias=True, indent=2))
+    log_path = logs / f"{run.stage.name}.log"
+    saved = dict(os.environ)
+    os.environ.update(gang)  # only while the stage runs: later subprocesses must not inherit it
+    try:
+        from amber_trainer import entry
+
+        with open(log_path, "w") as log:
+            events = EventLog(log, run, on_event)
+            with contextlib.redirect_stdout(events), contextlib.redirect_stderr(events):
+                code = entry.main(run.stage.type, config)
+            events.end()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return _finish(run, code, events, log_path)
 
 
 def run_resource(
@@ -159,8 +224,10 @@ def run_resource(
     from_stage: str | None = None,
     processes: int | None = None,
     on_event: EventFn = lambda run, event: None,
+    here: bool = False,
 ) -> tuple[list[StageOutcome], str | None]:
-    """Run (or continue) the pipeline; the outcome of each stage and the final model's URI."""
+    """Run (or continue) the pipeline; the outcome of each stage and the final model's URI.
+    `here` runs every stage inside this process (see `launch_here`)."""
     obj = with_store(obj, store_uri)
     runs = plan(obj)
     names = [r.stage.name for r in runs]
@@ -195,7 +262,10 @@ def run_resource(
         if output is not None or name in forced:
             store.delete(name)  # stale: another spec, or re-run asked for
         started = time.perf_counter()
-        result = launch(run, processes or default_processes(run), logs, on_event)
+        if here:
+            result = launch_here(run, logs, on_event)
+        else:
+            result = launch(run, processes or default_processes(run), logs, on_event)
         resumed = result["resumedFrom"]
         status = "ran" if resumed is None else "resumed"
         seconds = time.perf_counter() - started

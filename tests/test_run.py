@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from amber import commits, local
@@ -136,3 +138,23 @@ def test_readme_example_is_the_embedded_default():
     assert "amber run manifests/examples/amber-tiny.yaml" in readme
     assert "./tests/run" in readme
     assert "./tests/run" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_stages_run_in_this_process_commit_what_torchrun_commits(tmp_path):
+    # The quality benchmark runs dozens of tiny stages in its own process (`here=True`);
+    # it must be the same pipeline as the torchrun launch, down to the trained weights.
+    from safetensors.torch import load_file
+
+    stages = ["score", "prune", "distill"]
+    weights = {}
+    for here in (False, True):
+        store = tmp_path / f"store-{here}"
+        obj = local.AmberCompression.model_validate(tiny_resource(str(store)))
+        outcomes, _ = local.run_resource(obj, only=stages, processes=1, here=here)
+        assert [o.status for o in outcomes if o.stage in stages] == ["ran"] * 3
+        folder = store / "default" / "tiny" / "distill" / "output" / "model"
+        weights[here] = load_file(str(next(folder.glob("*.safetensors"))))
+    assert weights[True].keys() == weights[False].keys()
+    for name, tensor in weights[False].items():
+        assert torch.allclose(weights[True][name], tensor, atol=1e-5), name
+    assert "MASTER_ADDR" not in os.environ  # the in-process gang's settings do not leak
