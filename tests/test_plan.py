@@ -20,7 +20,7 @@ from amber_trainer import data, memory, models
 from amber_trainer.forward import embed, run_block
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = sorted((ROOT / "bench" / "results").glob("*.json"))
+RESULTS = sorted((ROOT / "bench" / "results").glob("*gpu-step*.json"))  # bench/gpu_step.py
 EXAMPLE_6B = ROOT / "manifests" / "examples" / "amber-6b.yaml"
 
 
