@@ -43,6 +43,17 @@ class ScoreResult:
         return cls(**json.loads(text))
 
 
+def calibration_inputs(batches: Sequence[Batch], timesteps: Sequence[float], seed: int):
+    """(timestep index, x_t) for every timestep and calibration batch, with seeded noise."""
+    gen = torch.Generator().manual_seed(seed)
+    for j, t in enumerate(timesteps):
+        for batch in batches:
+            noise = torch.randn(batch.latents.shape, generator=gen, dtype=batch.latents.dtype)
+            device = batch.latents.device
+            t_batch = torch.full((len(batch),), float(t), device=device)
+            yield j, batch.noised(t_batch, noise.to(device))
+
+
 @torch.no_grad()
 def importance_matrix(
     model: torch.nn.Module,
@@ -61,27 +72,22 @@ def importance_matrix(
     live = [i for i in range(len(blocks)) if i not in set(removed)]
     errors = torch.zeros(len(blocks), len(timesteps), dtype=torch.float64)
     samples = sum(len(b) for b in batches)
-    gen = torch.Generator().manual_seed(seed)
-    for j, t in enumerate(timesteps):
-        for batch in batches:
-            noise = torch.randn(batch.latents.shape, generator=gen, dtype=batch.latents.dtype)
-            device = batch.latents.device
-            x = batch.noised(torch.full((len(batch),), float(t), device=device), noise.to(device))
-            img, txt, cond = embed(model, x)
-            states = []  # input of each live block in the full pass
-            for i in live:
-                states.append((img, txt))
-                img, txt = run_block(blocks[i], img, txt, cond)
-            full = head(model, img, cond).double()  # (B, N, C)
-            norm = full.flatten(1).norm(dim=1).clamp_min(1e-12)
-            for k, i in enumerate(live):
-                rest = (blocks[r] for r in live[k + 1 :])
-                img_i, _ = run_blocks(rest, *states[k], cond)
-                skipped = head(model, img_i, cond).double()
-                rel = (skipped - full).flatten(1).norm(dim=1) / norm
-                errors[i, j] += rel.sum().item() / samples
-            if on_step:
-                on_step()
+    for j, x in calibration_inputs(batches, timesteps, seed):
+        img, txt, cond = embed(model, x)
+        states = []  # input of each live block in the full pass
+        for i in live:
+            states.append((img, txt))
+            img, txt = run_block(blocks[i], img, txt, cond)
+        full = head(model, img, cond).double()  # (B, N, C)
+        norm = full.flatten(1).norm(dim=1).clamp_min(1e-12)
+        for k, i in enumerate(live):
+            rest = (blocks[r] for r in live[k + 1 :])
+            img_i, _ = run_blocks(rest, *states[k], cond)
+            skipped = head(model, img_i, cond).double()
+            rel = (skipped - full).flatten(1).norm(dim=1) / norm
+            errors[i, j] += rel.sum().item() / samples
+        if on_step:
+            on_step()
     return errors
 
 
@@ -100,21 +106,16 @@ def influence_matrix(
     live = [i for i in range(len(blocks)) if i not in set(removed)]
     influence = torch.zeros(len(blocks), len(timesteps), dtype=torch.float64)
     samples = sum(len(b) for b in batches)
-    gen = torch.Generator().manual_seed(seed)
-    for j, t in enumerate(timesteps):
-        for batch in batches:
-            noise = torch.randn(batch.latents.shape, generator=gen, dtype=batch.latents.dtype)
-            device = batch.latents.device
-            x = batch.noised(torch.full((len(batch),), float(t), device=device), noise.to(device))
-            img, txt, cond = embed(model, x)
-            for i in live:
-                before = torch.cat([img, txt], dim=1)
-                img, txt = run_block(blocks[i], img, txt, cond)
-                after = torch.cat([img, txt], dim=1)
-                cos = torch.nn.functional.cosine_similarity(before, after, dim=-1).double()
-                influence[i, j] += (1 - cos.mean(dim=1)).sum().item() / samples
-            if on_step:
-                on_step()
+    for j, x in calibration_inputs(batches, timesteps, seed):
+        img, txt, cond = embed(model, x)
+        for i in live:
+            before = torch.cat([img, txt], dim=1)
+            img, txt = run_block(blocks[i], img, txt, cond)
+            after = torch.cat([img, txt], dim=1)
+            cos = torch.nn.functional.cosine_similarity(before, after, dim=-1).double()
+            influence[i, j] += (1 - cos.mean(dim=1)).sum().item() / samples
+        if on_step:
+            on_step()
     return influence
 
 
