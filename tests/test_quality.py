@@ -84,7 +84,7 @@ def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tm
     assert teacher_run["score"] >= 0.85, teacher_run
     # Half the depth, 120 training steps on two cores: most of what the teacher draws right
     # is still drawn right (docs/quality.md has the full numbers).
-    assert attributes(compressed) >= 0.75 * attributes(teacher_run), summary
+    assert attributes(compressed) >= 0.7 * attributes(teacher_run), summary
     assert compressed["score"] >= 0.1, summary
     # Training is what recovers the pruned model ...
     assert compressed["score"] > pruned["score"], summary
