@@ -58,6 +58,10 @@ class Store(ABC):
     def exists(self, key: str) -> bool:
         return key in self.list(key)
 
+    def local_path(self, key: str) -> Path | None:
+        """Where the object already is on this machine's file system (None: remote)."""
+        return None
+
     def write_text(self, key: str, text: str) -> None:
         self.write_bytes(key, text.encode())
 
@@ -119,6 +123,9 @@ class LocalStore(Store):
             raise StorageError(f"{self.uri}/{key} does not exist")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, path)
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
 
     def list(self, prefix: str = "") -> dict[str, int]:
         base = self._path(prefix) if prefix else self.root

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from amber_trainer import data, encoders, models, speed
+from amber_trainer import data, encoders, models, speed, targets
 from amber_trainer.forward import FlowInputs
 from amber_trainer.runtime import Runtime
 
@@ -133,7 +133,11 @@ def datasets(rt: Runtime, config: dict) -> tuple[data.TensorDataset, data.Tensor
         from amber.storage import open_store
 
         store = open_store(spec.cache_uri, rt.run.storage.endpoint, rt.run.storage.region)
-        shards = [k for k in store.list() if k.endswith(".safetensors")]
+        shards = [
+            k
+            for k in store.list()
+            if k.endswith(".safetensors") and not k.startswith(f"{targets.FOLDER}/")
+        ]
         if not shards:
             raise FileNotFoundError(f"data.cacheUri {spec.cache_uri}: no .safetensors shards")
         local = []
@@ -142,6 +146,39 @@ def datasets(rt: Runtime, config: dict) -> tuple[data.TensorDataset, data.Tensor
             local.append(rt.workdir / "data" / key)
         return data.load_shards(local).split()
     raise ValueError("data.uri needs an encode stage first: set data.cacheUri to its output")
+
+
+def target_pool(
+    rt: Runtime, teacher: torch.nn.Module, params, boundaries, train_rows: int
+) -> targets.Pool | None:
+    """The data's precomputed teacher targets for this stage's timestep distribution, when
+    they exist (beside `data.cacheUri`'s shards) and were computed from this very teacher on
+    these training rows."""
+    if not rt.run.data.cache_uri or rt.run.data_from is not None:
+        return None
+    from amber.storage import open_store
+
+    sampling = targets.sampling_of(params)
+    store = open_store(rt.run.data.cache_uri, rt.run.storage.endpoint, rt.run.storage.region)
+    key = f"{targets.FOLDER}/{sampling.key}/{targets.FILE}"
+    if not store.exists(key):
+        return None
+    path = store.local_path(key)
+    if path is None:
+        path = rt.workdir / "data" / key
+        store.download(key, path)
+    pool = targets.load(path.parent.parent.parent, sampling, boundaries)
+    if pool is None:
+        rt.log("teacher targets lack hidden states; computing them live", pool=key)
+        return None
+    if pool.train_rows != train_rows:
+        rt.log("teacher targets are for other training rows; computing them live", pool=key)
+        return None
+    if pool.teacher != targets.fingerprint(teacher):
+        rt.log("teacher targets are from another teacher; computing them live", pool=key)
+        return None
+    rt.log("reading precomputed teacher targets", pool=key, entries=len(pool))
+    return pool
 
 
 def noised(

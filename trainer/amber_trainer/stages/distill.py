@@ -23,11 +23,15 @@ def run(rt: Runtime) -> tuple[int, dict]:
     )
     boundaries = objective.boundaries()
     train, _ = common.datasets(rt, dict(teacher.config))
-    sampler = Sampler(len(train), params.seed)
+    pool = common.target_pool(rt, teacher, params, boundaries, len(train))
+    sampler = Sampler(len(pool) if pool else len(train), params.seed)
 
     def make_inputs(micro_step: int):
         gen = sampler.generator(micro_step, rt.rank)
         rows = sampler.indices(micro_step, rt.rank, rt.world, params.micro_batch_size)
+        if pool is not None:  # the same inputs and teacher answers, read instead of computed
+            _, x, _ = pool.inputs(train, rows, rt.device)
+            return (x, *pool.teacher_outputs(rows, boundaries, rt.device))
         batch = train.rows(rows, rt.device)
         t = torch.rand(len(rows), generator=gen)  # distillation covers the whole schedule
         x, _ = common.noised(batch, t, gen)

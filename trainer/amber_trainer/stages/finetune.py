@@ -12,10 +12,14 @@ from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
 
 
-def flow_inputs(rt, train, sampler, params, teacher, micro_step: int):
-    """The i-th micro-batch for flow matching: (x_t, target, teacher velocity or None)."""
+def flow_inputs(rt, train, sampler, params, teacher, micro_step: int, pool=None):
+    """The i-th micro-batch for flow matching: (x_t, target, teacher velocity or None).
+    With a target `pool`, the sampler walks its entries and their teacher velocities."""
     gen = sampler.generator(micro_step, rt.rank)
     rows = sampler.indices(micro_step, rt.rank, rt.world, params.micro_batch_size)
+    if pool is not None:
+        _, x, target = pool.inputs(train, rows, rt.device)
+        return x, target, pool.teacher_outputs(rows, (), rt.device)[1]
     batch = train.rows(rows, rt.device)
     t = sample_timesteps(
         getattr(params, "timestep_sampling", "logit-normal"),
@@ -39,7 +43,8 @@ def run(rt: Runtime) -> tuple[int, dict]:
     student.train()
     teacher = common.teacher(rt) if params.distill_weight > 0 else None
     train, _ = common.datasets(rt, dict(student.config))
-    sampler = Sampler(len(train), params.seed)
+    pool = common.target_pool(rt, teacher, params, (), len(train)) if teacher else None
+    sampler = Sampler(len(pool) if pool else len(train), params.seed)
     objective = FlowMatching(student, params.distill_weight)
     engine = loop.build_engine(rt, objective, params, params.steps)
     state = None
@@ -48,7 +53,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
         rt.log("resumed", step=manifest.step, checkpoint=manifest.folder)
 
     def make_inputs(micro_step):
-        return flow_inputs(rt, train, sampler, params, teacher, micro_step)
+        return flow_inputs(rt, train, sampler, params, teacher, micro_step, pool)
 
     state = loop.train(rt, engine, params, make_inputs, params.steps, "finetune", state=state)
     metrics = {**common.training_metrics(state), "flowLoss": [p[0] for p in state["parts"]]}
