@@ -113,12 +113,21 @@ class ScoreStage(StageBase):
     target_layers: int = Field(
         ..., ge=1, description="targetLayers: layers the pruned student keeps."
     )
-    criterion: Literal["importance", "block-influence", "uniform", "first", "random"] = Field(
+    criterion: Literal[
+        "importance", "block-influence", "uniform", "first", "random", "explicit"
+    ] = Field(
         "importance",
         description="criterion: which layers survive. 'importance' is the timestep-sensitive "
         "skip error; the others are baselines for ablation: 'block-influence' (1 - cosine "
         "of a block's input and output, ShortGPT), 'uniform' (evenly spaced, first and last "
-        "included), 'first' (the first targetLayers) and 'random' (seeded by seed).",
+        "included), 'first' (the first targetLayers), 'random' (seeded by seed) and "
+        "'explicit' (the teacher blocks listed in keepLayers).",
+    )
+    keep_layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        max_length=1024,
+        description="keepLayers: with criterion explicit, the teacher blocks that survive "
+        "(targetLayers distinct indices; the protected first and last blocks are not added).",
     )
     timesteps: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [0.05, 0.2, 0.4, 0.6, 0.8, 0.95],
@@ -147,7 +156,7 @@ class ScoreStage(StageBase):
     )
     keep_first: int = Field(1, ge=0, description="keepFirst: always keep the first k blocks.")
     keep_last: int = Field(1, ge=0, description="keepLast: always keep the last k blocks.")
-    seed: int = Field(0, description="seed: seeds calibration noise.")
+    seed: int = Field(0, description="seed: picks the calibration rows and their noise.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -159,6 +168,16 @@ class ScoreStage(StageBase):
                     f"timestepWeights has {len(self.timestep_weights)} entries, "
                     f"timesteps has {len(self.timesteps)}"
                 )
+        if (self.criterion == "explicit") != (self.keep_layers is not None):
+            raise ValueError("keepLayers is given exactly when criterion is explicit")
+        if self.keep_layers is not None and (
+            len(set(self.keep_layers)) != len(self.keep_layers)
+            or len(self.keep_layers) != self.target_layers
+        ):
+            raise ValueError(
+                f"keepLayers must list targetLayers ({self.target_layers}) distinct blocks, "
+                f"got {self.keep_layers}"
+            )
         if self.keep_first + self.keep_last > self.target_layers:
             raise ValueError(
                 f"keepFirst + keepLast ({self.keep_first + self.keep_last}) exceeds "

@@ -9,7 +9,8 @@ weighted mean.
 
 Baselines for ablation (`criterion`): block influence (ShortGPT: 1 - cosine similarity of a
 block's input and output states, both streams, through the same normalise-and-aggregate)
-and fixed patterns that look at no data (evenly spaced, the first N, seeded random).
+and fixed patterns that look at no data (evenly spaced, the first N, seeded random, or an
+explicit list).
 """
 
 from __future__ import annotations
@@ -120,12 +121,18 @@ def influence_matrix(
 
 
 MATRICES = {"importance": importance_matrix, "block-influence": influence_matrix}
-PATTERNS = ("uniform", "first", "random")
+PATTERNS = ("uniform", "first", "random", "explicit")
 
 
 def pattern(num_layers: int, params: ScoreStage) -> list[int]:
     """The layers a data-free baseline keeps."""
     n = params.target_layers
+    if params.criterion == "explicit":
+        if max(params.keep_layers) >= num_layers:
+            raise ValueError(
+                f"keepLayers {params.keep_layers} names a block beyond the teacher's {num_layers}"
+            )
+        return sorted(params.keep_layers)
     if params.criterion == "first":
         return list(range(n))
     if params.criterion == "uniform":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from amber_trainer import score as scoring
 from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
@@ -19,7 +21,9 @@ def run(rt: Runtime) -> tuple[int, dict]:
         )
     train, _ = common.datasets(rt, dict(teacher.config))
     count = min(params.calibration_samples, len(train))
-    rows = list(range(count))
+    # The seed picks the calibration rows as well as their noise.
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(params.seed))
+    rows = rows[:count].tolist()
     # Each process scores its share of the calibration batches; the sums are combined.
     mine = [rows[i : i + params.batch_size] for i in range(0, count, params.batch_size)]
     mine = mine[rt.rank :: rt.world]
