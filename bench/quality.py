@@ -1,11 +1,12 @@
 """The compositional quality benchmark (brief section 7; results in docs/quality.md).
 
-    python bench/quality.py fixtures        # train the judge and the teacher (committed)
-    python bench/quality.py run             # preset + ablations, 3 seeds -> docs/quality.md
-    python bench/quality.py run --quick     # one seed, 48 prompts: a smoke run
+    python bench/quality.py fixtures               # train and gate the teacher (committed)
+    python bench/quality.py run                    # every arm, seeds 0 1 2 -> docs/quality.md
+    python bench/quality.py run --seeds 3 4 5      # any seeds (the doc is rewritten)
+    python bench/quality.py run --quick --seeds 5  # one seed, fewer prompts: printed only
 
 Every arm is an AmberCompression run through `amber run`'s code path (stages in this
-process) on the committed teacher; every stage's model is sampled on the held-out prompts
+process) on the committed teacher; every judged model is sampled on the held-out prompts
 and read by the judge. Raw numbers go to bench/results/quality.json.
 """
 
@@ -27,19 +28,17 @@ RESULTS = ROOT / "bench" / "results" / "quality.json"
 DOC = ROOT / "docs" / "quality.md"
 FIGURE = ROOT / "docs" / "quality-samples.png"
 
-# Arms in the order they run (later arms reuse earlier arms' shared stages).
-ORDER = [
-    "amber-6b",
-    "amber-10b",
-    "one-shot-fusion",
-    "finetune-only",
-    "init-keep",
-    "uniform",
-    "first",
-    "block-influence",
-    "random",
-    "broken",
-]
+
+# --quick: the preset, the strongest baseline of the first benchmark, and the floor.
+QUICK_ARMS = ["amber-6b", "block-influence", "broken"]
+
+
+def default_arms() -> list[str]:
+    """Every arm in catalogue order, but amber-10b: its model is amber-6b's finetune stage."""
+    from amber_trainer.quality import arms, teacher
+
+    catalogue = arms.catalogue(arms.Budget(), teacher.CONFIG["num_layers"])
+    return [name for name in catalogue if name != "amber-10b"]
 
 
 def log(message: str) -> None:
@@ -50,30 +49,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fixtures = sub.add_parser("fixtures", help="train the judge and the teacher")
-    fixtures.add_argument("--steps", type=int, default=3000, help="teacher optimiser steps")
+    fixtures.add_argument("--steps", type=int, help="teacher optimiser steps (default 6000)")
+    fixtures.add_argument(
+        "--checkpoint", type=Path, help="training state (default ~/.cache/amber/teacher.pt)"
+    )
     fixtures.add_argument("--out", type=Path, default=FIXTURES)
     run = sub.add_parser("run", help="run the benchmark and write docs/quality.md")
-    run.add_argument("--seeds", type=int, default=3)
-    run.add_argument("--quick", action="store_true", help="one seed, 48 prompts, no doc")
-    run.add_argument("--arms", nargs="*", default=ORDER)
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="any integers")
+    run.add_argument(
+        "--quick", action="store_true", help="the first seed only, fewer prompts, no doc"
+    )
+    run.add_argument("--arms", nargs="+", help="arm names (default: all, in catalogue order)")
     args = parser.parse_args(argv)
     if args.command == "fixtures":
         from amber_trainer.quality import teacher
 
-        report = teacher.build(args.out, steps=args.steps, log=log)
+        steps = args.steps or teacher.STEPS
+        report = teacher.build(args.out, steps, log, args.checkpoint)
         print(json.dumps(report, indent=2))
         return 0
     from amber_trainer.quality import arms, benchmark, report
 
     started = time.perf_counter()
-    seeds = list(range(1 if args.quick else args.seeds))
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    names = args.arms or (QUICK_ARMS if args.quick else default_arms())
     with tempfile.TemporaryDirectory(prefix="amber-quality-") as tmp:
         results = benchmark.run(
             seeds,
             Path(tmp),
-            args.arms,
+            names,
             FIXTURES,
-            48 if args.quick else None,
+            benchmark.QUICK if args.quick else benchmark.Size(),
             arms.Budget(),
             None if args.quick else FIGURE,
             log,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
-from amber_trainer.quality import arms, benchmark, judge, task, teacher, text
+from amber_trainer.quality import arms, benchmark, judge, measure, report, task, teacher, text
 
 FIXTURES = Path(__file__).resolve().parents[1] / "bench" / "quality"
 
@@ -54,23 +56,87 @@ def test_captions_are_encoded_by_the_real_text_encoder():
 
 
 def test_fixtures_are_intact_and_the_judge_reads_real_held_out_images():
+    import json
+
     teacher.verify(FIXTURES)
     model = teacher.load_teacher(FIXTURES)
-    assert dict(model.config)["num_layers"] == teacher.CONFIG["num_layers"]
+    recorded = json.loads((FIXTURES / teacher.REPORT).read_text())["teacherConfig"]
+    config = dict(model.config)
+    assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in recorded.items()} == {
+        k: (list(config[k]) if isinstance(config[k], tuple) else config[k]) for k in recorded
+    }
     _, held = task.split()
     drawn = task.sample(held, 300, seed=99)
     images = torch.stack([task.render(s, r) for s, r in drawn])
     result = judge.grade(teacher.load_judge(FIXTURES), images, [s for s, _ in drawn])
     assert result["score"] >= 0.98, result
+    assert result["soft"] > -0.1, result["soft"]  # near-certain on real renderings
+    shuffled = judge.grade(teacher.load_judge(FIXTURES), images.flip(0), [s for s, _ in drawn])
+    assert shuffled["soft"] < result["soft"] - 1.0, shuffled["soft"]
+
+
+def test_the_paired_interval_finds_a_real_difference_and_only_that():
+    rng = np.random.default_rng(0)
+    base = [{"seed": s, "passed": "".join(rng.choice(["0", "1"], 400))} for s in range(3)]
+    same = report.paired(base, base)
+    assert same == (0.0, 0.0, 0.0)
+    # An arm that fixes a tenth of the prompts on every seed and breaks none.
+    better = []
+    for r in base:
+        bits = list(r["passed"])
+        for i in range(0, 400, 10):
+            bits[i] = "1"
+        better.append({**r, "passed": "".join(bits)})
+    mean, lo, hi = report.paired(better, base)
+    assert 0 < lo < mean < hi and mean <= 0.1
+    # Two arms that differ only by noise: the interval contains 0.
+    noisy = [{"seed": s, "passed": "".join(rng.choice(["0", "1"], 400))} for s in range(3)]
+    mean, lo, hi = report.paired(noisy, base)
+    assert lo < 0 < hi
+
+
+def test_every_arm_is_a_valid_resource_that_changes_only_what_it_says():
+    budget = arms.Budget()
+    layers = teacher.CONFIG["num_layers"]
+    catalogue = arms.catalogue(budget, layers)
+    preset = {s["name"]: s for s in arms.stages(catalogue[arms.PRESET], layers, budget, 0)}
+    for arm in catalogue.values():
+        obj = arms.resource(arm, 0, layers, "/teacher", "/data", "/store", budget)
+        assert obj.metadata.name == f"{arm.name}-s0"
+        mine = {s["name"]: s for s in arms.stages(arm, layers, budget, 0)}
+        assert arm.judged in mine and set(arm.drop).isdisjoint(mine)
+        for name, stage in mine.items():
+            expected = {**preset.get(name, stage), **arm.changes.get(name, {})}
+            assert stage == expected, (arm.name, name)
+    keep = arms.stages(catalogue["keep-late"], layers, budget, 0)[0]
+    assert keep["criterion"] == "explicit" and len(keep["keepLayers"]) == layers // 2
+    # A seed changes training noise, calibration rows and sampling noise.
+    other = {s["name"]: s for s in arms.stages(catalogue[arms.PRESET], layers, budget, 7)}
+    assert {n: s.get("seed") for n, s in other.items()} != {
+        n: s.get("seed") for n, s in preset.items()
+    }
+
+
+def test_velocity_error_against_cached_teacher_answers_is_evals_definition():
+    from amber_trainer import models
+    from amber_trainer.stages.eval import velocity_errors
+
+    config = {**teacher.CONFIG, "num_layers": 2}
+    reference, student = models.build(config, seed=1).eval(), models.build(config, seed=2).eval()
+    s = measure.suite(1, seed=4, limit=12)
+    cached = measure.velocity_error(student, measure.errors(reference, s, seed=9))
+    rel, _, _ = velocity_errors(
+        reference, student, [s.batch], measure.BUCKETS, torch.Generator().manual_seed(9)
+    )
+    assert cached == pytest.approx((rel / len(s)).tolist(), rel=1e-6)
 
 
 def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tmp_path):
-    budget = arms.Budget(distill_steps=60, finetune_steps=60)
-    results = benchmark.run(
-        [0], tmp_path, ["amber-10b", "broken"], FIXTURES, limit=48, budget=budget
-    )
+    budget = arms.Budget(calibration_samples=16, distill_steps=60, finetune_steps=60)
+    size = benchmark.Size(held_out=48, training=24, pool=1024)
+    results = benchmark.run([0], tmp_path, ["amber-10b", "broken"], FIXTURES, size, budget)
     runs = {(r["arm"], r["stage"]): r for r in results["runs"]}
-    teacher_run = results["teacher"]
+    teacher_run = runs["teacher", "teacher"]
     compressed, pruned = runs["amber-10b", "finetune"], runs["amber-10b", "prune"]
     broken = runs["broken", "prune"]
 
@@ -82,13 +148,72 @@ def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tm
 
     summary = {k: (round(r["score"], 3), round(attributes(r), 3)) for k, r in runs.items()}
     assert teacher_run["score"] >= 0.85, teacher_run
+    assert len(teacher_run["passed"]) == 48 and len(teacher_run["softPerPrompt"]) == 48
     # Half the depth, 120 training steps on two cores: most of what the teacher draws right
     # is still drawn right (docs/quality.md has the full numbers).
     assert attributes(compressed) >= 0.7 * attributes(teacher_run), summary
     assert compressed["score"] >= 0.1, summary
     # Training is what recovers the pruned model ...
     assert compressed["score"] > pruned["score"], summary
+    assert compressed["softScore"] > pruned["softScore"], summary
     assert error(compressed) < 0.6 * error(pruned), summary
     # ... and a pipeline that picks random layers and learns nothing is clearly worse.
     assert broken["score"] <= 0.5 * compressed["score"], summary
     assert attributes(broken) <= attributes(compressed) - 0.2, summary
+
+
+def test_spearman_ranks_with_ties():
+    from amber_trainer.quality.oracle import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 3], [5, 6, 7, 8]) == pytest.approx(0.9486833)  # a shared rank
+    assert spearman([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+def test_the_oracle_sweep_runs_on_a_tiny_cpu_configuration(tmp_path):
+    # The real sweep needs a GPU; this runs the same script end to end on a random 6-block
+    # teacher with 3 keep sets and 3 + 3 recovery steps.
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "oracle.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "oracle.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["keepSets"]) == 3 and result["device"] == "cpu"
+    assert {tuple(r["keep"]) for r in result["keepSets"]}.__len__() == 3
+    assert all(r["keep"][0] == 0 and r["keep"][-1] == 5 for r in result["keepSets"])
+    assert set(result["spearman"]) == {"importance", "block-influence", "after prune (soft)"}
+    assert all(-1 <= rho <= 1 for rho in result["spearman"].values())
+    assert "importance" in proc.stdout and "spearman" in proc.stdout
+
+
+def test_an_interrupted_teacher_build_continues_to_the_same_weights(tmp_path, monkeypatch):
+    small = {"steps": 4, "batch": 4, "samples": 32, "every": 2, "log": lambda m: None}
+    whole, losses, _ = teacher.train_teacher(**small)
+    saves = []
+    real_save = teacher._save_atomic
+
+    def interrupt_after_the_first(state, path):
+        real_save(state, path)
+        saves.append(state["step"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(teacher, "_save_atomic", interrupt_after_the_first)
+    checkpoint = tmp_path / "teacher.pt"
+    with pytest.raises(KeyboardInterrupt):
+        teacher.train_teacher(**small, checkpoint=checkpoint)
+    assert saves == [2]
+    monkeypatch.setattr(teacher, "_save_atomic", real_save)
+    resumed, resumed_losses, _ = teacher.train_teacher(**small, checkpoint=checkpoint)
+    assert resumed_losses == pytest.approx(losses, rel=1e-5)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,37 +1,25 @@
-"""The benchmark's runs: the amber-10b and amber-6b presets and one ablation per arm, each
-an `AmberCompression` run by `amber run`'s own code path. amber-6b is amber-10b plus fusion,
-so its finetune stage is the amber-10b model (the same spec hash: one run serves both).
+"""The benchmark's arms: the amber-6b preset and one ablation each, every one an
+`AmberCompression` run by `amber run`'s own code path. amber-6b is amber-10b plus fusion, so
+its finetune stage is the amber-10b model (the 10B-style model) and its fuse stage the
+6B-style one.
 
-An arm changes one thing against the preset and keeps every other stage and budget; arms
-of one seed share the stages they have in common (the committed output is copied, and
-`amber run` reuses it because the stage's spec hash matches).
+An arm is data (`Arm`: a name, a line saying what it changes, the stage fields it changes);
+adding one to `catalogue` is all a new hypothesis needs. It keeps every other stage and
+budget; arms of one seed share the stages they have in common (the committed output is
+copied, and `amber run` reuses it because the stage's spec hash matches).
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from amber import presets
 from amber.api import AmberCompression
 from amber.local import run_resource
-from amber.plan import MODEL_STAGES, OUTPUT, plan
+from amber.plan import OUTPUT, plan
 from amber_trainer.quality import task
-
-# What each arm changes; the first two are the presets themselves.
-ARMS = {
-    "amber-6b": "the preset: importance, average, distill + finetune, progressive fusion",
-    "amber-10b": "the preset: the same stages as amber-6b up to finetune, no fusion",
-    "uniform": "score.criterion: uniform (evenly spaced layers)",
-    "first": "score.criterion: first (keep the first N layers)",
-    "block-influence": "score.criterion: block-influence (ShortGPT cosine)",
-    "random": "score.criterion: random",
-    "init-keep": "prune.init: keep (no weight averaging)",
-    "finetune-only": "no distill stage; finetune gets its steps",
-    "one-shot-fusion": "fuse: every block in one phase, same total steps",
-    "broken": "random layers, no averaging, no training (a pipeline that learns nothing)",
-}
 
 
 @dataclass(frozen=True)
@@ -45,6 +33,113 @@ class Budget:
     fuse_finetune_steps: int = 40
     micro_batch: int = 24
     learning_rate: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One benchmark arm: a preset with stage fields changed, and how it is judged.
+
+    `changes` maps stage names to the fields merged into them; `drop` removes stages;
+    `judged` is the stage whose model is the arm's result and `against` the preset model it
+    is compared with, prompt by prompt (None: a floor, compared with nothing).
+    """
+
+    name: str
+    description: str
+    changes: dict = field(default_factory=dict)
+    drop: tuple[str, ...] = ()
+    preset: str = "amber-10b"
+    judged: str = "finetune"
+    against: str | None = "finetune"
+
+
+PRESET = "amber-6b"  # the arm every other arm is compared with, and its judged stages
+PRESET_STAGES = {
+    "prune": "pruned",
+    "distill": "distilled",
+    "finetune": "10B-style",
+    "fuse": "6B-style",
+}
+
+
+def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
+    """Every arm, by name, for a teacher of `layers` blocks. The first is the preset; the
+    others change one thing each (budgets and the rest of the recipe stay)."""
+    student = max(1, layers // 2)
+    fuse = presets.build("amber-6b", layers, {})[-2]
+    phases = -(-fuse.single_layers // fuse.blocks_per_phase)
+    late = [0, *range(layers - student + 1, layers)]  # block 0 and the deepest ones
+    arms = [
+        Arm(
+            PRESET,
+            "the preset: importance, average, distill + finetune, progressive fusion",
+            preset="amber-6b",
+            judged="fuse",
+            against=None,
+        ),
+        Arm(
+            "amber-10b",
+            "the preset without fusion (its finetune model is amber-6b's)",
+            against=None,
+        ),
+        Arm(
+            "one-shot-fusion",
+            "fuse: every block in one phase, same total steps",
+            {"fuse": {"blocksPerPhase": fuse.single_layers, "steps": budget.fuse_steps * phases}},
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
+        ),
+        Arm(
+            "finetune-only",
+            "no distill stage; finetune gets its steps",
+            {"finetune": {"steps": budget.distill_steps + budget.finetune_steps}},
+            drop=("distill",),
+        ),
+        Arm("init-keep", "prune.init: keep (no weight averaging)", {"prune": {"init": "keep"}}),
+        Arm(
+            "iterative",
+            "score.mode: iterative (re-score after each removal)",
+            {"score": {"mode": "iterative"}},
+        ),
+        Arm("uniform", "score.criterion: uniform (evenly spaced layers)", _criterion("uniform")),
+        Arm("first", "score.criterion: first (keep the first N layers)", _criterion("first")),
+        Arm(
+            "block-influence",
+            "score.criterion: block-influence (ShortGPT cosine)",
+            _criterion("block-influence"),
+        ),
+        Arm("random", "score.criterion: random", _criterion("random")),
+        Arm(
+            "keep-late",
+            f"score.keepLayers: block 0 and the deepest {student - 1} ({_ranges(late)})",
+            {"score": {"criterion": "explicit", "keepLayers": late}},
+        ),
+        Arm(
+            "broken",
+            "random layers, no averaging, no training (a pipeline that learns nothing)",
+            {"score": {"criterion": "random"}, "prune": {"init": "keep"}},
+            drop=("distill", "finetune"),
+            judged="prune",
+            against=None,
+        ),
+    ]
+    return {arm.name: arm for arm in arms}
+
+
+def _criterion(name: str) -> dict:
+    return {"score": {"criterion": name}}
+
+
+def _ranges(blocks: list[int]) -> str:
+    """[0, 13, 14, 15] -> '0, 13-15'."""
+    runs: list[list[int]] = []
+    for b in blocks:
+        if runs and b == runs[-1][-1] + 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def overrides(budget: Budget, seed: int) -> dict[str, dict]:
@@ -68,69 +163,55 @@ def overrides(budget: Budget, seed: int) -> dict[str, dict]:
     }
 
 
-def stages(arm: str, layers: int, budget: Budget, seed: int) -> list[dict]:
-    """The arm's `spec.stages`: its preset's, with the arm's one change."""
-    if arm not in ARMS:
-        raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
-    preset = "amber-6b" if arm in ("amber-6b", "one-shot-fusion") else "amber-10b"
+def stages(arm: Arm, layers: int, budget: Budget, seed: int) -> list[dict]:
+    """The arm's `spec.stages`: its preset's with the arm's changes. Only the preset arm
+    keeps the eval stage (the benchmark judges every model itself)."""
     fields = overrides(budget, seed)
-    if preset == "amber-10b":
+    if arm.preset == "amber-10b":
         del fields["fuse"]
-    raw = {s.name: s.dump() for s in presets.build(preset, layers, fields)}
-    names = list(raw)
-    if arm in ("uniform", "first", "block-influence", "random"):
-        raw["score"]["criterion"] = arm
-    elif arm == "init-keep":
-        raw["prune"]["init"] = "keep"
-    elif arm == "finetune-only":
-        names.remove("distill")
-        raw["finetune"]["steps"] += raw["distill"]["steps"]
-    elif arm == "one-shot-fusion":
-        fuse = raw["fuse"]
-        phases = -(-fuse["singleLayers"] // fuse["blocksPerPhase"])
-        fuse["steps"] *= phases
-        fuse["blocksPerPhase"] = fuse["singleLayers"]
-    elif arm == "broken":
-        raw["score"]["criterion"] = "random"
-        raw["prune"]["init"] = "keep"
-        names = ["score", "prune"]
-    if arm not in ("amber-6b", "amber-10b", "one-shot-fusion"):
-        names = [n for n in names if n != "eval"]  # ablations are judged, not eval'd
-    return [raw[n] for n in names]
+    raw = {s.name: s.dump() for s in presets.build(arm.preset, layers, fields)}
+    for name, change in arm.changes.items():
+        raw[name] = {**raw[name], **change}
+    drop = set(arm.drop) | ({"eval"} if arm.name != PRESET else set())
+    return [stage for name, stage in raw.items() if name not in drop]
 
 
 def resource(
-    arm: str, seed: int, teacher_uri: str, data_uri: str, store_uri: str, budget: Budget
+    arm: Arm, seed: int, layers: int, teacher_uri: str, data_uri: str, store_uri: str, budget
 ) -> AmberCompression:
-    from amber_trainer.quality import teacher
-
+    """The arm for seed `seed` on a teacher of `layers` blocks, as a resource."""
     return AmberCompression.model_validate(
         {
             "apiVersion": "amber.dev/v1alpha1",
             "kind": "AmberCompression",
-            "metadata": {"name": f"{arm}-s{seed}"},
+            "metadata": {"name": f"{arm.name}-s{seed}"},
             "spec": {
                 "teacher": {"uri": teacher_uri},
                 "data": {"cacheUri": data_uri},
                 "storage": {"uri": store_uri},
                 "resources": {"pods": 1, "gpusPerPod": 0},
                 "deepspeed": {"zeroStage": 0, "precision": "fp32"},
-                "stages": stages(arm, teacher.CONFIG["num_layers"], budget, seed),
+                "stages": stages(arm, layers, budget, seed),
             },
         }
     )
 
 
-def write_data(folder: Path, samples: int, seed: int) -> Path:
-    """Training pairs as the encode stage writes them (`data.cacheUri`)."""
+def write_data(folder: Path, samples: int, seed: int, teacher=None, pool: int = 0) -> Path:
+    """Training pairs as the encode stage writes them (`data.cacheUri`) and, with a
+    `teacher` and `pool` > 0, the teacher's targets for `pool` entries of each timestep
+    distribution the recipes train with: distillation's (uniform, with hidden states) and
+    fine-tuning's (velocities). Every arm and seed of a run reads them."""
     import torch
     from safetensors.torch import save_file
 
-    from amber_trainer.quality import teacher
+    from amber_trainer import data, targets
+    from amber_trainer.quality import teacher as fixtures
 
     train, _ = task.split()
-    tokens, emb, mask, _ = teacher.dataset(train, samples, seed)
+    tokens, emb, mask, _ = fixtures.dataset(train, samples, seed)
     folder.mkdir(parents=True, exist_ok=True)
+    shard = folder / "pairs-00000.safetensors"
     save_file(
         {
             "latents": tokens.contiguous(),
@@ -138,13 +219,19 @@ def write_data(folder: Path, samples: int, seed: int) -> Path:
             "text_mask": mask.contiguous(),
             "side": torch.tensor(task.SIDE),
         },
-        str(folder / "pairs-00000.safetensors"),
+        str(shard),
     )
+    if teacher is not None and pool > 0:
+        rows, _ = data.load_shards([shard]).split()  # what the stages train on
+        finetune = next(s for s in presets.build("amber-10b", 4, {}) if s.type == "finetune")
+        for sampling, states in ((targets.UNIFORM, True), (targets.sampling_of(finetune), False)):
+            built = targets.build(teacher, rows, pool, sampling, seed + 1, with_states=states)
+            targets.save(built, folder)
     return folder
 
 
 def run_arm(obj: AmberCompression, committed: dict[str, Path]) -> dict[str, Path]:
-    """Run one arm; the local folder of each model stage's committed output, by stage name.
+    """Run one arm; the local folder of each stage's committed output, by stage name.
 
     `committed` maps spec hashes to committed output folders of arms already run; matching
     stages are copied in first, so `amber run` reuses them. New ones are added to it.
@@ -160,6 +247,5 @@ def run_arm(obj: AmberCompression, committed: dict[str, Path]) -> dict[str, Path
     for run in runs:
         # A shared stage keeps pointing at the arm that ran it: it is measured once.
         folder = committed.setdefault(run.spec_hash, Path(run.run_uri) / run.stage.name / OUTPUT)
-        if run.stage.type in MODEL_STAGES:
-            outputs[run.stage.name] = folder
+        outputs[run.stage.name] = folder
     return outputs

@@ -1,29 +1,56 @@
-"""One benchmark run: every arm for every seed, each stage's model measured.
+"""One benchmark run: every arm for every seed, each judged model measured.
 
-The arms run in the given order; later arms of a seed reuse the stages they share with
-earlier ones. A committed folder is measured once, however many arms share it.
+The teacher's targets for a fixed pool of training inputs are computed once and shared by
+every arm and seed (`targets`), so the run's time goes to students. The arms of a seed run
+in the given order and reuse the stages they share with earlier ones; a committed folder is
+measured once, however many arms share it. Every model of a seed is measured on the same
+suite (prompts, renderings, noise), so arms can be compared prompt by prompt.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from amber_trainer import models
 from amber_trainer.quality import arms, measure, report, task, teacher
 
+DATA_SAMPLES = 4096
+DATA_SEED = 100  # the training pairs and the target pool are the same for every seed
 
-def figure(suite, teacher_model, outputs: dict, path: Path, rows: int = 8) -> None:
+
+@dataclass(frozen=True)
+class Size:
+    """How many prompts a run measures (None: all) and how many entries the pool holds."""
+
+    held_out: int | None = None
+    training: int | None = None
+    pool: int = 4096
+
+
+QUICK = Size(held_out=138, training=48, pool=2048)
+
+
+def figure(s: measure.Suite, teacher_model, outputs: dict, path: Path, rows: int = 8) -> None:
     """Real rendering, teacher, 10B-style and 6B-style on the same prompts and noise."""
-    picks = suite.subset([round(i * len(suite) / rows) for i in range(rows)])
+    picks = s.subset([round(i * len(s) / rows) for i in range(rows)])
     columns = {
         "real": task.to_images(picks.batch.latents),
         "teacher": measure.generate(teacher_model, picks),
     }
-    for stage, label in (("finetune", "10B-style"), ("fuse", "6B-style")):
+    for stage in ("finetune", "fuse"):
         if stage in outputs:
-            columns[label] = measure.generate(models.load(outputs[stage] / "model"), picks)
-    report.sample_grid(columns, [s.caption for s in picks.scenes], path)
+            model = models.load(outputs[stage] / "model")
+            columns[arms.PRESET_STAGES[stage]] = measure.generate(model, picks)
+    report.sample_grid(columns, [sc.caption for sc in picks.scenes], path)
+
+
+def _kept(folders: dict[str, Path]) -> list[int] | None:
+    if "score" not in folders:
+        return None
+    return json.loads((folders["score"] / "importance.json").read_text())["keep"]
 
 
 def run(
@@ -31,54 +58,74 @@ def run(
     workdir: Path,
     arm_names: list[str],
     fixtures: Path,
-    limit: int | None = None,
+    size: Size = Size(),
     budget: arms.Budget | None = None,
     grid: Path | None = None,
     log=print,
 ) -> dict:
-    """Run the arms for every seed; the measurements, the teacher's first."""
+    """Run the arms for every seed; every measurement, per seed, arm and stage."""
     budget = budget or arms.Budget()
-    fixtures_teacher = teacher.load_teacher(fixtures)
+    teacher_model = teacher.load_teacher(fixtures)
     judge = teacher.load_judge(fixtures)
-    suite = measure.suite(limit=limit)
-    data = arms.write_data(workdir / "data", samples=4096, seed=100)
-    log(f"{len(suite)} held-out prompts; training data {data}")
-    results = {
-        "prompts": len(suite),
-        "teacher": measure.evaluate(fixtures_teacher, fixtures_teacher, judge, suite),
+    layers = len(teacher_model.transformer_blocks)  # the committed fixture's depth
+    catalogue = arms.catalogue(budget, layers)
+    unknown = sorted(set(arm_names) - set(catalogue))
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; known: {', '.join(catalogue)}")
+    started = time.perf_counter()
+    data = arms.write_data(workdir / "data", DATA_SAMPLES, DATA_SEED, teacher_model, size.pool)
+    log(f"training data and {size.pool} pooled teacher targets in {data}")
+    results: dict = {
+        "arms": {name: catalogue[name].description for name in arm_names},
+        "budget": budget.__dict__,
+        "poolSeconds": round(time.perf_counter() - started),
         "runs": [],
+        "armSeconds": [],
     }
-    results["teacher"]["parameters"] = models.count_parameters(fixtures_teacher)
-    log(f"teacher: score {results['teacher']['score']:.3f}")
     measured: dict[str, dict] = {}  # committed folder -> measurement (shared stages once)
     for seed in seeds:
+        suites = measure.suites(teacher_model, seed, size.held_out, size.training)
+        results["prompts"] = len(suites.held_out)
+        results["trainingPrompts"] = len(suites.training)
+        row = measure.evaluate(teacher_model, judge, suites)
+        row["parameters"] = models.count_parameters(teacher_model)
+        results["runs"].append({"arm": "teacher", "seed": seed, "stage": "teacher", **row})
+        log(f"seed {seed} teacher: score {row['score']:.3f}")
         committed: dict = {}
-        for arm in arm_names:
+        for name in arm_names:
+            arm = catalogue[name]
             obj = arms.resource(
                 arm,
                 seed,
+                layers,
                 str(fixtures / teacher.TEACHER_DIR),
                 str(data),
                 str(workdir / "store"),
                 budget,
             )
-            started = time.perf_counter()
-            outputs = arms.run_arm(obj, committed)
-            trained = time.perf_counter() - started
-            judged = report.MAIN[1] if arm in report.PRESETS else ("prune", report.FINAL[arm])
-            for stage, folder in outputs.items():
-                if stage not in judged:
+            clock = time.perf_counter()
+            folders = arms.run_arm(obj, committed)
+            trained = time.perf_counter() - clock
+            judged = list(arms.PRESET_STAGES) if name == arms.PRESET else ["prune", arm.judged]
+            for stage in dict.fromkeys(judged):
+                if stage not in folders:
                     continue
-                key = str(folder.resolve())
+                key = str(folders[stage].resolve())
                 if key not in measured:
-                    model = models.load(folder / "model")
+                    model = models.load(folders[stage] / "model")
                     measured[key] = {
-                        **measure.evaluate(model, fixtures_teacher, judge, suite),
+                        **measure.evaluate(model, judge, suites),
                         "parameters": models.count_parameters(model),
                     }
-                results["runs"].append({"arm": arm, "seed": seed, "stage": stage, **measured[key]})
-            if grid is not None and seed == seeds[0] and arm == "amber-6b":
-                figure(suite, fixtures_teacher, outputs, grid)
+                entry = {"arm": name, "seed": seed, "stage": stage, **measured[key]}
+                results["runs"].append({**entry, "keep": _kept(folders)})
+            if grid is not None and seed == seeds[0] and name == arms.PRESET:
+                figure(suites.held_out, teacher_model, folders, grid)
+            seconds = time.perf_counter() - clock
+            results["armSeconds"].append({"arm": name, "seed": seed, "seconds": round(seconds)})
             final = results["runs"][-1]
-            log(f"seed {seed} {arm}: {final['stage']} {final['score']:.3f} ({trained:.0f} s)")
+            log(
+                f"seed {seed} {name}: {final['stage']} {final['score']:.3f} "
+                f"(trained {trained:.0f} s, {seconds:.0f} s with measuring)"
+            )
     return results

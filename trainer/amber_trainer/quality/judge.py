@@ -101,9 +101,19 @@ def read(judge: Judge, images: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def grade(judge: Judge, images: torch.Tensor, scenes: list[task.Scene]) -> dict:
     """GenEval-style score: the fraction of images showing every requested attribute, and
-    per-attribute accuracy over the images that ask for it."""
-    seen = read(judge, images)
+    per-attribute accuracy over the images that ask for it. The soft score is the judge's
+    mean log-probability of the requested values (per prompt, then averaged): it moves
+    before a prompt flips from failed to passed."""
+    logits = judge(images.clamp(-1, 1))
+    seen = {name: out.argmax(-1) for name, out in logits.items()}
     want = targets(scenes)
+    log_p, asked_heads = torch.zeros(len(scenes)), torch.zeros(len(scenes))
+    for name in HEADS:
+        asked = want[name] >= 0
+        picked = logits[name].log_softmax(-1).gather(1, want[name].clamp_min(0)[:, None])[:, 0]
+        log_p += torch.where(asked, picked, 0.0)
+        asked_heads += asked.float()
+    soft = log_p / asked_heads
     count_ok = seen["count"] == want["count"]
     per_head = {}
     for name in HEADS:
@@ -116,4 +126,10 @@ def grade(judge: Judge, images: torch.Tensor, scenes: list[task.Scene]) -> dict:
         hits = sum(int(per_head[h][want[h] >= 0].sum()) for h in heads)
         total = sum(int((want[h] >= 0).sum()) for h in heads)
         attributes[attribute] = hits / max(1, total)
-    return {"score": float(passed.float().mean()), "attributes": attributes, "passed": passed}
+    return {
+        "score": float(passed.float().mean()),
+        "attributes": attributes,
+        "passed": passed,
+        "soft": float(soft.mean()),
+        "softPerPrompt": soft,
+    }

@@ -1,5 +1,12 @@
-"""How good a model is on the task: the judge's score on held-out prompts, and how far its
-velocity is from the teacher's per timestep bucket."""
+"""How good a model is on the task: the judge's verdict on held-out prompts (combinations
+never trained on) and on training combinations, and how far its velocity is from the
+teacher's per timestep bucket.
+
+A `Suite` fixes everything but the model: scenes, their real renderings, the sampling noise
+and the velocity-error inputs with the teacher's answers to them (computed once). Its seed
+picks renderings and noise, so a benchmark seed changes the sampling noise too; models of one
+seed are compared on the same suite, prompt by prompt.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +15,23 @@ from dataclasses import dataclass
 import torch
 
 from amber_trainer.data import Batch
+from amber_trainer.forward import velocity
 from amber_trainer.generate import euler
 from amber_trainer.quality import judge as judging
 from amber_trainer.quality import task, text
-from amber_trainer.stages.eval import velocity_errors
+from amber_trainer.stages import common
 
-# Euler steps per image, the same for every model (the teacher: 94.9% at 10, 94.2% at 20).
+# Euler steps per image, the same for every model.
 SAMPLE_STEPS = 10
 SHIFT = 1.0  # 64 tokens: no resolution-dependent time shift
 BUCKETS = 5
+HELD_OUT_RENDERS = 6  # per held-out combination: 414 prompts
+TRAINING_PROMPTS = 138  # evenly spread over the training combinations (in-distribution)
 
 
 @dataclass
 class Suite:
-    """Held-out prompts with fixed sampling noise, and real renderings of the same scenes."""
+    """Prompts with fixed sampling noise, and real renderings of the same scenes."""
 
     scenes: list[task.Scene]
     batch: Batch  # latents = the real renderings' tokens
@@ -44,20 +54,72 @@ class Suite:
         )
 
 
-def suite(per_combination: int = 2, seed: int = 0, limit: int | None = None) -> Suite:
-    """Every held-out combination `per_combination` times (each with its own rendering and
-    noise); `limit` keeps an evenly spread subset (short runs)."""
-    _, held = task.split()
-    scenes = [s for s in held for _ in range(per_combination)]
-    if limit is not None and limit < len(scenes):
-        scenes = [scenes[round(i * len(scenes) / limit)] for i in range(limit)]
+@dataclass
+class Errors:
+    """Velocity-error inputs, one x_t per scene and bucket, with the teacher's velocity."""
+
+    inputs: list  # per bucket: FlowInputs
+    teacher: list[torch.Tensor]  # per bucket: the teacher's velocity
+
+
+@dataclass
+class Suites:
+    """What a model is measured on: held-out prompts, training prompts, error inputs."""
+
+    held_out: Suite
+    training: Suite
+    errors: Errors
+    seed: int
+
+
+def _spread(scenes: list, limit: int | None) -> list:
+    if limit is None or limit >= len(scenes):
+        return scenes
+    return [scenes[round(i * len(scenes) / limit)] for i in range(limit)]
+
+
+def suite(
+    per_combination: int = HELD_OUT_RENDERS,
+    seed: int = 0,
+    limit: int | None = None,
+    scenes: list[task.Scene] | None = None,
+) -> Suite:
+    """`scenes` (default: every held-out combination) `per_combination` times, each with its
+    own rendering and noise; `limit` keeps an evenly spread subset (short runs)."""
+    chosen = scenes if scenes is not None else task.split()[1]
+    chosen = _spread([s for s in chosen for _ in range(per_combination)], limit)
     gen = torch.Generator().manual_seed(seed)
-    seeds = torch.randint(0, 2**31, (len(scenes),), generator=gen).tolist()
-    images = torch.stack([task.render(s, r) for s, r in zip(scenes, seeds, strict=True)])
-    emb, mask = text.encode_unique([s.caption for s in scenes])
-    batch = Batch(task.to_tokens(images), emb, mask, [[(1, task.SIDE, task.SIDE)]] * len(scenes))
+    seeds = torch.randint(0, 2**31, (len(chosen),), generator=gen).tolist()
+    images = torch.stack([task.render(s, r) for s, r in zip(chosen, seeds, strict=True)])
+    emb, mask = text.encode_unique([s.caption for s in chosen])
+    batch = Batch(task.to_tokens(images), emb, mask, [[(1, task.SIDE, task.SIDE)]] * len(chosen))
     noise = torch.randn(batch.latents.shape, generator=gen)
-    return Suite(scenes, batch, noise)
+    return Suite(chosen, batch, noise)
+
+
+@torch.no_grad()
+def errors(teacher, s: Suite, seed: int, buckets: int = BUCKETS) -> Errors:
+    """One time inside each bucket per scene (as `stages.eval.velocity_errors` draws them),
+    and the teacher's velocity there: every model is compared with the same answers."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs, answers = [], []
+    for b in range(buckets):
+        t = (b + torch.rand(len(s), generator=gen)) / buckets
+        x, _ = common.noised(s.batch, t, gen)
+        inputs.append(x)
+        answers.append(velocity(teacher.eval(), x))
+    return Errors(inputs, answers)
+
+
+def suites(teacher, seed: int, held_out_limit: int | None = None, training_limit=None) -> Suites:
+    """The benchmark's suites for one seed."""
+    train, _ = task.split()
+    return Suites(
+        held_out=(held := suite(seed=seed, limit=held_out_limit)),
+        training=suite(1, seed + 1, training_limit or TRAINING_PROMPTS, scenes=train),
+        errors=errors(teacher, held, seed + 2),
+        seed=seed,
+    )
 
 
 @torch.no_grad()
@@ -68,15 +130,31 @@ def generate(model: torch.nn.Module, s: Suite, steps: int = SAMPLE_STEPS) -> tor
 
 
 @torch.no_grad()
-def evaluate(model, teacher, judge: judging.Judge, s: Suite) -> dict:
-    """Score, per-attribute accuracy and per-bucket velocity error against the teacher."""
-    images = generate(model, s)
-    grade = judging.grade(judge, images, s.scenes)
-    rel, _, _ = velocity_errors(
-        teacher, model, [s.batch], BUCKETS, torch.Generator().manual_seed(1)
-    )
+def velocity_error(model, e: Errors) -> list[float]:
+    """Mean ||v - v_teacher|| / ||v_teacher|| per bucket."""
+    out = []
+    for x, answer in zip(e.inputs, e.teacher, strict=True):
+        diff = (velocity(model.eval(), x) - answer).double().flatten(1).norm(dim=1)
+        out.append(float((diff / answer.double().flatten(1).norm(dim=1).clamp_min(1e-12)).mean()))
+    return out
+
+
+def _bits(passed: torch.Tensor) -> str:
+    return "".join("1" if p else "0" for p in passed.tolist())
+
+
+@torch.no_grad()
+def evaluate(model, judge: judging.Judge, s: Suites) -> dict:
+    """Held-out score, soft score and attributes, in-distribution score, velocity error
+    per bucket, and the per-prompt verdicts that paired intervals are computed from."""
+    held = judging.grade(judge, generate(model, s.held_out), s.held_out.scenes)
+    seen = judging.grade(judge, generate(model, s.training), s.training.scenes)
     return {
-        "score": grade["score"],
-        "attributes": grade["attributes"],
-        "velocityError": (rel / len(s)).tolist(),
+        "score": held["score"],
+        "softScore": held["soft"],
+        "attributes": held["attributes"],
+        "trainingScore": seen["score"],
+        "velocityError": velocity_error(model, s.errors),
+        "passed": _bits(held["passed"]),
+        "softPerPrompt": [round(v, 4) for v in held["softPerPrompt"].tolist()],
     }
