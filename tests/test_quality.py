@@ -215,5 +215,6 @@ def test_an_interrupted_teacher_build_continues_to_the_same_weights(tmp_path, mo
     monkeypatch.setattr(teacher, "_save_atomic", real_save)
     resumed, resumed_losses, _ = teacher.train_teacher(**small, checkpoint=checkpoint)
     assert resumed_losses == pytest.approx(losses, rel=1e-5)
-    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    expected = resumed.state_dict()
+    for name, tensor in whole.state_dict().items():
+        torch.testing.assert_close(expected[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
