@@ -218,3 +218,18 @@ def test_an_interrupted_teacher_build_continues_to_the_same_weights(tmp_path, mo
     expected = resumed.state_dict()
     for name, tensor in whole.state_dict().items():
         torch.testing.assert_close(expected[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_build_gate_measures_skipped_blocks_of_the_teacher():
+    from amber_trainer import models
+
+    model = models.build({**teacher.CONFIG, "num_layers": 4}, seed=3).eval()
+    suites = measure.suites(model, seed=0, held_out_limit=6, training_limit=3)
+    gates = teacher.skip_costs(model, teacher.load_judge(FIXTURES), suites, draws=2)
+    assert 0 <= gates["score"] <= 1
+    for count in (1, 2):
+        draws = gates[f"skip{count}"]["draws"]
+        assert len(draws) == 2 and all(len(d["skipped"]) == count for d in draws)
+        assert all(0 < b < 3 for d in draws for b in d["skipped"])  # never an edge block
+        mean = gates[f"skip{count}"]["meanScore"]
+        assert gates[f"skip{count}"]["meanCost"] == pytest.approx(gates["score"] - mean)

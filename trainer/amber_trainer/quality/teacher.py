@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from amber_trainer import models
 from amber_trainer.forward import FlowInputs, velocity
 from amber_trainer.quality import judge as judging
-from amber_trainer.quality import task, text
+from amber_trainer.quality import measure, task, text
 
 # Qwen-Image's architecture at toy width and real depth ratios: 24 dual-stream blocks of
 # 2 heads x 32 (a block costs about 36·d², so 24·64² is close to the first teacher's
@@ -178,14 +178,13 @@ def _judge(folder: Path, log) -> tuple[judging.Judge, dict, float]:
     return judge, accuracy, time.perf_counter() - started
 
 
-def skip_costs(model, judge: judging.Judge, suite, draws: int = SKIP_DRAWS, seed: int = 0) -> dict:
+def skip_costs(model, judge: judging.Judge, suites, draws: int = SKIP_DRAWS, seed: int = 0) -> dict:
     """Held-out score of the whole model and with 1 or 2 random non-edge blocks skipped
     (`draws` seeded draws each): how close the model is to "a few blocks are free"."""
     from amber_trainer import prune
-    from amber_trainer.quality import measure
 
     layers = len(model.transformer_blocks)
-    full = measure.evaluate(model, model, judge, suite)["score"]
+    full = measure.evaluate(model, judge, suites)["score"]
     rng = random.Random(seed)
     report = {"score": full}
     for count in (1, 2):
@@ -194,7 +193,7 @@ def skip_costs(model, judge: judging.Judge, suite, draws: int = SKIP_DRAWS, seed
             skipped = sorted(rng.sample(range(1, layers - 1), count))
             keep = [i for i in range(layers) if i not in skipped]
             student = prune.prune(model, prune.layer_map(keep, layers, "keep"))
-            score = measure.evaluate(student, model, judge, suite)["score"]
+            score = measure.evaluate(student, judge, suites)["score"]
             rows.append({"skipped": skipped, "score": score})
         mean = sum(r["score"] for r in rows) / len(rows)
         report[f"skip{count}"] = {"meanScore": mean, "meanCost": full - mean, "draws": rows}
@@ -217,14 +216,13 @@ def build(
     write the checksums; what was measured. A teacher that misses `GATE_SCORE` is saved
     beside `checkpoint` (for a look, or to train on) and nothing in `folder` changes."""
     checkpoint = checkpoint or default_checkpoint()
-    from amber_trainer.quality import measure
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     judge, accuracy, judge_s = _judge(folder, log)
     log(f"judge on held-out real images: {accuracy}")
     model, losses, teacher_s = train_teacher(steps, log=log, checkpoint=checkpoint)
-    gates = skip_costs(model, judge, measure.suite())
+    suites = measure.suites(model, seed=0)
+    gates = skip_costs(model, judge, suites)
     log(f"teacher held-out score {gates['score']:.3f}; skip costs {gates}")
     report = {
         "command": f"python bench/quality.py fixtures --steps {steps}",
@@ -236,7 +234,7 @@ def build(
         "teacherFinalLoss": sum(losses[-100:]) / len(losses[-100:]),
         "teacherParameters": models.count_parameters(model),
         "judgeHeldOutAccuracy": accuracy,
-        "gate": {"minScore": GATE_SCORE, "heldOutPrompts": len(measure.suite()), **gates},
+        "gate": {"minScore": GATE_SCORE, "heldOutPrompts": len(suites.held_out), **gates},
     }
     if gates["score"] < GATE_SCORE:
         rejected = checkpoint.with_name("rejected-teacher")
