@@ -218,6 +218,13 @@ class AmberCompressionSpec(Model):
             raise ValueError("overrides only apply to a preset")
         stages = self.pipeline()
         problems = check_pipeline(stages, self.teacher.num_layers) + self._data_problems(stages)
+        if self.deepspeed.zero_stage == 3:
+            problems += [
+                f"stages.{s.name}.ema: a moving average of the weights needs them whole on "
+                "every GPU; set ema: 0 or deepspeed.zeroStage at most 2"
+                for s in stages
+                if getattr(s, "ema", 0) > 0
+            ]
         if problems:
             raise ValueError("; ".join(problems))
         return self

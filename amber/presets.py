@@ -1,10 +1,10 @@
 """Named recipes, scaled to the teacher's depth (brief section 1).
 
-`amber-10b` halves the depth (60 -> 30 for Qwen-Image) and recovers the student by
-layer-wise distillation and fine-tuning. `amber-6b` continues with the hybrid-stream
-conversion of the deepest 80% of the student (24 of 30). The same preset on a 12-layer tiny
-teacher gives 6 layers and 5 single-stream blocks. Step counts are sized for the real model;
-shorten them with `overrides` for tiny runs.
+`amber-10b` halves the depth (60 -> 30 for Qwen-Image) and recovers the student by a local
+layer-wise warm start and fine-tuning dominated by the teacher's output. `amber-6b`
+continues with the hybrid-stream conversion of the deepest 80% of the student (24 of 30).
+The same preset on a 12-layer tiny teacher gives 6 layers and 5 single-stream blocks. Step
+counts are sized for the real model; shorten them with `overrides` for tiny runs.
 """
 
 from __future__ import annotations
@@ -22,10 +22,27 @@ _STAGE = TypeAdapter(Stage)
 def amber_10b(teacher_layers: int) -> list[dict[str, Any]]:
     student = max(1, teacher_layers // 2)
     return [
-        {"type": "score", "targetLayers": student, "calibrationSamples": 256},
-        {"type": "prune", "init": "average"},
-        {"type": "distill", "mode": "local", "steps": 4000, "learningRate": 2e-5},
-        {"type": "finetune", "steps": 8000, "learningRate": 1e-5, "distillWeight": 0.5},
+        # Direct-effect importance, partitioned into contiguous spans of at most 4 blocks,
+        # weighted over timesteps as the flow-matching scheduler's shifted schedule uses
+        # them (docs/design.md, "score").
+        {
+            "type": "score",
+            "targetLayers": student,
+            "calibrationSamples": 256,
+            "sampler": "shifted",
+        },
+        {"type": "prune", "init": "representative"},
+        # A local warm start of the student blocks that stand for several teacher blocks.
+        {"type": "distill", "mode": "local", "steps": 2000, "learningRate": 2e-5},
+        # Then global training dominated by the teacher's output, with a moving average.
+        {
+            "type": "finetune",
+            "steps": 10000,
+            "learningRate": 1e-5,
+            "distillWeight": 0.9,
+            "flowWeight": 0.1,
+            "ema": 0.999,
+        },
         {"type": "eval"},
     ]
 
@@ -41,6 +58,9 @@ def amber_6b(teacher_layers: int) -> list[dict[str, Any]]:
         "steps": 1000,
         "learningRate": 1e-5,
         "finetuneSteps": 2000,
+        "distillWeight": 0.9,
+        "flowWeight": 0.1,
+        "ema": 0.999,
     }
     return [*stages[:-1], fuse, stages[-1]]
 

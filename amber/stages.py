@@ -94,6 +94,13 @@ class TrainingParams(Model):
         500, ge=1, description="checkpointEvery: steps between committed checkpoints."
     )
     seed: int = Field(0, description="seed: seeds data order, noise and timesteps.")
+    ema: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="ema: decay of an exponential moving average of the weights (0: none); "
+        "the average, warmed up as min(ema, (1+n)/(10+n)) at step n, is what the stage saves.",
+    )
 
 
 class EncodeStage(StageBase):
@@ -114,14 +121,22 @@ class ScoreStage(StageBase):
         ..., ge=1, description="targetLayers: layers the pruned student keeps."
     )
     criterion: Literal[
-        "importance", "block-influence", "uniform", "first", "random", "explicit"
+        "importance",
+        "total-effect",
+        "block-influence",
+        "uniform",
+        "first",
+        "random",
+        "explicit",
     ] = Field(
         "importance",
         description="criterion: which layers survive. 'importance' is the timestep-sensitive "
-        "skip error; the others are baselines for ablation: 'block-influence' (1 - cosine "
-        "of a block's input and output, ShortGPT), 'uniform' (evenly spaced, first and last "
-        "included), 'first' (the first targetLayers), 'random' (seeded by seed) and "
-        "'explicit' (the teacher blocks listed in keepLayers).",
+        "direct effect: the relative change of the velocity when a block's own update is "
+        "removed from the final hidden state (one output-head call per block). The others "
+        "are baselines for ablation: 'total-effect' (skip the block and re-run every later "
+        "one), 'block-influence' (1 - cosine of a block's input and output, ShortGPT), "
+        "'uniform' (evenly spaced, first and last included), 'first' (the first "
+        "targetLayers), 'random' (seeded by seed) and 'explicit' (keepLayers).",
     )
     keep_layers: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
@@ -139,20 +154,44 @@ class ScoreStage(StageBase):
         64, ge=1, description="calibrationSamples: (latent, text) pairs scored per timestep."
     )
     batch_size: int = Field(4, ge=1, description="batchSize: calibration samples per forward.")
-    normalize: bool = Field(
-        True, description="normalize: scale each timestep's column to max 1 before aggregating."
+    normalize: Literal["median", "max", "none"] = Field(
+        "median",
+        description="normalize: divide each timestep's column by its median over blocks "
+        "(robust to one dominant block), by its max, or not at all, before aggregating.",
     )
     aggregate: Literal["max", "mean"] = Field(
-        "max",
-        description="aggregate: 'max' keeps a layer critical at any timestep; "
-        "'mean' weighs timesteps by timestepWeights.",
+        "mean",
+        description="aggregate: 'mean' weighs timesteps by how the sampler uses them "
+        "(see sampler, or timestepWeights); 'max' keeps a layer critical at any timestep.",
+    )
+    sampler: Literal["uniform", "shifted"] = Field(
+        "uniform",
+        description="sampler: the deployment sampler's schedule, which weighs timesteps for "
+        "aggregate=mean: 'uniform' steps in t, or 'shifted' by samplerShift (flow-matching "
+        "schedulers' resolution shift: more steps at high noise).",
+    )
+    sampler_shift: float = Field(
+        3.0, gt=0, description="samplerShift: the shift of sampler=shifted."
     )
     timestep_weights: list[Annotated[float, Field(ge=0)]] | None = Field(
-        None, description="timestepWeights: one weight per timestep for aggregate=mean."
+        None,
+        description="timestepWeights: one weight per timestep for aggregate=mean "
+        "(replaces the sampler's).",
+    )
+    selection: Literal["spans", "top"] = Field(
+        "spans",
+        description="selection: 'spans' partitions the teacher into targetLayers contiguous "
+        "spans of at most maxSpan blocks at least cost (dynamic programming; a span's cost "
+        "is the importance of the blocks it drops), each kept as its representative block; "
+        "'top' keeps the most important blocks and gives each removed block to its nearest.",
+    )
+    max_span: int = Field(
+        4, ge=1, description="maxSpan: most teacher blocks one student block stands for."
     )
     mode: Literal["one-shot", "iterative"] = Field(
         "one-shot",
-        description="mode: 'iterative' re-scores after each removal (slower, sees interactions).",
+        description="mode: 'iterative' re-scores after each removal (slower, sees "
+        "interactions; implies selection top).",
     )
     keep_first: int = Field(1, ge=0, description="keepFirst: always keep the first k blocks.")
     keep_last: int = Field(1, ge=0, description="keepLast: always keep the last k blocks.")
@@ -190,10 +229,12 @@ class PruneStage(StageBase):
     """Depth pruning to the scored layers, re-initialised by local weight averaging."""
 
     type: Literal["prune"] = "prune"
-    init: Literal["average", "importance-weighted", "keep"] = Field(
-        "average",
-        description="init: average a kept layer with the pruned layers assigned to it "
-        "(uniformly or by importance), or keep its weights unchanged (ablation).",
+    init: Literal["representative", "average", "importance-weighted", "keep"] = Field(
+        "representative",
+        description="init: copy each span's representative block (its most important, or "
+        "its middle one for spans of more than 3 blocks), average the span's blocks "
+        "(uniformly or by importance), or copy the kept block as scored (ablation). The "
+        "teacher's last block, which feeds the output head, is never averaged.",
     )
 
 
@@ -208,6 +249,18 @@ class DistillStage(StageBase, TrainingParams):
     )
     output_loss_weight: float = Field(
         1.0, ge=0, description="outputLossWeight: weight of the velocity loss in global mode."
+    )
+    feature_loss: Literal["per-token", "relative"] = Field(
+        "per-token",
+        description="featureLoss: 'per-token' divides each token's squared error by the "
+        "token's own target power (every token counts alike); 'relative' divides the "
+        "block's mean squared error by its target's mean power.",
+    )
+    outlier_sigma: float = Field(
+        4.0,
+        ge=0,
+        description="outlierSigma: per-token errors more than this many standard deviations "
+        "above the batch mean are left out of the feature loss (0: none are).",
     )
 
 
@@ -224,6 +277,15 @@ class FinetuneStage(StageBase, TrainingParams):
     distill_weight: float = Field(
         0.0, ge=0, description="distillWeight: λ of the λ·||v - v_teacher||² term."
     )
+    flow_weight: float = Field(
+        1.0, ge=0, description="flowWeight: weight of the flow-matching ||v - (ε - x0)||² term."
+    )
+
+    @model_validator(mode="after")
+    def _some_loss(self):
+        if self.flow_weight == 0 and self.distill_weight == 0:
+            raise ValueError("flowWeight and distillWeight are both 0: nothing to train on")
+        return self
 
 
 class FuseStage(StageBase, TrainingParams):
@@ -238,6 +300,32 @@ class FuseStage(StageBase, TrainingParams):
     )
     finetune_steps: int = Field(
         0, ge=0, description="finetuneSteps: flow-matching steps after the last phase."
+    )
+    target: Literal["input", "previous"] = Field(
+        "input",
+        description="target: what every phase distils against: the stage's input model "
+        "(one fixed target, so errors do not chain) or the previous phase's model.",
+    )
+    phase_optimizer: Literal["shared", "fresh"] = Field(
+        "shared",
+        description="phaseOptimizer: 'shared' carries the optimizer's moments and one "
+        "warm-up and decay schedule across phases; 'fresh' starts both anew each phase.",
+    )
+    text_loss_weight: float = Field(
+        0.1,
+        ge=0,
+        description="textLossWeight: weight of the text-stream feature loss of single-stream "
+        "blocks (dual-stream ones weigh 1; the last block's text output is read by nothing "
+        "and weighs 0).",
+    )
+    distill_weight: float = Field(
+        0.0,
+        ge=0,
+        description="distillWeight: in the fine-tune after the last phase, λ of the "
+        "λ·||v - v_teacher||² term against the frozen teacher.",
+    )
+    flow_weight: float = Field(
+        1.0, ge=0, description="flowWeight: in that fine-tune, weight of the flow-matching term."
     )
 
 

@@ -68,11 +68,20 @@ def test_skipping_an_identity_block_changes_nothing(batches):
     make_identity(model.transformer_blocks[4])
     x = inputs(batches[0])
     assert torch.equal(forward.velocity(model, x, skip=[4]), forward.velocity(model, x))
-    matrix = score.importance_matrix(model, batches, [0.2, 0.8])
-    assert torch.all(matrix[4] == 0)
-    assert torch.all(matrix[[i for i in range(12) if i != 4]] > 0)
-    kept = score.score(model, batches, ScoreStage(target_layers=11, keep_first=0, keep_last=0))
-    assert kept.keep == [i for i in range(12) if i != 4]
+    for criterion in ("importance", "total-effect"):
+        matrix = score.MATRICES[criterion](model, batches, [0.2, 0.8])
+        assert torch.all(matrix[4] == 0)
+        assert torch.all(matrix[[i for i in range(12) if i != 4]] > 0)
+        for selection in ("spans", "top"):
+            params = ScoreStage(
+                target_layers=11,
+                criterion=criterion,
+                selection=selection,
+                keep_first=0,
+                keep_last=0,
+            )
+            kept = score.score(model, batches, params)
+            assert kept.keep == [i for i in range(12) if i != 4], (criterion, selection)
 
 
 def test_nearest_assignment_and_spans():
@@ -200,8 +209,11 @@ def test_hybrid_runs_inside_qwen_image_pipeline(teacher):
 def test_max_keeps_a_layer_critical_at_one_timestep_where_mean_drops_it():
     # Layer 0 matters only at the last timestep; layer 1 is moderately useful everywhere.
     matrix = torch.tensor([[0.0, 0.0, 0.9], [0.5, 0.5, 0.5], [0.1, 0.1, 0.1], [1.0, 1.0, 1.0]])
-    params = dict(target_layers=2, timesteps=[0.1, 0.5, 0.9], keep_first=0, keep_last=0)
-    by_max = score.select(score.aggregate(matrix, ScoreStage(**params)), ScoreStage(**params))
+    params = dict(
+        target_layers=2, timesteps=[0.1, 0.5, 0.9], keep_first=0, keep_last=0, normalize="max"
+    )
+    top = ScoreStage(**params, aggregate="max")
+    by_max = score.select(score.aggregate(matrix, top), top)
     mean = ScoreStage(**params, aggregate="mean")
     by_mean = score.select(score.aggregate(matrix, mean), mean)
     assert by_max == [0, 3] and by_mean == [1, 3]
@@ -245,7 +257,7 @@ def test_a_bf16_teacher_scores_rows_written_in_another_precision(teacher):
     batch = rows.rows([0, 1, 2], None, torch.bfloat16)
     assert batch.latents.dtype == batch.text.dtype == torch.bfloat16
     assert batch.text_mask.dtype == torch.long
-    matrix = score.importance_matrix(low, [batch], [0.3, 0.7])
+    matrix = score.direct_effect_matrix(low, [batch], [0.3, 0.7])
     assert matrix.shape == (len(low.transformer_blocks), 2) and torch.isfinite(matrix).all()
     assert (matrix > 0).any()
 
@@ -272,3 +284,139 @@ def test_data_free_baselines_keep_their_patterns(teacher):
     picked = keep("random", seed=1)
     assert len(picked) == 6 and {0, 11} <= set(picked)  # keepFirst/keepLast still hold
     assert picked == keep("random", seed=1) and picked != keep("random", seed=2)
+
+
+def _run_hooked(model, x, hook):
+    """The velocity with `hook(k, block_input, (txt, img))` -> (txt, img) on every block."""
+    handles = [
+        block.register_forward_hook(
+            lambda m, a, kw, out, k=k: hook(k, kw["hidden_states"], out), with_kwargs=True
+        )
+        for k, block in enumerate(model.transformer_blocks)
+    ]
+    try:
+        return forward.velocity(model, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def test_direct_effect_equals_patching_the_downstream_blocks(teacher, batches):
+    """Brute force: block i adds nothing while every other block adds exactly the update
+    it added in the full pass (forward hooks): only block i's own contribution is gone."""
+    ts = [0.3, 0.9]
+    matrix = score.direct_effect_matrix(teacher, batches, ts, seed=4)
+    samples = sum(len(b) for b in batches)
+    for i in (0, 5, 11):
+        expected = torch.zeros(len(ts), dtype=torch.float64)
+        for j, x in score.calibration_inputs(batches, ts, seed=4):
+            updates = {}
+
+            def record(k, before, out, updates=updates):
+                updates[k] = out[1] - before
+                return out
+
+            def patched(k, before, out, updates=updates, i=i):
+                return out[0], before if k == i else before + updates[k]
+
+            full = _run_hooked(teacher, x, record).double().flatten(1)
+            without = _run_hooked(teacher, x, patched).double().flatten(1)
+            expected[j] += ((without - full).norm(dim=1) / full.norm(dim=1)).sum() / samples
+        torch.testing.assert_close(matrix[i], expected, rtol=1e-4, atol=1e-7)
+
+
+def _enumerate_partitions(scores, params):
+    """Every partition into targetLayers contiguous spans, checked against the rules."""
+    import itertools
+
+    layers = len(scores)
+    guard = score.protected(layers, params)
+    best = None
+    for cuts in itertools.combinations(range(1, layers), params.target_layers - 1):
+        bounds = [0, *cuts, layers]
+        spans = [(a, b - 1) for a, b in itertools.pairwise(bounds)]
+        if any(b - a + 1 > params.max_span for a, b in spans):
+            continue
+        if any(b > a and any(i in guard for i in range(a, b + 1)) for a, b in spans):
+            continue
+        cost = 0.0
+        for a, b in spans:
+            rep = prune.representative(range(a, b + 1), scores)
+            cost += sum(scores[i] for i in range(a, b + 1) if i != rep)
+        if best is None or cost < best - 1e-12:
+            best = cost
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_span_partition_is_the_optimum_found_by_enumeration(seed):
+    import random
+
+    rng = random.Random(seed)
+    layers = rng.randint(5, 9)
+    target = rng.randint(2, layers - 1)
+    params = ScoreStage(
+        target_layers=max(target, 2),
+        max_span=rng.randint(2, 5),
+        keep_first=rng.randint(0, 1),
+        keep_last=rng.randint(0, 1),
+    )
+    scores = [rng.random() for _ in range(layers)]
+    best = _enumerate_partitions(scores, params)
+    if best is None:
+        with pytest.raises(ValueError, match="maxSpan"):
+            score.partition(scores, params)
+        return
+    spans, reps = score.partition(scores, params)
+    assert [i for a, b in spans for i in range(a, b + 1)] == list(range(layers))
+    assert len(spans) == params.target_layers
+    assert all(b - a + 1 <= params.max_span for a, b in spans)
+    cost = sum(scores[i] for a, b in spans for i in range(a, b + 1) if i not in reps)
+    assert cost == pytest.approx(best)
+    assert all(a <= r <= b for (a, b), r in zip(spans, reps, strict=True))
+
+
+def test_representative_is_the_most_important_block_or_the_middle_of_a_long_span():
+    importance = [0.1, 0.9, 0.3, 0.5, 0.2, 0.8, 0.7]
+    assert prune.representative([0, 1, 2], importance) == 1
+    assert prune.representative([2, 3], importance) == 3
+    assert prune.representative([1, 2, 3, 4, 5], importance) == 3  # long: the middle
+    assert prune.representative([4], None) == 4
+
+
+@torch.no_grad()
+def test_representative_init_copies_the_right_block_and_never_mixes_the_last(teacher):
+    importance = [1, 0.2, 0.9, 0.1, 0.3, 1, 0.4, 0.5, 0.2, 0.6, 0.1, 1]
+    spans = [[0, 0], [1, 2], [3, 6], [7, 10], [11, 11]]
+    keep = [0, 2, 5, 9, 11]  # what the partition would return for these spans
+    entries = prune.layer_map(keep, 12, "representative", importance, spans)
+    assert [e.sources for e in entries] == [[0], [2], [5], [9], [11]]
+    student = prune.prune(teacher, entries)
+    for j, k in enumerate(keep):
+        for name, value in student.transformer_blocks[j].state_dict().items():
+            assert torch.equal(value, teacher.transformer_blocks[k].state_dict()[name])
+    # Without a partition (top selection): the nearest groups' representatives.
+    nearest = prune.layer_map([0, 3, 8, 11], 12, "representative", importance)
+    assert [e.span for e in nearest] == [(0, 1), (2, 5), (6, 9), (10, 11)]
+    assert [e.sources for e in nearest] == [[0], [4], [8], [11]]  # [2, 5] is long: middle
+    # Averaging never touches the teacher's last block, which feeds the head.
+    averaged = prune.layer_map([0, 5, 10], 12, "average")
+    assert averaged[-1].span == (8, 11) and averaged[-1].sources == [11]
+    with pytest.raises(ValueError, match="cover"):
+        prune.layer_map([0, 5], 12, "representative", importance, [[0, 3], [4, 10]])
+
+
+def test_sampler_weights_are_each_timestep_share_of_the_sampler():
+    params = ScoreStage(target_layers=2, timesteps=[0.9, 0.1, 0.5])
+    uniform = score.sampler_weights(params.timesteps, params)
+    torch.testing.assert_close(uniform, torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64))
+    shifted = score.sampler_weights(
+        params.timesteps, params.model_copy(update={"sampler": "shifted"})
+    )
+    assert shifted.sum().item() == pytest.approx(1.0)
+    assert shifted[0] > uniform[0] and shifted[1] < uniform[1]  # more steps at high noise
+    # Median normalisation: one dominant block does not flatten the others.
+    matrix = torch.tensor([[100.0, 100.0, 100.0], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0]])
+    agg = score.aggregate(matrix, params)
+    torch.testing.assert_close(agg, torch.tensor([50.0, 1.0, 0.5], dtype=torch.float64))

@@ -50,17 +50,26 @@ def shape_of(obj: AmberCompression, resolution: int | None, text_tokens: int | N
     return memory.Shape.at(res, text, 1)
 
 
+def score_flops(stage, layers: int, f: float) -> float:
+    """Forward FLOPs of a score stage. Direct effect and block influence read one pass of
+    the live blocks per round (the head calls are negligible); total effect also re-runs
+    the blocks after each skipped one: about L²/2 block forwards per round."""
+    samples = stage.calibration_samples * len(stage.timesteps)
+    if stage.criterion in ("uniform", "first", "random", "explicit"):
+        return 0.0
+    rounds = [layers] if stage.mode == "one-shot" else range(layers, stage.target_layers, -1)
+    if stage.criterion == "total-effect":
+        return samples * sum(live * (live + 1) / 2 for live in rounds) * f
+    return samples * sum(rounds) * f
+
+
 def stage_flops(run: StageRun, teacher_layers: int, student_layers: int, f: float, world: int):
     """Model FLOPs of a whole stage, `f` being one block's forward on one sample."""
     stage = run.stage
     if stage.type == "encode":
         return None
     if stage.type == "score":
-        layers, samples = teacher_layers, stage.calibration_samples * len(stage.timesteps)
-        if stage.mode == "one-shot":  # one full forward, then each layer skipped once
-            return samples * (layers + 1) * layers * f
-        removals = range(teacher_layers - stage.target_layers)
-        return samples * sum((layers - r) ** 2 for r in removals) * f
+        return score_flops(stage, teacher_layers, f)
     if stage.type == "eval":
         return stage.samples * stage.timestep_buckets * (teacher_layers + student_layers) * f
     if stage.type not in ("distill", "finetune", "fuse"):
@@ -73,8 +82,9 @@ def stage_flops(run: StageRun, teacher_layers: int, student_layers: int, f: floa
         teacher = teacher_layers * f if stage.distill_weight > 0 else 0.0
         return stage.steps * batch * (student + teacher)
     phases = math.ceil(stage.single_layers / stage.blocks_per_phase)
+    teacher = teacher_layers * f if stage.distill_weight > 0 else 0.0
     return (phases * stage.steps * batch * (student_layers * f + student)) + (
-        stage.finetune_steps * batch * student
+        stage.finetune_steps * batch * (student + teacher)
     )
 
 

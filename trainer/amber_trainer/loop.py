@@ -63,6 +63,36 @@ def make_engine(
     return single_process_fast_path(engine, world, config["zero_optimization"]["stage"])
 
 
+def continue_schedule(engine, steps_before: int) -> None:
+    """Put the engine's learning-rate schedule at optimiser step `steps_before` (its config's
+    schedule spans the steps before as well): one warm-up for a stage trained in parts."""
+    if steps_before > 0:
+        engine.lr_scheduler.step(steps_before - 1)
+
+
+@torch.no_grad()
+def carry_moments(old_engine, new_engine) -> bool:
+    """Copy the optimizer's per-parameter state (AdamW's moments) from `old_engine` to
+    `new_engine` for every parameter both train under the same name and shape. Only for
+    plain torch optimizers (no ZeRO partitions or mixed-precision wrappers); False when it
+    could not, and the new engine's moments start from zero."""
+    old_opt, new_opt = old_engine.optimizer, new_engine.optimizer
+    if not (
+        isinstance(old_opt, torch.optim.Optimizer) and isinstance(new_opt, torch.optim.Optimizer)
+    ):
+        return False
+    old = dict(old_engine.module.named_parameters())
+    for name, param in new_engine.module.named_parameters():
+        source = old.get(name)
+        if source is None or source.shape != param.shape or source not in old_opt.state:
+            continue
+        new_opt.state[param] = {
+            k: v.clone() if isinstance(v, torch.Tensor) else v
+            for k, v in old_opt.state[source].items()
+        }
+    return True
+
+
 def single_process_fast_path(engine, world: int, zero_stage: int = 0):
     """Alone, there is no one to all-reduce gradients with: skip DeepSpeed's flatten, reduce
     and unflatten copies after every backward. (Not under ZeRO, whose optimizers take their
@@ -70,6 +100,26 @@ def single_process_fast_path(engine, world: int, zero_stage: int = 0):
     if world == 1 and zero_stage == 0:
         engine.enable_backward_allreduce = False
     return engine
+
+
+def ema_decay(ema: float, steps_done: int) -> float:
+    """The average's decay after `steps_done` steps: warmed up, so that the first steps'
+    weights, far from trained, fade out quickly."""
+    return min(ema, (1 + steps_done) / (10 + steps_done))
+
+
+@torch.no_grad()
+def update_ema(average: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    for name, param in model.named_parameters():
+        average[name].mul_(decay).add_(param.detach().float(), alpha=1 - decay)
+
+
+@torch.no_grad()
+def load_ema(model: torch.nn.Module, average: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Put the moving average's weights into `model` (what the stage then saves)."""
+    for name, param in model.named_parameters():
+        param.copy_(average[name].to(param.device, param.dtype))
+    return model
 
 
 def train(
@@ -86,11 +136,17 @@ def train(
     """Run optimiser steps [state.step, total_steps) with checkpoints; return the loop state.
 
     `step_offset` places these steps in a longer stage (fuse's phases) for progress and
-    checkpoint numbering. The state ({step, losses, parts}) survives in checkpoints, so a
-    resumed run reports the same loss curve as an uninterrupted one.
+    checkpoint numbering. The state ({step, losses, parts}, and with `params.ema` the moving
+    average of the student's weights) survives in checkpoints, so a resumed run reports the
+    same loss curve, and saves the same average, as an uninterrupted one.
     """
     state = state or {"step": 0, "losses": [], "parts": []}
-    dtype = engine.module.student.dtype if hasattr(engine.module, "student") else torch.float32
+    student = getattr(engine.module, "student", None)
+    dtype = student.dtype if student is not None else torch.float32
+    if params.ema > 0 and "ema" not in state:
+        if student is None or engine.zero_optimization_partition_weights():
+            raise ValueError("ema: a moving average needs whole weights; not with zeroStage 3")
+        state["ema"] = {n: p.detach().float().clone() for n, p in student.named_parameters()}
     accumulation = params.gradient_accumulation
     samples_per_step = params.micro_batch_size * accumulation * rt.world
     started = time.perf_counter()
@@ -105,6 +161,8 @@ def train(
             values = torch.cat([loss.detach().float()[None], parts.detach().float()])
             totals = values if totals is None else totals + values
         step_loss, *step_parts = (totals / accumulation).tolist()  # the step's one sync
+        if params.ema > 0:
+            update_ema(state["ema"], student, ema_decay(params.ema, step + 1))
         state["step"] = step + 1
         state["losses"].append(step_loss)
         state["parts"].append(step_parts)

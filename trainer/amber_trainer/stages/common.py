@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from amber_trainer import data, encoders, models, speed, targets
+from amber_trainer import data, encoders, loop, models, speed, targets
 from amber_trainer.forward import FlowInputs
 from amber_trainer.runtime import Runtime
 
@@ -39,11 +39,14 @@ def input_model(rt: Runtime) -> tuple[torch.nn.Module, list[dict] | None]:
     return models.load(folder / MODEL_DIR).to(rt.device), layer_map
 
 
-def trained_model(engine) -> torch.nn.Module:
-    """The engine's student as a plain model. Under ZeRO-3 each rank holds only a shard of
-    every large weight, so they are gathered (collectively: every rank must call this) into a
-    fresh copy; otherwise the student itself is returned."""
+def trained_model(engine, state: dict | None = None) -> torch.nn.Module:
+    """The engine's student as a plain model, with the loop `state`'s moving average of its
+    weights when it keeps one. Under ZeRO-3 each rank holds only a shard of every large
+    weight, so they are gathered (collectively: every rank must call this) into a fresh
+    copy; otherwise the student itself is returned."""
     student = engine.module.student
+    if state is not None and "ema" in state:
+        return loop.load_ema(student, state["ema"])
     if not engine.zero_optimization_partition_weights():
         return student
     import deepspeed

@@ -19,7 +19,12 @@ def run(rt: Runtime) -> tuple[int, dict]:
         raise ValueError(f"{rt.run.model_from} output has no layer map: distill follows prune")
     student.train()
     objective = LayerwiseDistillation(
-        student, [e["span"] for e in layer_map], params.mode, params.output_loss_weight
+        student,
+        [e["span"] for e in layer_map],
+        params.mode,
+        params.output_loss_weight,
+        params.feature_loss,
+        params.outlier_sigma,
     )
     boundaries = objective.boundaries()
     train, _ = common.datasets(rt, dict(teacher.config))
@@ -53,5 +58,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
         "blockLossFirst": per_block[0],
         "blockLossFinal": per_block[-1],
     }
-    common.write_output(rt, common.trained_model(engine), layer_map, metrics, "layer-wise loss")
+    common.write_output(
+        rt, common.trained_model(engine, state), layer_map, metrics, "layer-wise loss"
+    )
     return params.steps, metrics

@@ -1,13 +1,13 @@
-"""Stage `finetune`: full-parameter flow matching, optionally distilling the teacher's output."""
+"""Stage `finetune`: full-parameter flow matching and distillation of the teacher's output."""
 
 from __future__ import annotations
 
 import torch
 
-from amber_trainer import checkpoint, loop
+from amber_trainer import checkpoint, loop, targets
 from amber_trainer.data import Sampler
 from amber_trainer.forward import velocity
-from amber_trainer.objectives import FlowMatching, sample_timesteps
+from amber_trainer.objectives import FlowMatching
 from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
 
@@ -21,14 +21,7 @@ def flow_inputs(rt, train, sampler, params, teacher, micro_step: int, pool=None)
         _, x, target = pool.inputs(train, rows, rt.device)
         return x, target, pool.teacher_outputs(rows, (), rt.device)[1]
     batch = train.rows(rows, rt.device)
-    t = sample_timesteps(
-        getattr(params, "timestep_sampling", "logit-normal"),
-        len(rows),
-        gen,
-        getattr(params, "logit_mean", 0.0),
-        getattr(params, "logit_std", 1.0),
-        getattr(params, "shift", 3.0),
-    )
+    t = targets.sampling_of(params).draw(len(rows), gen)  # the pool's draw when it has one
     x, target = common.noised(batch, t, gen)
     teacher_v = None
     if teacher is not None:
@@ -45,7 +38,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
     train, _ = common.datasets(rt, dict(student.config))
     pool = common.target_pool(rt, teacher, params, (), len(train)) if teacher else None
     sampler = Sampler(len(pool) if pool else len(train), params.seed)
-    objective = FlowMatching(student, params.distill_weight)
+    objective = FlowMatching(student, params.distill_weight, params.flow_weight)
     engine = loop.build_engine(rt, objective, params, params.steps)
     state = None
     if (manifest := checkpoint.latest(rt)) is not None:
@@ -57,5 +50,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
 
     state = loop.train(rt, engine, params, make_inputs, params.steps, "finetune", state=state)
     metrics = {**common.training_metrics(state), "flowLoss": [p[0] for p in state["parts"]]}
-    common.write_output(rt, common.trained_model(engine), layer_map, metrics, "flow-matching loss")
+    common.write_output(
+        rt, common.trained_model(engine, state), layer_map, metrics, "flow-matching loss"
+    )
     return params.steps, metrics

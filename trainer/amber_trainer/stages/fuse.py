@@ -1,12 +1,21 @@
 """Stage `fuse`: progressive hybrid-stream conversion, then a short fine-tune.
 
 Phase p converts the next `blocksPerPhase` dual-stream blocks (deepest first) into
-single-stream ones and distils the new model against the model of phase p-1, block by block
-and on the output. Each phase's model is committed under `{stage}/phases/phase-P/`, so a
-restart resumes inside the phase it stopped in, against the right teacher.
+single-stream ones and distils the new model block by block and on the output against one
+fixed target, the stage's input model (`target: input`; `previous` distils against the
+last phase's model instead, so errors chain). With `phaseOptimizer: shared` the phases and
+the fine-tune follow one warm-up and decay schedule and carry AdamW's moments from phase
+to phase. The fine-tune after the last phase distils the frozen teacher's output
+(`distillWeight`) beside flow matching (`flowWeight`).
+
+Each phase's model is committed under `{stage}/phases/phase-P/` with the loss history so
+far, so a restart resumes inside the phase it stopped in, against the right target, and
+reports the same history as an uninterrupted run.
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -18,6 +27,8 @@ from amber_trainer.objectives import FlowMatching, LayerwiseDistillation, teache
 from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
 from amber_trainer.stages.finetune import flow_inputs
+
+HISTORY = "history.json"
 
 
 def phase_folder(rt: Runtime, phase: int) -> str:
@@ -35,13 +46,15 @@ def committed_phases(rt: Runtime, count: int) -> int:
     return rt.broadcast(done)
 
 
-def phase_model(rt: Runtime, phase: int):
+def phase_model(rt: Runtime, phase: int) -> tuple[torch.nn.Module, dict]:
+    """A committed phase's model and the stage's loss history up to its end."""
     folder = commits.fetch(
         rt.store,
         commits.read_manifest(rt.store, phase_folder(rt, phase)),
         rt.workdir / f"phase-{phase}",
     )
-    return models.load(folder / common.MODEL_DIR).to(rt.device)
+    history = json.loads((folder / HISTORY).read_text())
+    return models.load(folder / common.MODEL_DIR).to(rt.device), history
 
 
 def resume_state(rt: Runtime, engine, label: str):
@@ -52,44 +65,69 @@ def resume_state(rt: Runtime, engine, label: str):
     return checkpoint.load(rt, engine, manifest)
 
 
+def text_weights(model: torch.nn.Module, single_weight: float) -> list[float]:
+    """Per block: how much its text-stream output counts in the feature loss. The last
+    block's text output is read by nothing; single-stream blocks share their weights
+    between streams, and the image stream is what the output is made from."""
+    kinds = models.block_kinds(model)
+    weights = [single_weight if kind == "single" else 1.0 for kind in kinds]
+    weights[-1] = 0.0
+    return weights
+
+
 def run(rt: Runtime) -> tuple[int, dict]:
     params = rt.run.stage
     model, layer_map = common.input_model(rt)
+    fixed = model.requires_grad_(False).eval()  # the input model: every phase's target
     already = model.config.get("num_single_layers", 0)
     counts = fusing.phases(params.single_layers, params.blocks_per_phase, already)
     total = len(counts) * params.steps + params.finetune_steps
+    shared = params.phase_optimizer == "shared"
     train, _ = common.datasets(rt, dict(model.config))
     sampler = Sampler(len(train), params.seed)
     history: dict = {"phases": [], "losses": []}
 
     done = committed_phases(rt, len(counts))
     if done:
-        model = phase_model(rt, done - 1)
+        model, history = phase_model(rt, done - 1)
+    engine = None
     for p in range(done, len(counts)):
-        previous = model.requires_grad_(False).eval()
-        student = fusing.convert(previous, counts[p]).train().requires_grad_(True)
+        target = fixed if params.target == "input" else model.requires_grad_(False).eval()
+        student = fusing.convert(model, counts[p]).train().requires_grad_(True)
         depth = len(student.transformer_blocks)
-        objective = LayerwiseDistillation(student, [(j, j) for j in range(depth)], "global")
+        objective = LayerwiseDistillation(
+            student,
+            [(j, j) for j in range(depth)],
+            "global",
+            text_weights=text_weights(student, params.text_loss_weight),
+        )
         boundaries = objective.boundaries()
 
-        def make_inputs(micro_step, previous=previous, boundaries=boundaries):
+        def make_inputs(micro_step, target=target, boundaries=boundaries):
             gen = sampler.generator(micro_step, rt.rank)
             rows = sampler.indices(micro_step, rt.rank, rt.world, params.micro_batch_size)
             x, _ = common.noised(
                 train.rows(rows, rt.device), torch.rand(len(rows), generator=gen), gen
             )
             states, velocity = teacher_states(
-                previous, loop.cast(x, rt.device, previous.dtype), boundaries
+                target, loop.cast(x, rt.device, target.dtype), boundaries
             )
             return x, states, velocity
 
         label = f"phase-{p}"
-        engine = loop.build_engine(rt, objective, params, params.steps)
-        state = resume_state(rt, engine, label)
+        offset = p * params.steps
+        if shared:
+            previous, engine = engine, loop.build_engine(rt, objective, params, total)
+            loop.continue_schedule(engine, offset)
+            if previous is not None:
+                loop.carry_moments(previous, engine)
+        else:
+            engine = loop.build_engine(rt, objective, params, params.steps)
+        state = resume_state(rt, engine, label)  # restores the schedule and moments too
         state = loop.train(
-            rt, engine, params, make_inputs, params.steps, label, p * params.steps, state, total
+            rt, engine, params, make_inputs, params.steps, label, offset, state, total
         )
-        model = common.trained_model(engine)
+        model = common.trained_model(engine, state)
         history["phases"].append(
             {
                 "singleLayers": counts[p],
@@ -98,21 +136,33 @@ def run(rt: Runtime) -> tuple[int, dict]:
             }
         )
         history["losses"] += state["losses"]
-        _commit_phase(rt, model, p, layer_map)
+        _commit_phase(rt, model, p, layer_map, history)
 
     if params.finetune_steps:
-        objective = FlowMatching(model.train().requires_grad_(True))
-        engine = loop.build_engine(rt, objective, params, params.finetune_steps)
-        state = resume_state(rt, engine, "finetune")
+        teacher = common.teacher(rt) if params.distill_weight > 0 else None
+        pool = common.target_pool(rt, teacher, params, (), len(train)) if teacher else None
+        tuning = Sampler(len(pool) if pool else len(train), params.seed)
+        objective = FlowMatching(
+            model.train().requires_grad_(True), params.distill_weight, params.flow_weight
+        )
         offset = len(counts) * params.steps
+        previous = engine
+        if shared:
+            engine = loop.build_engine(rt, objective, params, total)
+            loop.continue_schedule(engine, offset)
+            if previous is not None:
+                loop.carry_moments(previous, engine)
+        else:
+            engine = loop.build_engine(rt, objective, params, params.finetune_steps)
+        state = resume_state(rt, engine, "finetune")
 
         def make_inputs(micro_step):
-            return flow_inputs(rt, train, sampler, params, None, micro_step)
+            return flow_inputs(rt, train, tuning, params, teacher, micro_step, pool)
 
         state = loop.train(
             rt, engine, params, make_inputs, params.finetune_steps, "finetune", offset, state, total
         )
-        model = common.trained_model(engine)
+        model = common.trained_model(engine, state)
         history["finetuneLoss"] = state["losses"]
         history["losses"] += state["losses"]
 
@@ -128,9 +178,10 @@ def run(rt: Runtime) -> tuple[int, dict]:
     return total, metrics
 
 
-def _commit_phase(rt: Runtime, model, phase: int, layer_map) -> None:
+def _commit_phase(rt: Runtime, model, phase: int, layer_map, history: dict) -> None:
     if rt.is_main:
         local = rt.workdir / f"phase-out-{phase}"
         common.save_model(model, local, layer_map)
+        (local / HISTORY).write_text(json.dumps(history))
         commits.commit(rt.store, phase_folder(rt, phase), local, phase, spec_hash=rt.run.spec_hash)
     rt.barrier()

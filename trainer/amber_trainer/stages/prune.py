@@ -1,4 +1,4 @@
-"""Stage `prune`: keep the scored layers, re-initialised by local weight averaging."""
+"""Stage `prune`: keep the scored layers, one per span, re-initialised as `init` says."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
         )
         num_layers = len(teacher.transformer_blocks)
         entries = pruning.layer_map(
-            scored.keep, num_layers, rt.run.stage.init, importance=scored.aggregate
+            scored.keep, num_layers, rt.run.stage.init, scored.aggregate, scored.spans
         )
         student = pruning.prune(teacher, entries)
         common.save_model(student, out, pruning.entries_to_json(entries))

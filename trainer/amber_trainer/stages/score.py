@@ -51,10 +51,18 @@ def run(rt: Runtime) -> tuple[int, dict]:
     out = rt.workdir / "output"
     out.mkdir()
     (out / "importance.json").write_text(result.to_json())
-    metrics = {"keep": result.keep, "criterion": params.criterion, "calibrationSamples": count}
+    metrics = {
+        "keep": result.keep,
+        "spans": result.spans,
+        "criterion": params.criterion,
+        "calibrationSamples": count,
+    }
     if rt.is_main:
         if params.criterion == "block-influence":
             title = "block influence: 1 - cos(block input, block output)"
+            scoring.heatmap(result, out / "importance.png", title)
+        elif params.criterion == "total-effect":
+            title = "total effect: velocity error when the block is skipped"
             scoring.heatmap(result, out / "importance.png", title)
         elif params.criterion == "importance":
             scoring.heatmap(result, out / "importance.png")
