@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="the first seed only, fewer prompts, no doc"
     )
     run.add_argument("--arms", nargs="+", help="arm names (default: all, in catalogue order)")
+    run.add_argument(
+        "--jobs",
+        type=int,
+        help="processes the seeds run in (default: one per seed, the cores shared out)",
+    )
     args = parser.parse_args(argv)
     if args.command == "fixtures":
         from amber_trainer.quality import teacher
@@ -83,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             arms.Budget(),
             None if args.quick else FIGURE,
             log,
+            args.jobs or len(seeds),
         )
     results["seconds"] = round(time.perf_counter() - started)
-    results["threads"] = __import__("torch").get_num_threads()
     log(f"done in {results['seconds']} s")
     if not args.quick:
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")

@@ -191,7 +191,12 @@ def test_the_oracle_sweep_runs_on_a_tiny_cpu_configuration(tmp_path):
     assert len(result["keepSets"]) == 3 and result["device"] == "cpu"
     assert {tuple(r["keep"]) for r in result["keepSets"]}.__len__() == 3
     assert all(r["keep"][0] == 0 and r["keep"][-1] == 5 for r in result["keepSets"])
-    assert set(result["spearman"]) == {"importance", "block-influence", "after prune (soft)"}
+    assert set(result["spearman"]) == {
+        "importance",
+        "total-effect",
+        "block-influence",
+        "after prune (soft)",
+    }
     assert all(-1 <= rho <= 1 for rho in result["spearman"].values())
     assert "importance" in proc.stdout and "spearman" in proc.stdout
 

@@ -62,17 +62,43 @@ PRESET_STAGES = {
 }
 
 
+# The first method's choices, stage by stage: the arms that put them back, one at a time
+# and all together (v1-recipe), show what each change bought.
+V1 = {
+    "score": {
+        "criterion": "total-effect",
+        "selection": "top",
+        "normalize": "max",
+        "aggregate": "max",
+    },
+    "prune": {"init": "average"},
+    "distill": {"featureLoss": "relative", "outlierSigma": 0.0},
+    "finetune": {"distillWeight": 0.5, "flowWeight": 1.0, "ema": 0.0},
+    "fuse": {
+        "target": "previous",
+        "phaseOptimizer": "fresh",
+        "textLossWeight": 1.0,
+        "distillWeight": 0.0,
+        "flowWeight": 1.0,
+        "ema": 0.0,
+    },
+}
+
+
 def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
     """Every arm, by name, for a teacher of `layers` blocks. The first is the preset; the
-    others change one thing each (budgets and the rest of the recipe stay)."""
+    others change one thing each (budgets and the rest of the recipe stay), but v1-recipe,
+    which puts back every choice of the first method."""
     student = max(1, layers // 2)
     fuse = presets.build("amber-6b", layers, {})[-2]
     phases = -(-fuse.single_layers // fuse.blocks_per_phase)
     late = [0, *range(layers - student + 1, layers)]  # block 0 and the deepest ones
+    v1_10b = {k: v for k, v in V1.items() if k != "fuse"}
     arms = [
         Arm(
             PRESET,
-            "the preset: importance, average, distill + finetune, progressive fusion",
+            "the preset: direct effect, spans, representative, warm start + KD-dominant "
+            "finetune with EMA, progressive fusion against a fixed target",
             preset="amber-6b",
             judged="fuse",
             against=None,
@@ -81,6 +107,66 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             "amber-10b",
             "the preset without fusion (its finetune model is amber-6b's)",
             against=None,
+        ),
+        Arm("v1-recipe-10b", "every choice of the first method (the v2 baseline)", v1_10b),
+        Arm(
+            "v1-recipe",
+            "every choice of the first method, fusion included (the v2 baseline)",
+            V1,
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
+        ),
+        Arm(
+            "total-effect",
+            "score.criterion: total-effect (the first criterion)",
+            _criterion("total-effect"),
+        ),
+        Arm(
+            "block-influence",
+            "score.criterion: block-influence (ShortGPT cosine)",
+            _criterion("block-influence"),
+        ),
+        Arm("uniform", "score.criterion: uniform (evenly spaced layers)", _criterion("uniform")),
+        Arm("random", "score.criterion: random", _criterion("random")),
+        Arm("first", "score.criterion: first (keep the first N layers)", _criterion("first")),
+        Arm(
+            "keep-late",
+            f"score.keepLayers: block 0 and the deepest {student - 1} ({_ranges(late)})",
+            {"score": {"criterion": "explicit", "keepLayers": late}},
+        ),
+        Arm(
+            "top-selection",
+            "score.selection: top (most important blocks, nearest spans)",
+            {"score": {"selection": "top"}},
+        ),
+        Arm(
+            "iterative",
+            "score.mode: iterative (re-score after each removal; top selection)",
+            {"score": {"mode": "iterative"}},
+        ),
+        Arm(
+            "init-average",
+            "prune.init: average (the span's blocks averaged)",
+            {"prune": {"init": "average"}},
+        ),
+        Arm("init-keep", "prune.init: keep (the scored block copied)", {"prune": {"init": "keep"}}),
+        Arm(
+            "relative-features",
+            "distill.featureLoss: relative, no outlier mask",
+            {"distill": V1["distill"]},
+        ),
+        Arm(
+            "flow-dominant",
+            "finetune: flowWeight 1, distillWeight 0.5 (the first weights), no EMA",
+            {"finetune": V1["finetune"]},
+        ),
+        Arm("no-ema", "finetune.ema: 0 (the last weights are saved)", {"finetune": {"ema": 0.0}}),
+        Arm(
+            "finetune-only",
+            "no distill stage; finetune gets its steps",
+            {"finetune": {"steps": budget.distill_steps + budget.finetune_steps}},
+            drop=("distill",),
         ),
         Arm(
             "one-shot-fusion",
@@ -91,29 +177,13 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             against="fuse",
         ),
         Arm(
-            "finetune-only",
-            "no distill stage; finetune gets its steps",
-            {"finetune": {"steps": budget.distill_steps + budget.finetune_steps}},
-            drop=("distill",),
-        ),
-        Arm("init-keep", "prune.init: keep (no weight averaging)", {"prune": {"init": "keep"}}),
-        Arm(
-            "iterative",
-            "score.mode: iterative (re-score after each removal)",
-            {"score": {"mode": "iterative"}},
-        ),
-        Arm("uniform", "score.criterion: uniform (evenly spaced layers)", _criterion("uniform")),
-        Arm("first", "score.criterion: first (keep the first N layers)", _criterion("first")),
-        Arm(
-            "block-influence",
-            "score.criterion: block-influence (ShortGPT cosine)",
-            _criterion("block-influence"),
-        ),
-        Arm("random", "score.criterion: random", _criterion("random")),
-        Arm(
-            "keep-late",
-            f"score.keepLayers: block 0 and the deepest {student - 1} ({_ranges(late)})",
-            {"score": {"criterion": "explicit", "keepLayers": late}},
+            "chained-fusion",
+            "fuse: each phase distils the previous phase's model with a fresh optimiser, "
+            "text loss on every block, no teacher in the fine-tune (the first fusion)",
+            {"fuse": V1["fuse"]},
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
         ),
         Arm(
             "broken",
@@ -151,7 +221,13 @@ def overrides(budget: Budget, seed: int) -> dict[str, dict]:
         "seed": seed,
     }
     return {
-        "score": {"calibrationSamples": budget.calibration_samples, "batchSize": 16, "seed": seed},
+        # The benchmark samples with a uniform Euler schedule: timesteps weigh alike.
+        "score": {
+            "calibrationSamples": budget.calibration_samples,
+            "batchSize": 16,
+            "seed": seed,
+            "sampler": "uniform",
+        },
         "distill": {**train, "steps": budget.distill_steps},
         "finetune": {**train, "steps": budget.finetune_steps},
         "fuse": {

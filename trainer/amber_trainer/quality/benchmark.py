@@ -10,9 +10,14 @@ suite (prompts, renderings, noise), so arms can be compared prompt by prompt.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from amber_trainer import models
 from amber_trainer.quality import arms, measure, report, task, teacher
@@ -62,11 +67,13 @@ def run(
     budget: arms.Budget | None = None,
     grid: Path | None = None,
     log=print,
+    jobs: int = 1,
 ) -> dict:
-    """Run the arms for every seed; every measurement, per seed, arm and stage."""
+    """Run the arms for every seed; every measurement, per seed, arm and stage. With
+    `jobs` > 1 the seeds run in that many processes, the cores shared out between them:
+    the benchmark's small matrices keep one thread busy far better than two."""
     budget = budget or arms.Budget()
     teacher_model = teacher.load_teacher(fixtures)
-    judge = teacher.load_judge(fixtures)
     layers = len(teacher_model.transformer_blocks)  # the committed fixture's depth
     catalogue = arms.catalogue(budget, layers)
     unknown = sorted(set(arm_names) - set(catalogue))
@@ -82,50 +89,97 @@ def run(
         "runs": [],
         "armSeconds": [],
     }
-    measured: dict[str, dict] = {}  # committed folder -> measurement (shared stages once)
-    for seed in seeds:
-        suites = measure.suites(teacher_model, seed, size.held_out, size.training)
-        results["prompts"] = len(suites.held_out)
-        results["trainingPrompts"] = len(suites.training)
-        row = measure.evaluate(teacher_model, judge, suites)
-        row["parameters"] = models.count_parameters(teacher_model)
-        results["runs"].append({"arm": "teacher", "seed": seed, "stage": "teacher", **row})
-        log(f"seed {seed} teacher: score {row['score']:.3f}")
-        committed: dict = {}
-        for name in arm_names:
-            arm = catalogue[name]
-            obj = arms.resource(
-                arm,
-                seed,
-                layers,
-                str(fixtures / teacher.TEACHER_DIR),
-                str(data),
-                str(workdir / "store"),
-                budget,
-            )
-            clock = time.perf_counter()
-            folders = arms.run_arm(obj, committed)
-            trained = time.perf_counter() - clock
-            judged = list(arms.PRESET_STAGES) if name == arms.PRESET else ["prune", arm.judged]
-            for stage in dict.fromkeys(judged):
-                if stage not in folders:
-                    continue
-                key = str(folders[stage].resolve())
-                if key not in measured:
-                    model = models.load(folders[stage] / "model")
-                    measured[key] = {
-                        **measure.evaluate(model, judge, suites),
-                        "parameters": models.count_parameters(model),
-                    }
-                entry = {"arm": name, "seed": seed, "stage": stage, **measured[key]}
-                results["runs"].append({**entry, "keep": _kept(folders)})
-            if grid is not None and seed == seeds[0] and name == arms.PRESET:
-                figure(suites.held_out, teacher_model, folders, grid)
-            seconds = time.perf_counter() - clock
-            results["armSeconds"].append({"arm": name, "seed": seed, "seconds": round(seconds)})
-            final = results["runs"][-1]
-            log(
-                f"seed {seed} {name}: {final['stage']} {final['score']:.3f} "
-                f"(trained {trained:.0f} s, {seconds:.0f} s with measuring)"
-            )
+    work = [
+        (seed, workdir / f"seed-{seed}", arm_names, fixtures, size, budget, data) for seed in seeds
+    ]
+    grids = [grid if i == 0 else None for i in range(len(seeds))]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if jobs <= 1:
+        parts = [run_seed(*w, grid=g, log=log) for w, g in zip(work, grids, strict=True)]
+    else:
+        context = multiprocessing.get_context("spawn")  # no forked torch or process groups
+        with ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+        ) as pool:
+            futures = [
+                pool.submit(run_seed, *w, grid=g, log=None)
+                for w, g in zip(work, grids, strict=True)
+            ]
+            parts = [f.result() for f in futures]
+    for part in parts:
+        results["runs"] += part["runs"]
+        results["armSeconds"] += part["armSeconds"]
+        results["prompts"], results["trainingPrompts"] = part["prompts"], part["trainingPrompts"]
+    results["jobs"] = jobs
+    results["threads"] = threads if jobs > 1 else torch.get_num_threads()
     return results
+
+
+def run_seed(
+    seed: int,
+    workdir: Path,
+    arm_names: list[str],
+    fixtures: Path,
+    size: Size,
+    budget: arms.Budget,
+    data: Path,
+    grid: Path | None = None,
+    log=None,
+) -> dict:
+    """Every arm for one seed, in order, each judged model measured on the seed's suites."""
+    if log is None:
+
+        def log(message: str) -> None:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    teacher_model = teacher.load_teacher(fixtures)
+    judge = teacher.load_judge(fixtures)
+    layers = len(teacher_model.transformer_blocks)
+    catalogue = arms.catalogue(budget, layers)
+    out: dict = {"runs": [], "armSeconds": []}
+    measured: dict[str, dict] = {}  # committed folder -> measurement (shared stages once)
+    suites = measure.suites(teacher_model, seed, size.held_out, size.training)
+    out["prompts"] = len(suites.held_out)
+    out["trainingPrompts"] = len(suites.training)
+    row = measure.evaluate(teacher_model, judge, suites)
+    row["parameters"] = models.count_parameters(teacher_model)
+    out["runs"].append({"arm": "teacher", "seed": seed, "stage": "teacher", **row})
+    log(f"seed {seed} teacher: score {row['score']:.3f}")
+    committed: dict = {}
+    for name in arm_names:
+        arm = catalogue[name]
+        obj = arms.resource(
+            arm,
+            seed,
+            layers,
+            str(fixtures / teacher.TEACHER_DIR),
+            str(data),
+            str(workdir / "store"),
+            budget,
+        )
+        clock = time.perf_counter()
+        folders = arms.run_arm(obj, committed)
+        trained = time.perf_counter() - clock
+        judged = list(arms.PRESET_STAGES) if name == arms.PRESET else ["prune", arm.judged]
+        for stage in dict.fromkeys(judged):
+            if stage not in folders:
+                continue
+            key = str(folders[stage].resolve())
+            if key not in measured:
+                model = models.load(folders[stage] / "model")
+                measured[key] = {
+                    **measure.evaluate(model, judge, suites),
+                    "parameters": models.count_parameters(model),
+                }
+            entry = {"arm": name, "seed": seed, "stage": stage, **measured[key]}
+            out["runs"].append({**entry, "keep": _kept(folders)})
+        if grid is not None and name == arms.PRESET:
+            figure(suites.held_out, teacher_model, folders, grid)
+        seconds = time.perf_counter() - clock
+        out["armSeconds"].append({"arm": name, "seed": seed, "seconds": round(seconds)})
+        final = out["runs"][-1]
+        log(
+            f"seed {seed} {name}: {final['stage']} {final['score']:.3f} "
+            f"(trained {trained:.0f} s, {seconds:.0f} s with measuring)"
+        )
+    return out

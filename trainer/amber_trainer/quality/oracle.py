@@ -28,7 +28,7 @@ from amber_trainer.data import Sampler, TensorDataset
 from amber_trainer.objectives import FlowMatching, LayerwiseDistillation
 from amber_trainer.quality import measure
 
-CRITERIA = ("importance", "block-influence")
+CRITERIA = ("importance", "total-effect", "block-influence")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class Recipe:
     micro_batch: int = 24
     learning_rate: float = 1e-3
     warmup_steps: int = 10
-    distill_weight: float = 0.5
+    distill_weight: float = 0.9  # the presets' KD-dominant weights
+    flow_weight: float = 0.1
 
 
 def keep_sets(layers: int, target: int, count: int, seed: int) -> list[list[int]]:
@@ -93,7 +94,7 @@ def recover(
     entries = prune.layer_map(keep, layers, "average")
     student = prune.prune(teacher, entries).to(device).train().requires_grad_(True)
     spans = [e.span for e in entries]
-    objective = LayerwiseDistillation(student, spans, "local")
+    objective = LayerwiseDistillation(student, spans, "local", feature_loss="per-token")
     boundaries = objective.boundaries()
     sampler = Sampler(len(distill_pool), seed)
 
@@ -103,7 +104,7 @@ def recover(
         return (x, *distill_pool.teacher_outputs(rows, boundaries, device))
 
     distill = _train(objective, recipe.distill_steps, recipe, distill_inputs, device)
-    objective = FlowMatching(student, recipe.distill_weight)
+    objective = FlowMatching(student, recipe.distill_weight, recipe.flow_weight)
     sampler = Sampler(len(finetune_pool), seed + 1)
 
     def finetune_inputs(step):

@@ -205,10 +205,46 @@ def tables(results: dict) -> str:
         "",
         table(["model", *edges, "mean"], errors),
     ]
+    if retention(results):
+        out += ["", retention(results)]
     if kept:
         out += ["", "Teacher blocks kept (per seed where they differ):", ""]
         out += [table(["model", "kept blocks"], kept)]
     return "\n".join(out)
+
+
+def retention(results: dict) -> str:
+    """What the compressed models keep: 10B-style / teacher, 6B-style / 10B-style (mean
+    scores over seeds), and the 10B-style's per-attribute accuracy / the teacher's."""
+    from amber_trainer.quality.arms import PRESET
+    from amber_trainer.quality.task import ATTRIBUTES
+
+    def mean(arm: str, stage: str, key=lambda r: r["score"]) -> float | None:
+        runs = _select(results, arm, stage)
+        return statistics.fmean(key(r) for r in runs) if runs else None
+
+    teacher, ten, six = (
+        mean("teacher", "teacher"),
+        mean(PRESET, "finetune"),
+        mean(PRESET, "fuse"),
+    )
+    if not teacher or ten is None:
+        return ""
+    parts = [f"the 10B-style model keeps {100 * ten / teacher:.1f}% of the teacher's score"]
+    worst = min(
+        ATTRIBUTES,
+        key=lambda a: (
+            mean(PRESET, "finetune", lambda r: r["attributes"][a])
+            / max(1e-9, mean("teacher", "teacher", lambda r: r["attributes"][a]))
+        ),
+    )
+    ratio = mean(PRESET, "finetune", lambda r: r["attributes"][worst]) / max(
+        1e-9, mean("teacher", "teacher", lambda r: r["attributes"][worst])
+    )
+    parts.append(f"every attribute at least {100 * ratio:.1f}% of the teacher's ({worst})")
+    if six is not None and ten > 0:
+        parts.append(f"the 6B-style keeps {100 * six / ten:.1f}% of the 10B-style's score")
+    return "Retention: " + "; ".join(parts) + "."
 
 
 def timing(results: dict) -> str:
@@ -230,7 +266,8 @@ def write(results: dict, doc: Path, figure: Path, fixtures: Path) -> None:
             "",
             tables(results),
             "",
-            f"Run: {results['seconds'] / 60:.1f} min on {results['threads']} CPU threads, "
+            f"Run: {results['seconds'] / 60:.1f} min, {results.get('jobs', 1)} seed(s) at a "
+            f"time on {results['threads']} CPU thread(s) each, "
             f"the target pool {results['poolSeconds']} s of it. {timing(results)} Teacher from "
             f"`{build['command']}` ({build['teacherSeconds'] / 60:.0f} min); judge held-out "
             f"accuracy {build['judgeHeldOutAccuracy']['score'] * 100:.1f}%.",

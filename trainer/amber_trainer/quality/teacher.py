@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from amber_trainer import models
+from amber_trainer import models, speed
 from amber_trainer.forward import FlowInputs, velocity
 from amber_trainer.quality import judge as judging
 from amber_trainer.quality import measure, task, text
@@ -79,12 +79,15 @@ def train_teacher(
     log=print,
     checkpoint: Path | None = None,
     every: int = 250,
+    compile: bool = False,
 ) -> tuple[torch.nn.Module, list[float], float]:
     """Flow matching from scratch on the training combinations: logit-normal times,
     AdamW with warm-up and linear decay, gradient clipping at 1. With `checkpoint`, the
     whole training state is saved there every `every` steps and a run of the same
     configuration continues from it: an hour of two cores is not lost to an interruption.
-    Returns the model, the loss of every step and the seconds spent training (all runs)."""
+    `compile` compiles the blocks (about 20% faster on two CPU cores after a minute of
+    compiling; the numbers differ from eager ones in the last bits). Returns the model,
+    the loss of every step and the seconds spent training (all runs)."""
     train, _ = task.split()
     tokens, emb, mask, _ = dataset(train, samples, seed + 1)
     torch.manual_seed(seed)
@@ -107,6 +110,8 @@ def train_teacher(
             log(f"resuming the teacher at step {first}/{steps} from {checkpoint}")
         else:
             log(f"{checkpoint} is another configuration's; starting over")
+    if compile:
+        speed.compile_blocks(model)
     shapes = [[(1, task.SIDE, task.SIDE)]] * batch
     started = time.perf_counter()
     for step in range(first, steps):
@@ -211,6 +216,7 @@ def build(
     steps: int = STEPS,
     log: Callable[[str], None] = print,
     checkpoint: Path | None = None,
+    compile: bool = True,
 ) -> dict:
     """Train (or keep) the judge and train the teacher into `folder`, gate the teacher, and
     write the checksums; what was measured. A teacher that misses `GATE_SCORE` is saved
@@ -220,7 +226,7 @@ def build(
     folder.mkdir(parents=True, exist_ok=True)
     judge, accuracy, judge_s = _judge(folder, log)
     log(f"judge on held-out real images: {accuracy}")
-    model, losses, teacher_s = train_teacher(steps, log=log, checkpoint=checkpoint)
+    model, losses, teacher_s = train_teacher(steps, log=log, checkpoint=checkpoint, compile=compile)
     suites = measure.suites(model, seed=0)
     gates = skip_costs(model, judge, suites)
     log(f"teacher held-out score {gates['score']:.3f}; skip costs {gates}")
