@@ -62,7 +62,7 @@ def test_overrides_change_only_the_named_stage():
     obj = parse(with_spec(overrides={"distill": {"steps": 7, "mode": "global"}}))
     stages = {s.name: s for s in obj.spec.pipeline()}
     assert (stages["distill"].steps, stages["distill"].mode) == (7, "global")
-    assert stages["finetune"].steps == 8000
+    assert stages["finetune"].steps == 10000
 
 
 @pytest.mark.parametrize(
