@@ -99,7 +99,7 @@ def run(
     else:
         context = multiprocessing.get_context("spawn")  # no forked torch or process groups
         with ProcessPoolExecutor(
-            jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+            jobs, mp_context=context, initializer=_worker, initargs=(threads,)
         ) as pool:
             futures = [
                 pool.submit(run_seed, *w, grid=g, log=None)
@@ -113,6 +113,10 @@ def run(
     results["jobs"] = jobs
     results["threads"] = threads if jobs > 1 else torch.get_num_threads()
     return results
+
+
+def _worker(threads: int) -> None:
+    torch.set_num_threads(threads)
 
 
 def run_seed(
