@@ -251,6 +251,10 @@ def build(
             f"teacher held-out score {gates['score']:.3f} is below the gate {GATE_SCORE}; "
             f"not written (train longer: --steps): {json.dumps(report)}"
         )
+    if (folder / REPORT).exists():  # the record of refused teachers outlives the fixture
+        before = json.loads((folder / REPORT).read_text()).get("rejectedAttempts")
+        if before:
+            report["rejectedAttempts"] = before
     (folder / SUMS).unlink(missing_ok=True)
     model.save_pretrained(folder / TEACHER_DIR, safe_serialization=True)
     (folder / REPORT).write_text(json.dumps(report, indent=2) + "\n")
