@@ -71,16 +71,16 @@ def continue_schedule(engine, steps_before: int) -> None:
 
 
 @torch.no_grad()
-def carry_moments(old_engine, new_engine) -> bool:
+def carry_moments(old_engine, new_engine) -> None:
     """Copy the optimizer's per-parameter state (AdamW's moments) from `old_engine` to
     `new_engine` for every parameter both train under the same name and shape. Only for
-    plain torch optimizers (no ZeRO partitions or mixed-precision wrappers); False when it
-    could not, and the new engine's moments start from zero."""
+    plain torch optimizers (no ZeRO partitions or mixed-precision wrappers); otherwise the
+    new engine's moments start from zero."""
     old_opt, new_opt = old_engine.optimizer, new_engine.optimizer
     if not (
         isinstance(old_opt, torch.optim.Optimizer) and isinstance(new_opt, torch.optim.Optimizer)
     ):
-        return False
+        return
     old = dict(old_engine.module.named_parameters())
     for name, param in new_engine.module.named_parameters():
         source = old.get(name)
@@ -90,7 +90,6 @@ def carry_moments(old_engine, new_engine) -> bool:
             k: v.clone() if isinstance(v, torch.Tensor) else v
             for k, v in old_opt.state[source].items()
         }
-    return True
 
 
 def single_process_fast_path(engine, world: int, zero_stage: int = 0):

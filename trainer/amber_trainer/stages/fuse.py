@@ -75,6 +75,19 @@ def text_weights(model: torch.nn.Module, single_weight: float) -> list[float]:
     return weights
 
 
+def part_engine(rt: Runtime, objective, params, previous, offset: int, steps: int, total: int):
+    """The engine for one part of the stage (a phase, or the closing fine-tune) of `steps`
+    steps starting at stage step `offset`. `phaseOptimizer: shared`: on the whole stage's
+    schedule, with the `previous` part's moments; `fresh`: a schedule of its own."""
+    if params.phase_optimizer == "fresh":
+        return loop.build_engine(rt, objective, params, steps)
+    engine = loop.build_engine(rt, objective, params, total)
+    loop.continue_schedule(engine, offset)
+    if previous is not None:
+        loop.carry_moments(previous, engine)
+    return engine
+
+
 def run(rt: Runtime) -> tuple[int, dict]:
     params = rt.run.stage
     model, layer_map = common.input_model(rt)
@@ -82,7 +95,6 @@ def run(rt: Runtime) -> tuple[int, dict]:
     already = model.config.get("num_single_layers", 0)
     counts = fusing.phases(params.single_layers, params.blocks_per_phase, already)
     total = len(counts) * params.steps + params.finetune_steps
-    shared = params.phase_optimizer == "shared"
     train, _ = common.datasets(rt, dict(model.config))
     sampler = Sampler(len(train), params.seed)
     history: dict = {"phases": [], "losses": []}
@@ -116,13 +128,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
 
         label = f"phase-{p}"
         offset = p * params.steps
-        if shared:
-            previous, engine = engine, loop.build_engine(rt, objective, params, total)
-            loop.continue_schedule(engine, offset)
-            if previous is not None:
-                loop.carry_moments(previous, engine)
-        else:
-            engine = loop.build_engine(rt, objective, params, params.steps)
+        engine = part_engine(rt, objective, params, engine, offset, params.steps, total)
         state = resume_state(rt, engine, label)  # restores the schedule and moments too
         state = loop.train(
             rt, engine, params, make_inputs, params.steps, label, offset, state, total
@@ -146,14 +152,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
             model.train().requires_grad_(True), params.distill_weight, params.flow_weight
         )
         offset = len(counts) * params.steps
-        previous = engine
-        if shared:
-            engine = loop.build_engine(rt, objective, params, total)
-            loop.continue_schedule(engine, offset)
-            if previous is not None:
-                loop.carry_moments(previous, engine)
-        else:
-            engine = loop.build_engine(rt, objective, params, params.finetune_steps)
+        engine = part_engine(rt, objective, params, engine, offset, params.finetune_steps, total)
         state = resume_state(rt, engine, "finetune")
 
         def make_inputs(micro_step):
