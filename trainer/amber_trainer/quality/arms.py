@@ -29,7 +29,7 @@ class Budget:
     calibration_samples: int = 64
     distill_steps: int = 100
     finetune_steps: int = 100
-    fuse_steps: int = 20  # per phase
+    fuse_steps: int = 100  # over all phases
     fuse_finetune_steps: int = 40
     micro_batch: int = 24
     learning_rate: float = 1e-3
@@ -81,6 +81,7 @@ V1 = {
         "distillWeight": 0.0,
         "flowWeight": 1.0,
         "ema": 0.0,
+        "projectionInit": "image",  # and progressive: `catalogue` adds the phases
     },
 }
 
@@ -90,15 +91,17 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
     others change one thing each (budgets and the rest of the recipe stay), but v1-recipe,
     which puts back every choice of the first method."""
     student = max(1, layers // 2)
-    fuse = presets.build("amber-6b", layers, {})[-2]
-    phases = -(-fuse.single_layers // fuse.blocks_per_phase)
+    single = presets.build("amber-6b", layers, {})[-2].single_layers
+    quarter = max(1, round(single / 4))
+    progressive = {"blocksPerPhase": quarter, "steps": budget.fuse_steps // -(-single // quarter)}
+    v1 = {**V1, "fuse": {**V1["fuse"], **progressive}}
     late = [0, *range(layers - student + 1, layers)]  # block 0 and the deepest ones
-    v1_10b = {k: v for k, v in V1.items() if k != "fuse"}
+    v1_10b = {k: v for k, v in v1.items() if k != "fuse"}
     arms = [
         Arm(
             PRESET,
             "the preset: direct effect, spans, representative, warm start + KD-dominant "
-            "finetune with EMA, progressive fusion against a fixed target",
+            "finetune with EMA, one-shot fusion with fitted q, k, v",
             preset="amber-6b",
             judged="fuse",
             against=None,
@@ -112,7 +115,7 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
         Arm(
             "v1-recipe",
             "every choice of the first method, fusion included (the v2 baseline)",
-            V1,
+            v1,
             preset="amber-6b",
             judged="fuse",
             against="fuse",
@@ -169,18 +172,27 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             drop=("distill",),
         ),
         Arm(
-            "one-shot-fusion",
-            "fuse: every block in one phase, same total steps",
-            {"fuse": {"blocksPerPhase": fuse.single_layers, "steps": budget.fuse_steps * phases}},
+            "image-init-fusion",
+            "fuse.projectionInit: image (q, k, v copied from the image branch, as the paper)",
+            {"fuse": {"projectionInit": "image"}},
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
+        ),
+        Arm(
+            "progressive-fusion",
+            f"fuse: {quarter} blocks per phase, deepest first, same total steps",
+            {"fuse": progressive},
             preset="amber-6b",
             judged="fuse",
             against="fuse",
         ),
         Arm(
             "chained-fusion",
-            "fuse: each phase distils the previous phase's model with a fresh optimiser, "
-            "text loss on every block, no teacher in the fine-tune (the first fusion)",
-            {"fuse": V1["fuse"]},
+            "fuse: progressive, each phase distils the previous phase's model with a fresh "
+            "optimiser, image-branch init, text loss on every block, no teacher in the "
+            "fine-tune (the first fusion)",
+            {"fuse": v1["fuse"]},
             preset="amber-6b",
             judged="fuse",
             against="fuse",

@@ -1,7 +1,8 @@
 """Stage `fuse`: progressive hybrid-stream conversion, then a short fine-tune.
 
 Phase p converts the next `blocksPerPhase` dual-stream blocks (deepest first) into
-single-stream ones and distils the new model block by block and on the output against one
+single-stream ones (`projectionInit: fitted`: their q, k, v fitted to both streams, `fuse.convert`)
+and distils the new model block by block and on the output against one
 fixed target, the stage's input model (`target: input`; `previous` distils against the
 last phase's model instead, so errors chain). With `phaseOptimizer: shared` the phases and
 the fine-tune follow one warm-up and decay schedule and carry AdamW's moments from phase
@@ -88,6 +89,23 @@ def part_engine(rt: Runtime, objective, params, previous, offset: int, steps: in
     return engine
 
 
+def calibration(rt: Runtime, train, params) -> list:
+    """The batches a fitted conversion is computed on: `fitSamples` training rows at
+    uniform times, drawn from the stage's seed (the same on every rank)."""
+    if params.projection_init != "fitted":
+        return []
+    gen = torch.Generator().manual_seed(params.seed)
+    rows = torch.randperm(len(train), generator=gen)[: params.fit_samples].tolist()
+    batches = []
+    for start in range(0, len(rows), params.micro_batch_size):
+        chunk = rows[start : start + params.micro_batch_size]
+        x, _ = common.noised(
+            train.rows(chunk, rt.device), torch.rand(len(chunk), generator=gen), gen
+        )
+        batches.append(x)
+    return batches
+
+
 def run(rt: Runtime) -> tuple[int, dict]:
     params = rt.run.stage
     model, layer_map = common.input_model(rt)
@@ -97,6 +115,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
     total = len(counts) * params.steps + params.finetune_steps
     train, _ = common.datasets(rt, dict(model.config))
     sampler = Sampler(len(train), params.seed)
+    fit = calibration(rt, train, params)
     history: dict = {"phases": [], "losses": []}
 
     done = committed_phases(rt, len(counts))
@@ -105,7 +124,8 @@ def run(rt: Runtime) -> tuple[int, dict]:
     engine = None
     for p in range(done, len(counts)):
         target = fixed if params.target == "input" else model.requires_grad_(False).eval()
-        student = fusing.convert(model, counts[p]).train().requires_grad_(True)
+        inputs = [loop.cast(x, rt.device, model.dtype) for x in fit]
+        student = fusing.convert(model, counts[p], inputs).train().requires_grad_(True)
         depth = len(student.transformer_blocks)
         objective = LayerwiseDistillation(
             student,
