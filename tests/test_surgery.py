@@ -23,6 +23,13 @@ TEXT_TO_IMAGE = {
 }
 
 
+def tie_branches(blocks):
+    """Text-branch weights set equal to the image branch's: one projection serves both."""
+    for block in blocks:
+        for text, image in TEXT_TO_IMAGE.items():
+            block.get_submodule(text).load_state_dict(block.get_submodule(image).state_dict())
+
+
 @pytest.fixture(scope="module")
 def teacher():
     return models.build(TINY, seed=0).eval()
@@ -118,9 +125,7 @@ def test_averaging_is_the_weighted_mean_of_the_span(teacher):
 @torch.no_grad()
 def test_fused_block_equals_dual_block_with_tied_branches(batches):
     model = models.build(TINY, seed=5).eval()
-    for block in model.transformer_blocks[-3:]:
-        for text, image in TEXT_TO_IMAGE.items():
-            block.get_submodule(text).load_state_dict(block.get_submodule(image).state_dict())
+    tie_branches(model.transformer_blocks[-3:])
     hybrid = fuse.convert(model, 3)
     assert models.block_kinds(hybrid) == ["dual"] * 9 + ["single"] * 3
     x = inputs(batches[1], t=0.3)
@@ -157,9 +162,7 @@ def test_fuse_drops_text_weights_and_keeps_the_rest(teacher, batches):
 def test_fitted_conversion_reproduces_tied_branches(batches):
     # With tied branches one projection serves both streams exactly: the fit must find it.
     model = models.build(TINY, seed=5).eval()
-    for block in model.transformer_blocks[-3:]:
-        for text, image in TEXT_TO_IMAGE.items():
-            block.get_submodule(text).load_state_dict(block.get_submodule(image).state_dict())
+    tie_branches(model.transformer_blocks[-3:])
     calibration = [inputs(b, t=t, seed=7) for b in batches for t in (0.1, 0.5, 0.9)]
     fitted = fuse.convert(model, 3, calibration)
     x = inputs(batches[1], t=0.4, seed=9)
