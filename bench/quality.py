@@ -4,6 +4,7 @@
     python bench/quality.py run                    # every arm, seeds 0 1 2 -> docs/quality.md
     python bench/quality.py run --seeds 3 4 5      # any seeds (the doc is rewritten)
     python bench/quality.py run --quick --seeds 5  # one seed, fewer prompts: printed only
+    python bench/quality.py run --workdir DIR      # kept; run again to go on after a cut
 
 Every arm is an AmberCompression run through `amber run`'s code path (stages in this
 process) on the committed teacher; every judged model is sampled on the held-out prompts
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="processes the seeds run in (default: one per seed, the cores shared out)",
     )
+    run.add_argument(
+        "--workdir",
+        type=Path,
+        help="where stages and per-seed results are kept (default: a temporary folder); "
+        "a run started again on the same folder goes on where it stopped",
+    )
     args = parser.parse_args(argv)
     if args.command == "fixtures":
         from amber_trainer.quality import teacher
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="amber-quality-") as tmp:
         results = benchmark.run(
             seeds,
-            Path(tmp),
+            args.workdir or Path(tmp),
             names,
             FIXTURES,
             benchmark.QUICK if args.quick else benchmark.Size(),

@@ -7,6 +7,7 @@ deliberately broken one through `amber run`'s code path and judges their samples
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,17 @@ def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tm
     # ... and a pipeline that picks random layers and learns nothing is clearly worse.
     assert broken["score"] <= 0.5 * compressed["score"], summary
     assert attributes(broken) <= attributes(compressed) - 0.2, summary
+
+    # A run started again on the same folder goes on from what it measured: nothing is
+    # measured twice (the mark put in the seed's saved results comes back as the result).
+    part = tmp_path / "seed-0" / benchmark.PART
+    state = json.loads(part.read_text())
+    assert [a["arm"] for a in state["armSeconds"]] == ["amber-10b", "broken"]
+    state["measured"]["teacher"]["score"] = -1.0
+    part.write_text(json.dumps(state))
+    again = benchmark.run([0], tmp_path, ["broken"], FIXTURES, size, budget)
+    scores = {(r["arm"], r["stage"]): r["score"] for r in again["runs"]}
+    assert scores == {("teacher", "teacher"): -1.0, ("broken", "prune"): broken["score"]}
 
 
 def test_spearman_ranks_with_ties():

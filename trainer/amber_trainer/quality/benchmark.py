@@ -5,6 +5,10 @@ every arm and seed (`targets`), so the run's time goes to students. The arms of 
 in the given order and reuse the stages they share with earlier ones; a committed folder is
 measured once, however many arms share it. Every model of a seed is measured on the same
 suite (prompts, renderings, noise), so arms can be compared prompt by prompt.
+
+A seed's results so far are rewritten to its folder after every arm (`PART`): a run cut
+short keeps what it measured, and a run started again on the same folder goes on from there
+(its committed stages are reused by `amber run`, its measurements read back).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from amber_trainer.quality import arms, measure, report, task, teacher
 
 DATA_SAMPLES = 4096
 DATA_SEED = 100  # the training pairs and the target pool are the same for every seed
+PART = "part.json"  # one seed's results so far, in its folder
 
 
 @dataclass(frozen=True)
@@ -140,13 +145,30 @@ def run_seed(
     judge = teacher.load_judge(fixtures)
     layers = len(teacher_model.transformer_blocks)
     catalogue = arms.catalogue(budget, layers)
+    workdir.mkdir(parents=True, exist_ok=True)
+    part = workdir / PART
+    earlier = json.loads(part.read_text()) if part.exists() else {}
+    if earlier.get("size") != size.__dict__ or earlier.get("budget") != budget.__dict__:
+        earlier = {}  # measured on another suite or budget: not comparable
+    measured: dict[str, dict] = earlier.get("measured", {})  # committed folder -> measurement
+    done = {a["arm"]: a for a in earlier.get("armSeconds", [])}
     out: dict = {"runs": [], "armSeconds": []}
-    measured: dict[str, dict] = {}  # committed folder -> measurement (shared stages once)
     suites = measure.suites(teacher_model, seed, size.held_out, size.training)
     out["prompts"] = len(suites.held_out)
     out["trainingPrompts"] = len(suites.training)
-    row = measure.evaluate(teacher_model, judge, suites)
-    row["parameters"] = models.count_parameters(teacher_model)
+
+    def save() -> None:
+        state = {**out, "size": size.__dict__, "budget": budget.__dict__, "measured": measured}
+        tmp = part.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(part)
+
+    if "teacher" not in measured:
+        measured["teacher"] = {
+            **measure.evaluate(teacher_model, judge, suites),
+            "parameters": models.count_parameters(teacher_model),
+        }
+    row = measured["teacher"]
     out["runs"].append({"arm": "teacher", "seed": seed, "stage": "teacher", **row})
     log(f"seed {seed} teacher: score {row['score']:.3f}")
     committed: dict = {}
@@ -180,7 +202,10 @@ def run_seed(
         if grid is not None and name == arms.PRESET:
             figure(suites.held_out, teacher_model, folders, grid)
         seconds = time.perf_counter() - clock
+        if name in done:  # resumed: the time it took when it ran
+            seconds = done[name]["seconds"]
         out["armSeconds"].append({"arm": name, "seed": seed, "seconds": round(seconds)})
+        save()
         final = out["runs"][-1]
         log(
             f"seed {seed} {name}: {final['stage']} {final['score']:.3f} "
