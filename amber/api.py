@@ -9,13 +9,15 @@ up in `kubectl explain`.
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import urlparse
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from amber import presets
 from amber.base import Model
 from amber.pipeline import check_pipeline
 from amber.stages import DNS_LABEL, ResourceSpec, Stage
+from amber.teacher_config import QwenImageConfig
 
 GROUP = "amber.dev"
 VERSION = "v1alpha1"
@@ -24,6 +26,25 @@ KIND = "AmberCompression"
 PLURAL = "ambercompressions"
 SHORT_NAME = "amc"
 QWEN_IMAGE_LAYERS = 60
+
+
+def check_uri(uri: str) -> str:
+    """A store URI every part of Amber can open: s3://bucket/prefix, file:///path or a plain
+    path; never with credentials in it."""
+    if "\x00" in uri:
+        raise ValueError("a URI cannot hold a NUL byte")
+    if "://" not in uri:
+        return uri
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("s3", "file"):
+        raise ValueError(f"{uri!r}: only s3://, file:// and plain paths are supported")
+    if "@" in parsed.netloc:
+        raise ValueError(f"{parsed.scheme}:// with user info: credentials in a URI are refused")
+    if parsed.scheme == "s3" and not parsed.netloc:
+        raise ValueError(f"{uri!r} names no bucket; write s3://bucket/prefix")
+    if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"{uri!r}: file:// URIs name a local path (file:///path)")
+    return uri
 
 
 class SecretKeyRef(Model):
@@ -56,9 +77,19 @@ class StorageSpec(Model):
     @field_validator("uri")
     @classmethod
     def _scheme(cls, uri: str) -> str:
-        if "://" in uri and not uri.startswith(("s3://", "file://")):
-            raise ValueError(f"uri {uri!r}: only s3://, file:// and plain paths are supported")
-        return uri
+        return check_uri(uri)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, endpoint: str | None) -> str | None:
+        if endpoint is None:
+            return None
+        parsed = urlparse(endpoint)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{endpoint!r} is not an http(s):// URL")
+        if parsed.username or parsed.password or "@" in parsed.netloc:
+            raise ValueError("credentials in a URL are refused; use credentialsSecret")
+        return endpoint
 
 
 class TeacherSpec(Model):
@@ -69,10 +100,11 @@ class TeacherSpec(Model):
         description="uri: a diffusers QwenImageTransformer2DModel folder (s3://, file:// or "
         "path) or a pipeline folder with a transformer/ subfolder.",
     )
-    config: dict[str, Any] | None = Field(
+    config: QwenImageConfig | None = Field(
         None,
-        description="config: a QwenImageTransformer2DModel config; the teacher is randomly "
-        "initialised from it with `seed` (for trying recipes, not for real runs).",
+        description="config: a QwenImageTransformer2DModel config (diffusers' snake_case "
+        "keys and defaults); the teacher is randomly initialised from it with `seed` (for "
+        "trying recipes, not for real runs).",
     )
     num_layers: int | None = Field(
         None,
@@ -82,12 +114,22 @@ class TeacherSpec(Model):
     )
     seed: int = Field(0, description="seed: initialisation seed for a `config` teacher.")
 
+    @field_serializer("config")
+    def _given(self, config: QwenImageConfig | None) -> dict | None:
+        # What the resource said, not diffusers' defaults: spec hashes stay as they were.
+        return None if config is None else config.given()
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, uri: str | None) -> str | None:
+        return None if uri is None else check_uri(uri)
+
     @model_validator(mode="after")
     def _one_source(self):
         if (self.uri is None) == (self.config is None):
             raise ValueError("exactly one of uri and config must be set")
         if self.config is not None:
-            from_config = int(self.config.get("num_layers", QWEN_IMAGE_LAYERS))
+            from_config = self.config.num_layers
             if self.num_layers not in (None, from_config):
                 raise ValueError(
                     f"numLayers ({self.num_layers}) disagrees with "
@@ -122,6 +164,11 @@ class DataSpec(Model):
     synthetic: SyntheticData | None = Field(
         None, description="synthetic: generate data instead of reading it."
     )
+
+    @field_validator("uri", "cache_uri")
+    @classmethod
+    def _uri(cls, uri: str | None) -> str | None:
+        return None if uri is None else check_uri(uri)
 
     @model_validator(mode="after")
     def _some_source(self):

@@ -13,24 +13,74 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 import amber
 from amber import resource
+from amber.errors import EXIT_CODES, INTERRUPTED, AmberError, InvalidInput
+
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+EXIT_INVALID = InvalidInput.code
+
+
+class Commands(TyperGroup):
+    """Every command's failures end here: an AmberError is one line and its class's exit
+    code; anything else is a bug, said so in one line (the traceback with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except AmberError as err:
+            first, *rest = str(err).splitlines() or [type(err).__name__]
+            errors.print(f"[bold red]error[/] {escape(first)}", highlight=False)
+            for line in rest:
+                errors.print(line, markup=False, highlight=False)
+            raise typer.Exit(err.code) from None
+        except KeyboardInterrupt:
+            errors.print("interrupted: run the same command again to continue")
+            raise typer.Exit(INTERRUPTED) from None
+        except Exception as err:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            errors.print(
+                f"[bold red]internal error[/] {escape(type(err).__name__)}: "
+                f"{escape(str(err).splitlines()[0] if str(err) else '')} (a bug in Amber; "
+                "--debug shows the traceback)",
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
+
 
 app = typer.Typer(
     name="amber",
     help="Compress MMDiT text-to-image transformers (Qwen-Image 20B -> Amber-Image 10B / 6B).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=Commands,
+    epilog="Exit codes: "
+    + "; ".join(f"{code} {meaning.split(' (')[0]}" for code, meaning in EXIT_CODES.items()),
 )
-console = Console()
-errors = Console(stderr=True, soft_wrap=True)
 
-EXIT_INVALID = 2
+
+@app.callback()
+def options(
+    ctx: typer.Context,
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar="AMBER_DEBUG", help="Tracebacks for internal errors.")
+    ] = False,
+) -> None:
+    ctx.obj = {"debug": debug}
 
 
 class Output(str, Enum):
@@ -43,8 +93,8 @@ def load_or_exit(path: Path) -> resource.AmberCompression:
     """The resource in `path`; an invalid one prints each field and reason, exit code 2."""
     try:
         return resource.load(path)
-    except (resource.InvalidResource, OSError) as err:
-        errors.print(f"[bold red]invalid resource[/] {path}:")
+    except resource.InvalidResource as err:
+        errors.print(f"[bold red]invalid resource[/] {escape(str(path))}:", highlight=False)
         for line in str(err).splitlines():
             errors.print(f"  {line}", markup=False, highlight=False)
         raise typer.Exit(EXIT_INVALID) from None
@@ -111,7 +161,8 @@ def inspect(
     if file is not None:
         obj = load_or_exit(file)
         stages = obj.spec.pipeline()
-        config = obj.spec.teacher.config or models.named_config("qwen-image")
+        given = obj.spec.teacher.config
+        config = given.given() if given else models.named_config("qwen-image")
         label = f"{file}"
     else:
         if preset not in PRESETS:
@@ -273,30 +324,34 @@ def run(
     nproc: Annotated[
         int | None, typer.Option(help="Processes per stage (default: one per GPU, else one).")
     ] = None,
+    wait: Annotated[
+        float,
+        typer.Option(help="Seconds to wait while another run holds this resource's folder."),
+    ] = 0.0,
     output: Annotated[Output, typer.Option("--output", "-o")] = Output.table,
 ) -> None:
     """Run a resource's whole pipeline on this machine; re-running continues where it stopped."""
     from amber import local, progress
+    from amber.api import StorageSpec
 
     obj = load_or_exit(file)
+    if store is not None:
+        try:
+            StorageSpec(uri=store)
+        except ValidationError as err:
+            problems = "; ".join(resource.format_errors(err))
+            raise InvalidInput(f"--store: {problems.removeprefix('uri: ')}") from None
     only = [s.strip() for s in stages.split(",")] if stages else None
     view = progress.RunView(console, enabled=output is Output.table)
     started = time.perf_counter()
-    try:
-        with view:
-            outcomes, final = local.run_resource(
-                obj, store, only, from_stage, nproc, on_event=view.on_event
-            )
-    except ValueError as err:
-        errors.print(f"amber run: {err}", markup=False)
-        raise typer.Exit(EXIT_INVALID) from None
-    except local.StageFailed as err:
-        errors.print(f"[bold red]stage {err.stage} failed[/] (exit {err.code}); log: {err.log}")
-        errors.print(str(err).split("\n", 1)[-1], markup=False, highlight=False)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        errors.print("interrupted: run the same command again to continue")
-        raise typer.Exit(130) from None
+
+    def waiting(holder) -> None:
+        errors.print(f"waiting: {holder.describe()}", markup=False, highlight=False)
+
+    with view:
+        outcomes, final = local.run_resource(
+            obj, store, only, from_stage, nproc, view.on_event, wait=wait, on_wait=waiting
+        )
     seconds = time.perf_counter() - started
     if output is Output.table:
         progress.summary(console, obj, outcomes, final, seconds)
@@ -334,7 +389,16 @@ def trainer(
     config: Annotated[Path, typer.Option(help="The rendered stage config (JSON).")],
 ) -> None:
     """Run one stage in this process (launched by torchrun, one process per GPU)."""
+    import os
+
+    from amber import local
     from amber_trainer import entry
+
+    if os.environ.get(local.PARENT_DEATH_ENV):  # `amber run`'s stages die with torchrun
+        parent = os.getppid()
+        local.die_with_parent(int(os.environ[local.PARENT_DEATH_ENV]))
+        if os.getppid() != parent:  # it died before we asked
+            raise typer.Exit(1)
 
     try:
         code = entry.main(stage, config)

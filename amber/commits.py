@@ -3,7 +3,12 @@
 A checkpoint or a stage output is a folder of files plus a `COMMIT.json` manifest (step,
 files with sizes and SHA-256 checksums, metrics). The manifest is written last, by one
 writer (rank 0), after every file is in place: a folder without it is a partial write and
-is never read. Resuming takes the newest committed checkpoint.
+is never read. Resuming takes the newest committed checkpoint that is whole.
+
+A damaged commit (a marker that does not parse, a file missing, of another size or another
+checksum) is never trusted and never silently deleted: `quarantine` moves its marker to
+`quarantine/` beside a note of what was wrong, which makes the folder a partial write, and
+readers go on to the next older commit (checkpoints) or re-run the stage (outputs).
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from amber.storage import StorageError, Store
+from amber.errors import CorruptCommit
+from amber.storage import Store
 
 MARKER = "COMMIT.json"
 CHECKPOINTS = "checkpoints"
+QUARANTINE = "quarantine"
+CHECKSUM_LOCAL_MAX = 4 << 30  # reuse on a local store re-hashes outputs up to this size
 
 
 class FileEntry(BaseModel):
@@ -94,47 +102,137 @@ def commit(
 
 
 def read_manifest(store: Store, folder: str) -> Manifest | None:
-    """The committed manifest of `folder`, or None when it was never committed."""
-    try:
-        data = json.loads(store.read_text(f"{folder}/{MARKER}"))
-    except StorageError:
+    """The committed manifest of `folder`, or None when it was never committed; a marker
+    that does not parse is a `CorruptCommit`."""
+    key = f"{folder}/{MARKER}"
+    if not store.exists(key):
         return None
-    return Manifest.model_validate({**data, "folder": folder})
+    raw = store.read_bytes(key)
+    try:
+        data = json.loads(raw.decode())
+        return Manifest.model_validate({**data, "folder": folder})
+    except (UnicodeDecodeError, ValueError, TypeError) as err:
+        reason = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
+        raise CorruptCommit(folder, f"{MARKER} is not a commit marker ({reason})") from None
+
+
+def problems(manifest: Manifest, listing: dict[str, int]) -> list[str]:
+    """What is missing or of the wrong size, by file (empty: complete)."""
+    found = []
+    for name, entry in manifest.files.items():
+        size = listing.get(f"{manifest.folder}/{name}")
+        if size is None:
+            found.append(f"{name} is missing")
+        elif size != entry.size:
+            found.append(f"{name} has {size} bytes, the marker says {entry.size}")
+    return found
 
 
 def is_complete(manifest: Manifest, listing: dict[str, int]) -> bool:
     """Every file the manifest names is present with its recorded size."""
-    return all(
-        listing.get(f"{manifest.folder}/{name}") == entry.size
-        for name, entry in manifest.files.items()
-    )
+    return not problems(manifest, listing)
 
 
-def latest_checkpoint(store: Store, stage: str, spec_hash: str | None = None) -> Manifest | None:
-    """The newest committed, complete checkpoint of `stage`; partial ones are skipped, and so
-    are those of another spec when `spec_hash` is given."""
+def verify(store: Store, manifest: Manifest, checksums: bool | None = None) -> None:
+    """Raise `CorruptCommit` unless every file is there with its size and, when `checksums`
+    (default: on a local store, for folders up to CHECKSUM_LOCAL_MAX), its SHA-256."""
+    listing = store.list(manifest.folder)
+    found = problems(manifest, listing)
+    if found:
+        raise CorruptCommit(manifest.folder, "; ".join(found))
+    if checksums is None:
+        size = sum(e.size for e in manifest.files.values())
+        checksums = store.local_path(manifest.folder) is not None and size <= CHECKSUM_LOCAL_MAX
+    if not checksums:
+        return
+    for name, entry in manifest.files.items():
+        path = store.local_path(f"{manifest.folder}/{name}")
+        if path is None:  # remote: checked as it is downloaded (`fetch`)
+            return
+        if sha256_file(path) != entry.sha256:
+            raise CorruptCommit(manifest.folder, f"{name}: checksum mismatch")
+
+
+def quarantine(store: Store, folder: str, reason: str) -> str:
+    """Make a damaged commit a partial write, keeping the evidence: its marker (when there
+    is one) and a note of `reason` go to quarantine/<folder>-<time>/. Returns that folder."""
+    place = f"{QUARANTINE}/{folder}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}"
+    note = {"folder": folder, "reason": reason, "time": time.time()}
+    marker = f"{folder}/{MARKER}"
+    if store.exists(marker):
+        store.copy(marker, f"{place}/{MARKER}")
+        note["files"] = store.list(folder)
+    store.write_text(f"{place}/REASON.json", json.dumps(note, indent=2))
+    store.delete(marker)
+    return place
+
+
+def read_output(
+    store: Store, folder: str, log=print, checksums: bool | None = None, repair: bool = True
+) -> Manifest | None:
+    """A committed output folder that is whole (`verify`), else None: a damaged one is
+    logged and (with `repair`) quarantined, so its stage runs again. Observers that must
+    not write (the operator's status pass) read with repair=False."""
+    try:
+        manifest = read_manifest(store, folder)
+        if manifest is not None:
+            verify(store, manifest, checksums)
+        return manifest
+    except CorruptCommit as err:
+        if not repair:
+            log(f"{store.uri}/{folder} is damaged ({err.reason})")
+            return None
+        place = quarantine(store, folder, err.reason)
+        log(f"{store.uri}/{folder} is damaged ({err.reason}): quarantined in {place}")
+        return None
+
+
+def checkpoints(
+    store: Store, stage: str, spec_hash: str | None = None, log=print, repair: bool = True
+):
+    """The committed, complete checkpoints of `stage`, newest first (of `spec_hash` when
+    given); damaged ones met on the way are logged and (with `repair`) quarantined."""
     listing = store.list(f"{stage}/{CHECKPOINTS}")
     folders = sorted(
         (key.removesuffix(f"/{MARKER}") for key in listing if key.endswith(f"/{MARKER}")),
         reverse=True,
     )
     for folder in folders:
-        manifest = read_manifest(store, folder)
-        if manifest is None or (spec_hash is not None and manifest.spec_hash != spec_hash):
+        try:
+            manifest = read_manifest(store, folder)
+            if manifest is None or (spec_hash is not None and manifest.spec_hash != spec_hash):
+                continue
+            found = problems(manifest, listing)
+            if found:
+                raise CorruptCommit(folder, "; ".join(found))
+        except CorruptCommit as err:
+            if not repair:
+                continue
+            place = quarantine(store, folder, err.reason)
+            log(
+                f"checkpoint {store.uri}/{folder} is damaged ({err.reason}): quarantined in "
+                f"{place}; trying an older one"
+            )
             continue
-        if is_complete(manifest, listing):
-            return manifest
-    return None
+        yield manifest
+
+
+def latest_checkpoint(
+    store: Store, stage: str, spec_hash: str | None = None, log=print, repair: bool = True
+) -> Manifest | None:
+    """The newest committed, complete checkpoint of `stage`; partial ones are skipped, and so
+    are those of another spec when `spec_hash` is given."""
+    return next(checkpoints(store, stage, spec_hash, log, repair), None)
 
 
 def fetch(store: Store, manifest: Manifest, dest: Path) -> Path:
-    """Download a committed folder to `dest`, verifying every checksum."""
+    """Download a committed folder to `dest`, verifying every checksum (`CorruptCommit`)."""
     dest = Path(dest)
     for name, entry in manifest.files.items():
         target = dest / name
         store.download(f"{manifest.folder}/{name}", target)
         if sha256_file(target) != entry.sha256:
-            raise StorageError(f"{manifest.folder}/{name}: checksum mismatch")
+            raise CorruptCommit(manifest.folder, f"{name}: checksum mismatch")
     return dest
 
 

@@ -3,16 +3,24 @@
 The stages are planned exactly as the operator plans them (`amber.plan`), and each runs as a
 local `torchrun` process group executing the same trainer entry point a pod runs. Re-running
 after an interruption continues: stages whose committed output matches their spec hash are
-reused, the interrupted stage resumes from its newest committed checkpoint, and a changed
-stage re-runs together with the stages after it.
+reused (after `commits.read_output` checked them: a damaged one is quarantined and its stage
+re-runs), the interrupted stage resumes from its newest good checkpoint, and a changed stage
+re-runs together with the stages after it.
+
+A run holds its folder's lease (`amber.lease`) from start to end, so two runs of one resource
+on one store, or a run and the operator, never write the same folder. Stage processes die
+with the run: they get SIGTERM when it ends, however it ends (a parent-death signal), and
+its own exits stop their whole process group.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,19 +31,49 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from amber import commits
+from amber import commits, errors, lease
 from amber.api import AmberCompression, StorageSpec
 from amber.plan import MODEL_STAGES, OUTPUT, StageRun, plan
 from amber.publish import publish_final
 from amber.storage import Store, open_store
 
 HISTORY = "history.jsonl"
+PARENT_DEATH_ENV = "AMBER_PARENT_DEATH_SIGNAL"  # the trainer asks for SIGTERM on our death
+ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Failed|Mismatch|Interrupt)\b.*?: ")
 
 
-class StageFailed(RuntimeError):
-    def __init__(self, stage: str, code: int, log: Path, tail: str):
-        super().__init__(f"stage {stage} failed (exit {code}); log: {log}\n{tail}")
-        self.stage, self.code, self.log = stage, code, log
+class StageFailed(errors.StageFailed):
+    def __init__(self, stage: str, code: int, log: Path, cause: str):
+        super().__init__(f"stage {stage} failed (exit {code}): {cause}\n  log: {log}")
+        self.stage, self.code_, self.log, self.cause = stage, code, log, cause
+
+
+def _prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+# Looked up once, here: the child of a fork (preexec_fn) should only make the call.
+PRCTL = _prctl()
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies; a no-op elsewhere."""
+    if PRCTL is not None:
+        PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def cause(result: dict, log_text: str) -> str:
+    """What a failed stage said: its result event's message, else the last error line of
+    its log (a traceback's last line), else the log's last line."""
+    if result.get("message"):
+        return result["message"]
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    found = [line for line in lines if ERROR_LINE.match(line)]
+    return (found or lines or ["no output"])[-1][:500]
 
 
 @dataclass
@@ -135,8 +173,8 @@ class EventLog(io.TextIOBase):
 
 def _finish(run: StageRun, code: int, events: EventLog, log_path: Path) -> dict:
     if code != 0 or events.result.get("status") != "Succeeded":
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
-        raise StageFailed(run.stage.name, code, log_path, tail)
+        text = log_path.read_text(errors="replace")
+        raise StageFailed(run.stage.name, code, log_path, cause(events.result, text))
     return {**events.result, "resumedFrom": events.resumed}
 
 
@@ -145,7 +183,7 @@ def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> dict
     config = logs / f"{run.stage.name}.json"
     config.write_text(run.model_dump_json(by_alias=True, indent=2))
     log_path = logs / f"{run.stage.name}.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_DEATH_ENV: str(int(signal.SIGTERM))})
     if not has_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
@@ -172,19 +210,37 @@ def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> dict
             text=True,
             env=env,
             start_new_session=True,  # Ctrl-C here stops the whole gang, not half of it
+            preexec_fn=die_with_parent,  # torchrun stops its workers on SIGTERM
         )
         try:
             for line in proc.stdout:
                 events.line(line)
             code = proc.wait()
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        finally:
+            stop_group(proc)  # also after a clean exit: no stray worker keeps writing
     return _finish(run, code, events, log_path)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the process group of `proc`, SIGKILL what is left after `grace` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        if proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.2)
+        else:
+            time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def launch_here(run: StageRun, logs: Path, on_event: EventFn) -> dict:
@@ -225,22 +281,48 @@ def run_resource(
     processes: int | None = None,
     on_event: EventFn = lambda run, event: None,
     here: bool = False,
+    wait: float = 0.0,
+    on_wait=lambda holder: None,
 ) -> tuple[list[StageOutcome], str | None]:
     """Run (or continue) the pipeline; the outcome of each stage and the final model's URI.
-    `here` runs every stage inside this process (see `launch_here`)."""
+    `here` runs every stage inside this process (see `launch_here`); `wait` is how long to
+    wait for another holder of the run's lease (RunLocked after that)."""
     obj = with_store(obj, store_uri)
     runs = plan(obj)
     names = [r.stage.name for r in runs]
     for name in [*(only or []), *([from_stage] if from_stage else [])]:
         if name not in names:
-            raise ValueError(f"no stage named {name!r} (stages: {', '.join(names)})")
-    forced = set(names[names.index(from_stage) :]) if from_stage else set()
+            raise errors.InvalidInput(f"no stage named {name!r} (stages: {', '.join(names)})")
     store = open_store(runs[0].run_uri, obj.spec.storage.endpoint, obj.spec.storage.region)
+    with lease.acquire(store, "amber-run", wait=wait, on_wait=on_wait).keep() as held:
+        return _run_held(obj, runs, store, held, only, from_stage, processes, on_event, here)
+
+
+def _run_held(
+    obj: AmberCompression,
+    runs: list[StageRun],
+    store: Store,
+    held: lease.Lease,
+    only: list[str] | None,
+    from_stage: str | None,
+    processes: int | None,
+    on_event: EventFn,
+    here: bool,
+) -> tuple[list[StageOutcome], str | None]:
+    """`run_resource`'s work, under the run's lease (checked before every stage)."""
+    names = [r.stage.name for r in runs]
+    forced = set(names[names.index(from_stage) :]) if from_stage else set()
     logs = Path(tempfile.mkdtemp(prefix=f"amber-run-{obj.metadata.name}-"))
+
     outcomes = []
     for run in runs:
+        held.check()
         name = run.stage.name
-        output = commits.read_manifest(store, f"{name}/{OUTPUT}")
+
+        def note(message: str, run: StageRun = run) -> None:
+            on_event(run, {"event": "warning", "message": message})
+
+        output = commits.read_output(store, f"{name}/{OUTPUT}", note)
         current = output is not None and output.spec_hash == run.spec_hash
         if current and name not in forced:
             outcomes.append(
@@ -275,6 +357,7 @@ def run_resource(
             )
         )
         record(store, {"stage": name, "status": status, "resumedFrom": resumed})
+    held.check()
     produces_model = any(r.stage.type in MODEL_STAGES for r in runs)
     if not produces_model or only:
         return outcomes, None

@@ -25,6 +25,9 @@ def human(count: int | float | None) -> str:
     return str(int(count))
 
 
+WARNINGS = Console(stderr=True, soft_wrap=True)
+
+
 class RunView:
     """Rich progress bars fed by the trainer's JSON events."""
 
@@ -76,6 +79,8 @@ class RunView:
                 total=event["total"],
                 info=" ".join(info),
             )
+        elif kind == "warning":  # damaged commits quarantined, and the like: always shown
+            WARNINGS.print(f"[yellow]warning[/] {stage}: {event['message']}", highlight=False)
         elif kind == "result":
             task = self._task(stage)
             total = self.progress.tasks[task].total or 1

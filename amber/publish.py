@@ -12,6 +12,7 @@ import json
 
 from amber import commits
 from amber.api import AmberCompression
+from amber.errors import InvalidInput, StorageError
 from amber.plan import FINAL, MODEL_STAGES, OUTPUT, StageRun
 from amber.storage import Store
 
@@ -62,11 +63,11 @@ def publish_final(obj: AmberCompression, runs: list[StageRun], store: Store) -> 
     """Copy the last model stage's model to `final/` and commit it."""
     sources = [r for r in runs if r.stage.type in MODEL_STAGES]
     if not sources:
-        raise ValueError("the pipeline produces no model (it has no prune stage)")
+        raise InvalidInput("the pipeline produces no model (it has no prune stage)")
     last = sources[-1]
     output = commits.read_manifest(store, f"{last.stage.name}/{OUTPUT}")
     if output is None:
-        raise FileNotFoundError(f"stage {last.stage.name} has no committed output")
+        raise StorageError(f"{store.uri}: stage {last.stage.name} has no committed output")
     files = {}
     for name, entry in output.files.items():
         if name.startswith("model/"):

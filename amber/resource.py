@@ -1,4 +1,10 @@
-"""Reading `AmberCompression` resources from YAML, with errors a person can act on."""
+"""Reading `AmberCompression` resources from YAML, with errors a person can act on.
+
+The loader trusts nothing in the file: it refuses files over MAX_BYTES, bytes that are not
+UTF-8, documents nested deeper than MAX_DEPTH, more than MAX_ALIASES aliases (a few aliases
+can expand to gigabytes: the "billion laughs") and duplicate keys (with them the last one
+silently wins, and a run can land in another resource's folder).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,88 @@ import yaml
 from pydantic import ValidationError
 
 from amber.api import KIND, AmberCompression
+from amber.errors import InvalidInput
 from amber.stages import STAGE_TYPES
 
 FIELD_PREFIX = re.compile(r"^[a-zA-Z][\w\[\].]*: ")
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_ALIASES = 16
 
 
-class InvalidResource(ValueError):
+class InvalidResource(InvalidInput):
     """A resource file that cannot be run; the message names each bad field."""
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader with bounds on depth and aliases, and no duplicate keys."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise InvalidResource(
+                    f"line {mark.line + 1}: more than {MAX_ALIASES} YAML aliases; write the "
+                    "values out"
+                )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise InvalidResource(f"line {mark.line + 1}: nested deeper than {MAX_DEPTH}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # an unhashable key: the constructor says so below
+            if first != key_node.start_mark.line + 1:
+                raise InvalidResource(
+                    f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first on "
+                    f"line {first})"
+                )
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Loader.construct_mapping)
+
+
+def read_text(path: str | Path) -> str:
+    """A resource file's text: bounded, UTF-8, or InvalidResource naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as src:
+            raw = src.read(MAX_BYTES + 1)
+    except OSError as err:
+        raise InvalidResource(f"{path}: {err.strerror or err}") from None
+    if len(raw) > MAX_BYTES:
+        raise InvalidResource(f"{path}: larger than {MAX_BYTES >> 10} KiB; not a resource file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidResource(f"{path}: not UTF-8 text (byte {err.start})") from None
+
+
+def load_documents(text: str) -> list:
+    """Every YAML document in `text`, through the bounded loader."""
+    try:
+        return list(yaml.load_all(text, Loader=_Loader))  # _Loader is a SafeLoader
+    except yaml.YAMLError as err:
+        raise InvalidResource(f"not valid YAML: {err}") from None
+    except RecursionError:
+        raise InvalidResource(f"nested deeper than {MAX_DEPTH}") from None
 
 
 def _path(loc: tuple) -> str:
@@ -56,11 +137,12 @@ def parse(document: dict) -> AmberCompression:
 
 def load(path: str | Path) -> AmberCompression:
     """The one AmberCompression in a YAML file (other kinds in the file are skipped)."""
-    text = Path(path).read_text()
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as err:
-        raise InvalidResource(f"{path}: not valid YAML: {err}") from None
+        documents = [d for d in load_documents(read_text(path)) if d is not None]
+    except InvalidResource as err:
+        message = str(err)
+        named = message if message.startswith(str(path)) else f"{path}: {message}"
+        raise InvalidResource(named) from None
     ours = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
     if len(ours) != 1:
         raise InvalidResource(f"{path}: expected one {KIND}, found {len(ours)}")

@@ -4,24 +4,47 @@ A `Store` is rooted at a URI (`s3://bucket/prefix`, `file:///path` or a plain pa
 addresses objects by '/'-separated keys below it. Local writes are atomic (temporary file,
 fsync, rename); S3 writes are atomic by nature. S3 goes through boto3 with its standard retry
 mode (exponential backoff with jitter), so transient errors and throttling are retried
-without code of ours. Credentials come from the environment (`AWS_ACCESS_KEY_ID`, ...),
-boto3's usual chain, or files in `$AMBER_S3_SECRET_DIR` (a mounted Secret).
+without code of ours; a body cut off mid-read is read again here, since boto3 retries only
+the request. Every failure is a `StorageError` naming the URI. Credentials come from the
+environment (`AWS_ACCESS_KEY_ID`, ...), boto3's usual chain, or files in
+`$AMBER_S3_SECRET_DIR` (a mounted Secret).
+
+Local files are created readable by the group and others as the umask allows (0644 under
+the usual 022), so a store or a final model can be shared by a team.
+
+`create` and `replace` are the two conditional writes a lease needs: create only where
+nothing is, replace only what was read (`read_versioned`). S3 does them with If-None-Match
+and If-Match; a local store with an exclusive lock on a file beside the object.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from urllib.parse import urlparse
 
+from amber.errors import StorageError
+
+__all__ = ["LocalStore", "S3Store", "StorageError", "Store", "open_store", "s3_client"]
+
 SECRET_DIR_ENV = "AMBER_S3_SECRET_DIR"
+BODY_READS = 5  # attempts at reading one object's body before giving up
 
 
-class StorageError(RuntimeError):
-    """A store that cannot be reached, or an object that is not there."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
 
 
 class Store(ABC):
@@ -55,6 +78,18 @@ class Store(ABC):
     def child(self, prefix: str) -> Store:
         """A store rooted at `prefix` below this one."""
 
+    @abstractmethod
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """The object and a version tag for `replace`; None when it is not there."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Write `key` only if nothing is there; whether it was written."""
+
+    @abstractmethod
+    def replace(self, key: str, data: bytes, version: str) -> bool:
+        """Overwrite `key` only if it is still at `version`; whether it was written."""
+
     def exists(self, key: str) -> bool:
         return key in self.list(key)
 
@@ -80,6 +115,11 @@ class LocalStore(Store):
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().absolute()
         self.uri = str(self.root)
+        for parent in (self.root, *self.root.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    raise StorageError(f"{self.root}: {parent} is a file, not a folder")
+                break
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -92,6 +132,7 @@ class LocalStore(Store):
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600: shared stores need more
             with os.fdopen(fd, "wb") as out:
                 fill(out)
                 out.flush()
@@ -101,6 +142,41 @@ class LocalStore(Store):
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    @contextlib.contextmanager
+    def _locked(self, key: str):
+        """An exclusive lock on `key`'s sidecar `.lock` file (the read-compare-write of the
+        conditional writes; holders on one file system)."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{target.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield target
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def create(self, key: str, data: bytes) -> bool:
+        with self._locked(key) as target:
+            if target.exists():
+                return False
+            self.write_bytes(key, data)
+            return True
+
+    def replace(self, key: str, data: bytes, version: str) -> bool:
+        with self._locked(key):
+            current = self.read_versioned(key)
+            if current is None or current[1] != version:
+                return False
+            self.write_bytes(key, data)
+            return True
+
     def write_bytes(self, key: str, data: bytes) -> None:
         self._atomic(key, lambda out: out.write(data))
 
@@ -109,6 +185,8 @@ class LocalStore(Store):
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise StorageError(f"{self.uri}/{key} does not exist") from None
+        except OSError as err:
+            raise StorageError(f"reading {self.uri}/{key}: {err.strerror or err}") from None
 
     def upload(self, path: Path, key: str) -> None:
         def copy(out):
@@ -168,33 +246,87 @@ class S3Store(Store):
         return _join(self.prefix, key)
 
     def _call(self, what: str, fn, *args, **kwargs):
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
+        from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 
         try:
             return fn(*args, **kwargs)
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "")
             raise StorageError(f"{what}: {code or err}") from err
-        except BotoCoreError as err:
+        except (
+            BotoCoreError,
+            Boto3Error,
+            RetriesExceededError,
+            S3DownloadFailedError,
+            OSError,
+        ) as err:
+            # s3transfer raises its own errors once its retries are spent; sockets, OSError.
             raise StorageError(f"{what}: {err}") from err
 
+    def _get(self, key: str, **conditions) -> dict | None:
+        """get_object with the whole body read (`body`), read again when cut off; None when
+        the object is not there."""
+        from botocore.exceptions import ClientError
+
+        what = f"reading {self.uri}/{key}"
+        for attempt in range(BODY_READS):
+            try:
+                response = self.client.get_object(
+                    Bucket=self.bucket, Key=self._key(key), **conditions
+                )
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise StorageError(f"{what}: {err.response['Error'].get('Code', err)}") from err
+            except Exception as err:
+                raise StorageError(f"{what}: {err}") from err
+            try:
+                body = response["Body"].read()
+                if len(body) == response.get("ContentLength", len(body)):
+                    return {**response, "body": body}
+                problem: Exception = OSError(f"{len(body)} of {response['ContentLength']} bytes")
+            except Exception as err:  # botocore's streaming errors, urllib3's, sockets'
+                problem = err
+            if attempt == BODY_READS - 1:
+                raise StorageError(f"{what}: body cut off {BODY_READS} times: {problem}")
+            time.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _put(self, key: str, data: bytes, **conditions) -> bool:
+        """put_object; False when a condition (If-None-Match, If-Match) does not hold."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **conditions)
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if conditions and code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return False
+            raise StorageError(f"writing {self.uri}/{key}: {code or err}") from err
+        except Exception as err:
+            raise StorageError(f"writing {self.uri}/{key}: {err}") from err
+        return True
+
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._call(
-            f"writing {self.uri}/{key}",
-            self.client.put_object,
-            Bucket=self.bucket,
-            Key=self._key(key),
-            Body=data,
-        )
+        self._put(key, data)
 
     def read_bytes(self, key: str) -> bytes:
-        response = self._call(
-            f"reading {self.uri}/{key}",
-            self.client.get_object,
-            Bucket=self.bucket,
-            Key=self._key(key),
-        )
-        return response["Body"].read()
+        response = self._get(key)
+        if response is None:
+            raise StorageError(f"reading {self.uri}/{key}: NoSuchKey")
+        return response["body"]
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        response = self._get(key)
+        return None if response is None else (response["body"], response["ETag"])
+
+    def create(self, key: str, data: bytes) -> bool:
+        return self._put(key, data, IfNoneMatch="*")
+
+    def replace(self, key: str, data: bytes, version: str) -> bool:
+        return self._put(key, data, IfMatch=version)
 
     def upload(self, path: Path, key: str) -> None:
         # upload_file switches to parallel multipart uploads for large files.
@@ -301,7 +433,9 @@ def open_store(
     if uri.startswith("s3://"):
         parsed = urlparse(uri)
         if not parsed.netloc:
-            raise StorageError(f"{uri}: no bucket")
+            raise StorageError(f"{uri}: no bucket (write s3://bucket/prefix)")
+        if "@" in parsed.netloc:
+            raise StorageError(f"{uri}: credentials in a URI are refused (use a Secret)")
         if client is not None:
             return S3Store(parsed.netloc, parsed.path, client=client)
         return S3Store(parsed.netloc, parsed.path, endpoint=endpoint, region=region)

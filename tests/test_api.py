@@ -162,10 +162,16 @@ def test_crd_is_generated_and_structural():
         == "!has(self.init) || self.type in ['prune']"
     )
     assert "targetLayers is required for stage type score" in rules
-    # Free-form teacher config is kept, not pruned by the apiserver.
-    assert schema["properties"]["teacher"]["properties"]["config"][
-        "x-kubernetes-preserve-unknown-fields"
-    ]
+    # The teacher config is typed: the apiserver checks its keys and their types.
+    config = schema["properties"]["teacher"]["properties"]["config"]
+    assert "x-kubernetes-preserve-unknown-fields" not in config
+    assert config["properties"]["num_layers"] == {
+        "type": "integer",
+        "minimum": 2,
+        "maximum": 512,
+        "description": "num_layers: dual-stream blocks (Qwen-Image: 60).",
+    }
+    assert config["properties"]["axes_dims_rope"]["maxItems"] == 3
     # The secret is referenced, never inlined.
     assert set(
         schema["properties"]["storage"]["properties"]["credentialsSecret"]["properties"]

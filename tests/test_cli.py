@@ -60,3 +60,15 @@ def test_crd_command_emits_the_generated_crd():
     doc = yaml.safe_load(out.stdout)
     assert doc["kind"] == "CustomResourceDefinition"
     assert doc["metadata"]["name"] == "ambercompressions.amber.dev"
+
+
+def test_exit_codes_are_listed_in_help_and_docs():
+    from amber.errors import EXIT_CODES
+
+    out = amber("--help")
+    docs = (ROOT / "docs" / "resource.md").read_text()
+    for code in EXIT_CODES:
+        assert f"| {code} |" in docs, code
+    assert "5 the run's folder is held by another run or the operator" in " ".join(
+        out.stdout.split()
+    )

@@ -86,7 +86,8 @@ def test_finetune_lowers_its_loss_and_the_flow_matching_part(pipeline):
 def test_teacher_is_never_optimised(pipeline, tmp_path):
     runs, _, store = pipeline
     # The teacher is rebuilt from its config and seed; the student descends from it.
-    teacher = models.build(runs["score"].teacher.config, seed=runs["score"].teacher.seed)
+    spec = runs["score"].teacher
+    teacher = models.build(spec.config.given(), seed=spec.seed)
     folder = commits.fetch(store, commits.read_manifest(store, "distill/output"), tmp_path)
     student = models.load(folder / "model")
     layer_map = json.loads((folder / "layer_map.json").read_text())

@@ -101,7 +101,8 @@ def costs(
     resolution: int | None = None,
     text_tokens: int | None = None,
 ) -> list[StageCost]:
-    teacher = obj.spec.teacher.config or models.named_config("qwen-image")
+    given = obj.spec.teacher.config
+    teacher = given.given() if given else models.named_config("qwen-image")
     runs = plan(obj)
     student = memory.student_config(teacher, runs)
     shape = shape_of(obj, resolution, text_tokens)

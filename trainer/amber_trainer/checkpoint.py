@@ -35,19 +35,43 @@ def save(rt: Runtime, engine, step: int, state: dict[str, Any], metrics: dict) -
     shutil.rmtree(local, ignore_errors=True)
 
 
-def latest(rt: Runtime) -> commits.Manifest | None:
-    """The newest committed checkpoint of this stage under the current spec (rank 0 decides)."""
-    manifest = None
+def _note(rt: Runtime):
+    return lambda message: rt.log("warning", message=message)
+
+
+def resume(rt: Runtime, engine, accept=lambda manifest: True, **context):
+    """Restore the newest good checkpoint: (manifest, the loop state it saved), or None to
+    start afresh (there is none, or `accept` refuses it). One whose files fail their
+    checksums on any rank is quarantined and the next older one tried: a damaged checkpoint
+    costs steps, never the run. `context` goes into the `resumed` event."""
+    candidates = None
     if rt.is_main:
-        manifest = commits.latest_checkpoint(rt.store, rt.stage, rt.run.spec_hash)
-    return rt.broadcast(manifest)
-
-
-def load(rt: Runtime, engine, manifest: commits.Manifest) -> dict[str, Any]:
-    """Restore DeepSpeed state from a committed checkpoint; the loop state it saved."""
-    local = commits.fetch(rt.store, manifest, rt.workdir / "resume")
-    path, client = engine.load_checkpoint(str(local), tag=TAG)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {manifest.folder}")
-    shutil.rmtree(local, ignore_errors=True)
-    return client["amber"]
+        candidates = list(commits.checkpoints(rt.store, rt.stage, rt.run.spec_hash, _note(rt)))
+    for manifest in rt.broadcast(candidates):
+        if not accept(manifest):
+            return None
+        local = rt.workdir / "resume"
+        shutil.rmtree(local, ignore_errors=True)
+        try:
+            commits.fetch(rt.store, manifest, local)
+            problem = ""
+        except commits.CorruptCommit as err:
+            problem = err.reason
+        problems = [p for p in rt.gather(problem) if p]
+        if problems:
+            if rt.is_main:
+                place = commits.quarantine(rt.store, manifest.folder, problems[0])
+                rt.log(
+                    "warning",
+                    message=f"checkpoint {manifest.folder} is damaged ({problems[0]}): "
+                    f"quarantined in {place}; trying an older one",
+                )
+            rt.barrier()
+            continue
+        path, client = engine.load_checkpoint(str(local), tag=TAG)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {manifest.folder}")
+        shutil.rmtree(local, ignore_errors=True)
+        rt.log("resumed", step=manifest.step, checkpoint=manifest.folder, **context)
+        return manifest, client["amber"]
+    return None

@@ -84,7 +84,7 @@ def block_kinds(model: torch.nn.Module) -> list[str]:
 def load_teacher(spec, workdir: Path, endpoint: str | None = None, region: str | None = None):
     """The teacher of a resource: built from its config, or read from its URI."""
     if spec.config is not None:
-        return build(spec.config, seed=spec.seed)
+        return build(spec.config.given(), seed=spec.seed)
     from amber.storage import open_store
 
     uri = spec.uri

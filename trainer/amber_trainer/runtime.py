@@ -87,17 +87,33 @@ class Runtime:
 
     def output(self) -> commits.Manifest | None:
         """This stage's committed output for the current spec, if it exists."""
-        manifest = commits.read_manifest(self.store, f"{self.stage}/{OUTPUT}")
+        manifest = None
+        if self.is_main:  # a damaged one is quarantined: the stage runs again
+            manifest = commits.read_output(self.store, f"{self.stage}/{OUTPUT}", self.warn)
+        manifest = self.broadcast(manifest)
         if manifest and manifest.spec_hash == self.run.spec_hash:
             return manifest
         return None
 
+    def warn(self, message: str) -> None:
+        self.log("warning", message=message)
+
     def fetch_output(self, stage: str) -> Path:
-        """Download another stage's committed output (each process gets its own copy)."""
-        manifest = commits.read_manifest(self.store, f"{stage}/{OUTPUT}")
+        """Download another stage's committed output (each process gets its own copy). A
+        damaged one is quarantined, so the next run re-runs `stage` instead of failing here
+        again."""
+        folder = f"{stage}/{OUTPUT}"
+        manifest = commits.read_output(self.store, folder, self.warn)
         if manifest is None:
             raise FileNotFoundError(f"stage {stage!r} has no committed output in {self.store}")
-        return commits.fetch(self.store, manifest, self.workdir / "inputs" / stage)
+        try:
+            return commits.fetch(self.store, manifest, self.workdir / "inputs" / stage)
+        except commits.CorruptCommit as err:
+            if commits.read_manifest(self.store, folder) is not None:  # first rank to see it
+                commits.quarantine(self.store, folder, err.reason)
+            raise commits.CorruptCommit(
+                folder, f"{err.reason}; quarantined: run again to re-run stage {stage}"
+            ) from None
 
     def commit_output(self, local_dir: Path, step: int, metrics: dict) -> commits.Manifest:
         """Rank 0 uploads the output, marker last; every rank waits for it."""

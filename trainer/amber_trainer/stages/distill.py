@@ -46,10 +46,8 @@ def run(rt: Runtime) -> tuple[int, dict]:
         return x, states, velocity
 
     engine = loop.build_engine(rt, objective, params, params.steps)
-    state = None
-    if (manifest := checkpoint.latest(rt)) is not None:
-        state = checkpoint.load(rt, engine, manifest)
-        rt.log("resumed", step=manifest.step, checkpoint=manifest.folder)
+    resumed = checkpoint.resume(rt, engine)
+    state = resumed[1] if resumed else None
     state = loop.train(rt, engine, params, make_inputs, params.steps, "distill", state=state)
 
     per_block = state["parts"]

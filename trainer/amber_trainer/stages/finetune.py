@@ -40,10 +40,8 @@ def run(rt: Runtime) -> tuple[int, dict]:
     sampler = Sampler(len(pool) if pool else len(train), params.seed)
     objective = FlowMatching(student, params.distill_weight, params.flow_weight)
     engine = loop.build_engine(rt, objective, params, params.steps)
-    state = None
-    if (manifest := checkpoint.latest(rt)) is not None:
-        state = checkpoint.load(rt, engine, manifest)
-        rt.log("resumed", step=manifest.step, checkpoint=manifest.folder)
+    resumed = checkpoint.resume(rt, engine)
+    state = resumed[1] if resumed else None
 
     def make_inputs(micro_step):
         return flow_inputs(rt, train, sampler, params, teacher, micro_step, pool)

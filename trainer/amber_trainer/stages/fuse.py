@@ -39,8 +39,9 @@ def phase_folder(rt: Runtime, phase: int) -> str:
 def committed_phases(rt: Runtime, count: int) -> int:
     """How many phases already have a committed model under the current spec."""
     done = 0
-    for p in range(count):
-        manifest = commits.read_manifest(rt.store, phase_folder(rt, p))
+    for p in range(count if rt.is_main else 0):
+        # A damaged phase is quarantined (read_output): it and the phases after it re-run.
+        manifest = commits.read_output(rt.store, phase_folder(rt, p), rt.warn)
         if manifest is None or manifest.spec_hash != rt.run.spec_hash:
             break
         done = p + 1
@@ -49,21 +50,22 @@ def committed_phases(rt: Runtime, count: int) -> int:
 
 def phase_model(rt: Runtime, phase: int) -> tuple[torch.nn.Module, dict]:
     """A committed phase's model and the stage's loss history up to its end."""
-    folder = commits.fetch(
-        rt.store,
-        commits.read_manifest(rt.store, phase_folder(rt, phase)),
-        rt.workdir / f"phase-{phase}",
-    )
+    key = phase_folder(rt, phase)
+    try:
+        folder = commits.fetch(
+            rt.store, commits.read_manifest(rt.store, key), rt.workdir / f"phase-{phase}"
+        )
+    except commits.CorruptCommit as err:
+        if rt.is_main:
+            commits.quarantine(rt.store, key, err.reason)
+        raise
     history = json.loads((folder / HISTORY).read_text())
     return models.load(folder / common.MODEL_DIR).to(rt.device), history
 
 
 def resume_state(rt: Runtime, engine, label: str):
-    manifest = checkpoint.latest(rt)
-    if manifest is None or manifest.metrics.get("label") != label:
-        return None
-    rt.log("resumed", step=manifest.step, checkpoint=manifest.folder, phase=label)
-    return checkpoint.load(rt, engine, manifest)
+    resumed = checkpoint.resume(rt, engine, lambda m: m.metrics.get("label") == label, phase=label)
+    return resumed[1] if resumed else None
 
 
 def text_weights(model: torch.nn.Module, single_weight: float) -> list[float]:
