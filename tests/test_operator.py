@@ -308,3 +308,32 @@ def test_unreadable_storage_stalls_clearly_without_crashing(cluster, namespace, 
     assert jobs_of(cluster, namespace) == []
     time.sleep(3)
     assert operator.proc.poll() is None  # still serving, not crash-looping
+
+
+def test_a_local_run_and_the_operator_never_share_a_run_folder(
+    cluster, namespace, operator, tmp_path
+):
+    from amber import lease
+    from amber.errors import RunLocked
+
+    store_dir = tmp_path / "store"
+    doc = tiny_resource(str(store_dir), name="shared")
+    run_store = open_store(str(store_dir / namespace / "shared"))
+    local = lease.acquire(run_store, "amber-run")  # as `amber run` on the same store holds it
+    apply(cluster, namespace, doc)
+
+    def condition(reason):
+        status = get(cluster, namespace, "shared").get("status") or {}
+        return next((c for c in status.get("conditions", []) if c["reason"] == reason), None)
+
+    held = wait_for(lambda: condition("RunFolderHeld"), 120, 0.5, "a RunFolderHeld condition")
+    assert held["type"] == "Stalled" and f"amber-run pid {os.getpid()}" in held["message"]
+    time.sleep(3)
+    assert jobs_of(cluster, namespace) == []  # nothing started while the folder is held
+    local.release()
+
+    wait_for(lambda: jobs_of(cluster, namespace), 120, 0.5, "a stage Job")
+    holder, _ = lease.read(run_store)
+    assert holder.kind == "operator"
+    with pytest.raises(RunLocked, match="being run by operator"):
+        lease.acquire(run_store, "amber-run")

@@ -221,6 +221,19 @@ def test_storage_errors_stall_without_actions():
     assert d.requeue_after == 30
 
 
+def test_a_run_folder_held_by_a_local_run_starts_nothing():
+    obj = resource()
+    d = step(obj, None, Observed(held_by="amber-run pid 7 on laptop"))
+    assert d.actions == [] and d.status.phase == "Pending"
+    stalled = cond(d.status, c.STALLED)
+    assert stalled.reason == c.FOLDER_HELD and "amber-run pid 7 on laptop" in stalled.message
+    assert [e.reason for e in d.events] == [c.FOLDER_HELD]
+    again = step(obj, d.status, Observed(held_by="amber-run pid 7 on laptop"))
+    assert again.actions == [] and again.events == []  # one warning, not one per pass
+    free = step(obj, again.status, Observed())
+    assert [type(a).__name__ for a in free.actions] == ["CreateAttempt"]
+
+
 def test_backoff_doubles_and_is_capped():
     assert [backoff(n, 10, 60) for n in range(6)] == [0, 10, 20, 40, 60, 60]
 
@@ -320,6 +333,7 @@ def worlds(draw):
         checkpoint=draw(st.none() | st.integers(0, 100)),
         final_committed=draw(st.booleans()),
         storage_error=draw(st.none() | st.just("denied")),
+        held_by=draw(st.none() | st.just("amber-run pid 7 on laptop")),
     )
     status = AmberCompressionStatus()
     for _ in range(draw(st.integers(0, 3))):  # some history of earlier passes

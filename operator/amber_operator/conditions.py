@@ -23,6 +23,7 @@ NOT_SUSPENDED = "NotSuspended"
 RESTARTS_EXHAUSTED = "RestartsExhausted"
 INVALID_SPEC = "InvalidSpec"
 STORAGE_UNAVAILABLE = "StorageUnavailable"
+FOLDER_HELD = "RunFolderHeld"  # another holder (an `amber run`) has the run's lease
 PROGRESSING = "Progressing"
 HEALTHY = "Healthy"
 

@@ -4,19 +4,23 @@ messages) and what storage holds. `job_state` is pure; the rest is I/O at the ed
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import re
 from datetime import datetime
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from amber import commits
+from amber import commits, lease
 from amber.api import AmberCompression
 from amber.plan import FINAL, OUTPUT, plan
 from amber.storage import StorageError, Store, open_store, s3_client
 from amber_operator import render
 from amber_operator.reconcile import Observed, ObservedJob
+
+log = logging.getLogger(__name__)
 
 # The Job controller names the podFailurePolicy rule that failed a Job; rule 0 is ours for
 # DisruptionTarget (see render.job).
@@ -112,8 +116,15 @@ def storage(store: Store, obj: AmberCompression) -> dict:
     """Committed outputs per stage; progress and newest checkpoint of the first stage without
     a committed output (the one `decide` will run)."""
     committed, pending = {}, None
+
+    def damaged(message: str) -> None:
+        log.warning("%s/%s: %s", obj.metadata.namespace, obj.metadata.name, message)
+
     for run in plan(obj):
-        manifest = commits.read_manifest(store, f"{run.stage.name}/{OUTPUT}")
+        # Read-only and sizes only, every pass: a damaged output counts as not committed, and
+        # the stage's own trainer quarantines it when the operator runs the stage again.
+        folder = f"{run.stage.name}/{OUTPUT}"
+        manifest = commits.read_output(store, folder, damaged, checksums=False, repair=False)
         if manifest is not None:
             committed[run.stage.name] = manifest.spec_hash
         if pending is None and committed.get(run.stage.name) != run.spec_hash:
@@ -122,22 +133,33 @@ def storage(store: Store, obj: AmberCompression) -> dict:
     if pending:
         key = f"{pending}/progress.json"
         if store.exists(key):
-            progress = json.loads(store.read_text(key))
-        latest = commits.latest_checkpoint(store, pending)
+            with contextlib.suppress(ValueError):  # a torn progress record: shown next pass
+                progress = json.loads(store.read_text(key))
+        latest = commits.latest_checkpoint(store, pending, log=damaged, repair=False)
         checkpoint = latest.step if latest else None
     return {
         "committed": committed,
         "stage": pending,
         "progress": progress,
         "checkpoint": checkpoint,
-        "final_committed": commits.read_manifest(store, FINAL) is not None,
+        "final_committed": commits.read_output(store, FINAL, damaged, checksums=False, repair=False)
+        is not None,
     }
 
 
 def observe(api: client.ApiClient, obj: AmberCompression) -> Observed:
     found = jobs(api, obj)  # before storage: a Job seen Complete has committed by then
     try:
-        seen = storage(store_for(api, obj), obj)
+        store = store_for(api, obj)
+        seen = storage(store, obj)
+        # The operator holds the run's lease while the run has work left, as `amber run`
+        # does, so the two never write one folder at once.
+        holder = f"operator/{obj.metadata.namespace}/{obj.metadata.name}"
+        other = None
+        if seen["stage"] is not None or not seen["final_committed"]:
+            other = lease.hold(store, holder, "operator")
+        else:
+            lease.let_go(store, holder)
     except (StorageError, ApiException, OSError, KeyError) as err:
         return Observed(jobs=found, storage_error=f"storage {obj.spec.storage.uri}: {err}")
-    return Observed(jobs=found, **seen)
+    return Observed(jobs=found, held_by=other.describe() if other else None, **seen)

@@ -42,6 +42,7 @@ class Observed:
     checkpoint: int | None = None  # that stage's newest committed checkpoint step
     final_committed: bool = False
     storage_error: str | None = None
+    held_by: str | None = None  # another holder of the run folder's lease (an `amber run`)
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,17 @@ def decide(
             event("Warning", c.STORAGE_UNAVAILABLE, observed.storage_error)
         out.phase = "Failed"
         out.current_stage = current[0].stage.name if current else None
+        decision.requeue_after = 30.0
+        return decision
+
+    if observed.held_by and current is not None:
+        why = f"the run's folder is held by {observed.held_by}"
+        condition(c.STALLED, True, c.FOLDER_HELD, why)
+        condition(c.READY, False, c.FOLDER_HELD, why)
+        if not any(x.type == c.STALLED and x.reason == c.FOLDER_HELD for x in status.conditions):
+            event("Warning", c.FOLDER_HELD, why)
+        out.phase = "Pending"
+        out.current_stage = current[0].stage.name
         decision.requeue_after = 30.0
         return decision
 
