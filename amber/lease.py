@@ -147,24 +147,10 @@ def acquire(
     me = uuid.uuid4().hex
     waited = False
     while True:
-        now = time.time()
-        holder = Holder(
-            id=me,
-            kind=kind,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            acquired=now,
-            expires=now + ttl,
-        )
-        data = holder.model_dump_json(indent=2).encode()
         current, version = read(store)
-        if current is None:
-            won = store.create(KEY, data)
-        elif stale(current, now):
-            won = store.replace(KEY, data, version)
-        else:
-            won = False
-        if won:
+        holder = _this_process(me, kind, ttl)
+        data = _claim(store, holder, current, version)
+        if data is not None:
             latest = store.read_versioned(KEY)
             if latest is not None and latest[0] == data:
                 return Lease(store, holder, latest[1], ttl)
@@ -188,24 +174,9 @@ def hold(store: Store, holder_id: str, kind: str, ttl: float = TTL_SECONDS) -> H
     operator: one id per resource, so a restarted operator keeps its leases). None when it
     is ours now; else the other, live holder."""
     current, version = read(store)
-    now = time.time()
-    acquired = current.acquired if current is not None and current.id == holder_id else now
-    mine = Holder(
-        id=holder_id,
-        kind=kind,
-        host=socket.gethostname(),
-        pid=os.getpid(),
-        acquired=acquired,
-        expires=now + ttl,
-    )
-    data = mine.model_dump_json(indent=2).encode()
-    if current is None:
-        won = store.create(KEY, data)
-    elif current.id == holder_id or stale(current, now):
-        won = store.replace(KEY, data, version)
-    else:
-        return current
-    if won:
+    ours = current is not None and current.id == holder_id
+    mine = _this_process(holder_id, kind, ttl, current.acquired if ours else None)
+    if _claim(store, mine, current, version) is not None:
         return None
     current, _ = read(store)
     return None if current is None or current.id == holder_id else current
@@ -213,9 +184,31 @@ def hold(store: Store, holder_id: str, kind: str, ttl: float = TTL_SECONDS) -> H
 
 def let_go(store: Store, holder_id: str) -> None:
     """Release a `hold` (nothing when another holder has the lease)."""
-    current = store.read_versioned(KEY)
-    if current is None:
-        return
     holder, _ = read(store)
     if holder is not None and holder.id == holder_id:
         store.delete(KEY)
+
+
+def _this_process(holder_id: str, kind: str, ttl: float, acquired: float | None = None) -> Holder:
+    now = time.time()
+    return Holder(
+        id=holder_id,
+        kind=kind,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        acquired=acquired or now,
+        expires=now + ttl,
+    )
+
+
+def _claim(store: Store, mine: Holder, current: Holder | None, version) -> bytes | None:
+    """Write the lease as `mine` where no lease is, over a stale one or over our own, with a
+    conditional write; the bytes written, or None when it was not."""
+    data = mine.model_dump_json(indent=2).encode()
+    if current is None:
+        written = store.create(KEY, data)
+    elif current.id == mine.id or stale(current):
+        written = store.replace(KEY, data, version)
+    else:
+        written = False
+    return data if written else None

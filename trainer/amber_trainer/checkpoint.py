@@ -35,10 +35,6 @@ def save(rt: Runtime, engine, step: int, state: dict[str, Any], metrics: dict) -
     shutil.rmtree(local, ignore_errors=True)
 
 
-def _note(rt: Runtime):
-    return lambda message: rt.log("warning", message=message)
-
-
 def resume(rt: Runtime, engine, accept=lambda manifest: True, **context):
     """Restore the newest good checkpoint: (manifest, the loop state it saved), or None to
     start afresh (there is none, or `accept` refuses it). One whose files fail their
@@ -46,7 +42,7 @@ def resume(rt: Runtime, engine, accept=lambda manifest: True, **context):
     costs steps, never the run. `context` goes into the `resumed` event."""
     candidates = None
     if rt.is_main:
-        candidates = list(commits.checkpoints(rt.store, rt.stage, rt.run.spec_hash, _note(rt)))
+        candidates = list(commits.checkpoints(rt.store, rt.stage, rt.run.spec_hash, rt.warn))
     for manifest in rt.broadcast(candidates):
         if not accept(manifest):
             return None
@@ -61,10 +57,9 @@ def resume(rt: Runtime, engine, accept=lambda manifest: True, **context):
         if problems:
             if rt.is_main:
                 place = commits.quarantine(rt.store, manifest.folder, problems[0])
-                rt.log(
-                    "warning",
-                    message=f"checkpoint {manifest.folder} is damaged ({problems[0]}): "
-                    f"quarantined in {place}; trying an older one",
+                rt.warn(
+                    f"checkpoint {manifest.folder} is damaged ({problems[0]}): "
+                    f"quarantined in {place}; trying an older one"
                 )
             rt.barrier()
             continue
