@@ -96,6 +96,7 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
     progressive = {"blocksPerPhase": quarter, "steps": budget.fuse_steps // -(-single // quarter)}
     v1 = {**V1, "fuse": {**V1["fuse"], **progressive}}
     late = [0, *range(layers - student + 1, layers)]  # block 0 and the deepest ones
+    candidate = {"finetune": {"steps": budget.distill_steps + budget.finetune_steps}}
     v1_10b = {k: v for k, v in v1.items() if k != "fuse"}
     arms = [
         Arm(
@@ -153,7 +154,6 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             "prune.init: average (the span's blocks averaged)",
             {"prune": {"init": "average"}},
         ),
-        Arm("init-keep", "prune.init: keep (the scored block copied)", {"prune": {"init": "keep"}}),
         Arm(
             "relative-features",
             "distill.featureLoss: relative, no outlier mask",
@@ -168,8 +168,23 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
         Arm(
             "finetune-only",
             "no distill stage; finetune gets its steps",
-            {"finetune": {"steps": budget.distill_steps + budget.finetune_steps}},
+            candidate,
             drop=("distill",),
+        ),
+        Arm(
+            "finetune-only-top",
+            "finetune-only and top-selection together (the two winners of the first v2 run)",
+            {**candidate, "score": {"selection": "top"}},
+            drop=("distill",),
+        ),
+        Arm(
+            "finetune-only-top-6b",
+            "finetune-only-top, then the preset's fusion",
+            {**candidate, "score": {"selection": "top"}},
+            drop=("distill",),
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
         ),
         Arm(
             "image-init-fusion",
@@ -278,7 +293,13 @@ def resource(
                 "data": {"cacheUri": data_uri},
                 "storage": {"uri": store_uri},
                 "resources": {"pods": 1, "gpusPerPod": 0},
-                "deepspeed": {"zeroStage": 0, "precision": "fp32"},
+                # Recomputing activations saves memory that a benchmark on a CPU does not
+                # need; without it the gradients are the same up to float rounding.
+                "deepspeed": {
+                    "zeroStage": 0,
+                    "precision": "fp32",
+                    "activationCheckpointing": False,
+                },
                 "stages": stages(arm, layers, budget, seed),
             },
         }

@@ -148,8 +148,12 @@ def run_seed(
     workdir.mkdir(parents=True, exist_ok=True)
     part = workdir / PART
     earlier = json.loads(part.read_text()) if part.exists() else {}
-    if earlier.get("size") != size.__dict__ or earlier.get("budget") != budget.__dict__:
-        earlier = {}  # measured on another suite or budget: not comparable
+    if (earlier.get("size"), earlier.get("budget"), earlier.get("measurement")) != (
+        size.__dict__,
+        budget.__dict__,
+        measure.MEASUREMENT,
+    ):
+        earlier = {}  # measured on another suite or budget, or otherwise: not comparable
     measured: dict[str, dict] = earlier.get("measured", {})  # committed folder -> measurement
     done = {a["arm"]: a for a in earlier.get("armSeconds", [])}
     out: dict = {"runs": [], "armSeconds": []}
@@ -158,7 +162,13 @@ def run_seed(
     out["trainingPrompts"] = len(suites.training)
 
     def save() -> None:
-        state = {**out, "size": size.__dict__, "budget": budget.__dict__, "measured": measured}
+        state = {
+            **out,
+            "size": size.__dict__,
+            "budget": budget.__dict__,
+            "measurement": measure.MEASUREMENT,
+            "measured": measured,
+        }
         tmp = part.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(part)
@@ -190,11 +200,14 @@ def run_seed(
         for stage in dict.fromkeys(judged):
             if stage not in folders:
                 continue
+            # Every table row is measured in full; an arm's pruned model only for the
+            # "after prune" column: its held-out score.
+            full = name == arms.PRESET or stage == arm.judged
             key = str(folders[stage].resolve())
-            if key not in measured:
+            if key not in measured or (full and not measured[key].get("full", True)):
                 model = models.load(folders[stage] / "model")
                 measured[key] = {
-                    **measure.evaluate(model, judge, suites),
+                    **measure.evaluate(model, judge, suites, full),
                     "parameters": models.count_parameters(model),
                 }
             entry = {"arm": name, "seed": seed, "stage": stage, **measured[key]}
