@@ -59,8 +59,12 @@ def model_card(obj: AmberCompression, runs: list[StageRun], store: Store, source
     return "\n".join(lines) + "\n"
 
 
-def publish_final(obj: AmberCompression, runs: list[StageRun], store: Store) -> commits.Manifest:
-    """Copy the last model stage's model to `final/` and commit it."""
+def publish_final(
+    obj: AmberCompression, runs: list[StageRun], store: Store, log=print
+) -> commits.Manifest:
+    """Copy the last model stage's model to `final/` and commit it, unless `final/` already
+    holds exactly that (same spec hash, files and card): a rerun of a finished pipeline
+    writes nothing there, where a 6B model would be about 12 GB copied again."""
     sources = [r for r in runs if r.stage.type in MODEL_STAGES]
     if not sources:
         raise InvalidInput("the pipeline produces no model (it has no prune stage)")
@@ -68,17 +72,27 @@ def publish_final(obj: AmberCompression, runs: list[StageRun], store: Store) -> 
     output = commits.read_manifest(store, f"{last.stage.name}/{OUTPUT}")
     if output is None:
         raise StorageError(f"{store.uri}: stage {last.stage.name} has no committed output")
-    files = {}
-    for name, entry in output.files.items():
-        if name.startswith("model/"):
-            relative = name.removeprefix("model/")
-            store.copy(f"{output.folder}/{name}", f"{FINAL}/{relative}")
-            files[relative] = entry
+    copies = {
+        name.removeprefix("model/"): (name, entry)
+        for name, entry in output.files.items()
+        if name.startswith("model/")
+    }
     card = model_card(obj, runs, store, last.stage.name)
-    store.write_text(f"{FINAL}/README.md", card)
+    files = {relative: entry for relative, (_, entry) in copies.items()}
     files["README.md"] = commits.FileEntry(
         size=len(card.encode()), sha256=hashlib.sha256(card.encode()).hexdigest()
     )
+    published = commits.read_output(store, FINAL, log)  # a damaged one is published again
+    if (
+        published is not None
+        and published.spec_hash == last.spec_hash
+        and published.files == files
+        and published.metrics.get("source") == last.stage.name
+    ):
+        return published
+    for relative, (name, _) in copies.items():
+        store.copy(f"{output.folder}/{name}", f"{FINAL}/{relative}")
+    store.write_text(f"{FINAL}/README.md", card)
     return commits.write_marker(
         store, FINAL, output.step, files, {"source": last.stage.name}, last.spec_hash
     )

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from amber import commits, local
+from amber import commits, lease, local
 from amber.storage import open_store
 from trainer_helpers import ROOT, kill_tree, tiny_resource, trainer_env
 
@@ -92,6 +92,24 @@ def test_interrupted_run_continues_where_it_stopped(tmp_path):
         timeout=120,
     )
     assert check.stdout.split() == ["6", "5"], check.stderr[-2000:]
+
+    # Run again unchanged: every stage reused and not a byte rewritten in the run's folder
+    # but its own records (the history and the lease).
+    def stamps():
+        kept = {local.HISTORY, lease.KEY}
+        return {
+            p: (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(run_folder.rglob("*"))
+            if p.is_file() and p.name not in kept
+        }
+
+    run_folder = store_dir / "default" / "tiny"
+    before = stamps()
+    proc = amber_run(resource, "--nproc", "1", "-o", "json")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert {s["status"] for s in json.loads(out)["stages"]} == {"reused"}
+    assert stamps() == before
 
     # A changed stage re-runs with everything after it, nothing before it.
     changed = tiny_resource(str(store_dir))

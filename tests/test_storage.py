@@ -124,3 +124,50 @@ def test_missing_bucket_is_a_clear_error(s3_env):
     store = open_store("s3://no-such-bucket/x")
     with pytest.raises(StorageError, match="NoSuchBucket"):
         store.write_text("k", "v")
+
+
+def _stamps(store, prefix: str) -> dict[str, tuple]:
+    """What a reader sees of every object under `prefix`: its bytes and when it was last
+    written (the file's mtime, or S3's LastModified and ETag)."""
+    out = {}
+    for key in store.list(prefix):
+        path = store.local_path(key)
+        if path is not None:
+            when = path.stat().st_mtime_ns
+        else:
+            head = store.client.head_object(Bucket=store.bucket, Key=store._key(key))
+            when = (head["LastModified"], head["ETag"])
+        out[key] = (store.read_bytes(key), when)
+    return out
+
+
+def test_publishing_an_unchanged_final_model_writes_nothing(store, tmp_path):
+    import time
+
+    from amber.plan import FINAL, plan
+    from amber.publish import publish_final
+    from amber.resource import parse
+    from trainer_helpers import tiny_resource
+
+    obj = parse(tiny_resource(store.uri))
+    runs = plan(obj)
+    last = next(r for r in reversed(runs) if r.stage.type == "fuse")
+    model = write_files(tmp_path / "out", {"model/config.json": b"{}", "model/w.bin": b"w" * 64})
+    commits.commit(store, f"{last.stage.name}/output", model, 7, spec_hash=last.spec_hash)
+
+    first = publish_final(obj, runs, store)
+    assert store.read_bytes(f"{FINAL}/w.bin") == b"w" * 64
+    before = _stamps(store, FINAL)
+    time.sleep(1.1)  # S3's LastModified has one-second resolution
+    again = publish_final(obj, runs, store)
+    assert again.files == first.files
+    assert _stamps(store, FINAL) == before  # not one object rewritten
+
+    # A model that changed, or a damaged final folder, is published again.
+    model = write_files(tmp_path / "out2", {"model/config.json": b"{}", "model/w.bin": b"v" * 64})
+    commits.commit(store, f"{last.stage.name}/output", model, 8, spec_hash=last.spec_hash)
+    publish_final(obj, runs, store)
+    assert store.read_bytes(f"{FINAL}/w.bin") == b"v" * 64
+    store.write_bytes(f"{FINAL}/w.bin", b"v" * 63)
+    publish_final(obj, runs, store, log=lambda message: None)
+    assert store.read_bytes(f"{FINAL}/w.bin") == b"v" * 64
