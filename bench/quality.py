@@ -35,11 +35,12 @@ QUICK_ARMS = ["amber-6b", "block-influence", "broken"]
 
 
 def default_arms() -> list[str]:
-    """Every arm in catalogue order, but amber-10b: its model is amber-6b's finetune stage."""
+    """The full run's arms in catalogue order (amber-10b is not one: its model is amber-6b's
+    finetune stage; nor are probes measured once, which run when named)."""
     from amber_trainer.quality import arms, teacher
 
     catalogue = arms.catalogue(arms.Budget(), teacher.CONFIG["num_layers"])
-    return [name for name in catalogue if name != "amber-10b"]
+    return [name for name, arm in catalogue.items() if arm.full_run]
 
 
 def log(message: str) -> None:

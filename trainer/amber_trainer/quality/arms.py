@@ -41,7 +41,8 @@ class Arm:
 
     `changes` maps stage names to the fields merged into them; `drop` removes stages;
     `judged` is the stage whose model is the arm's result and `against` the preset model it
-    is compared with, prompt by prompt (None: a floor, compared with nothing).
+    is compared with, prompt by prompt (None: a floor, compared with nothing). An arm out of
+    the full run is kept so that what it measured can be measured again.
     """
 
     name: str
@@ -51,6 +52,7 @@ class Arm:
     preset: str = "amber-10b"
     judged: str = "finetune"
     against: str | None = "finetune"
+    full_run: bool = True  # False: run only when named (`--arms`), e.g. a probe measured once
 
 
 PRESET = "amber-6b"  # the arm every other arm is compared with, and its judged stages
@@ -111,6 +113,7 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             "amber-10b",
             "the preset without fusion (its finetune model is amber-6b's)",
             against=None,
+            full_run=False,
         ),
         Arm("v1-recipe-10b", "every choice of the first method (the v2 baseline)", v1_10b),
         Arm(
@@ -201,6 +204,37 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             preset="amber-6b",
             judged="fuse",
             against="fuse",
+        ),
+        Arm(
+            "fusion-kd-heavy",
+            f"fuse: {budget.fuse_steps // 2} feature-distillation steps and "
+            f"{budget.fuse_finetune_steps + budget.fuse_steps // 2} of the closing fine-tune "
+            "on the teacher's output, same total",
+            {
+                "fuse": {
+                    "steps": budget.fuse_steps // 2,
+                    "finetuneSteps": budget.fuse_finetune_steps + budget.fuse_steps // 2,
+                }
+            },
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
+            full_run=False,
+        ),
+        Arm(
+            "fusion-feature-heavy",
+            f"fuse: {budget.fuse_steps + budget.fuse_finetune_steps // 2} feature-distillation "
+            f"steps and {budget.fuse_finetune_steps // 2} of the closing fine-tune, same total",
+            {
+                "fuse": {
+                    "steps": budget.fuse_steps + budget.fuse_finetune_steps // 2,
+                    "finetuneSteps": budget.fuse_finetune_steps // 2,
+                }
+            },
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
+            full_run=False,
         ),
         Arm(
             "chained-fusion",
