@@ -99,6 +99,23 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
     v1 = {**V1, "fuse": {**V1["fuse"], **progressive}}
     late = [0, *range(layers - student + 1, layers)]  # block 0 and the deepest ones
     candidate = {"finetune": {"steps": budget.distill_steps + budget.finetune_steps}}
+    candidate_top = {**candidate, "score": {"selection": "top"}}
+    fusion_steps = budget.fuse_steps + budget.fuse_finetune_steps
+
+    def split(steps: int, name: str, how: str = "") -> Arm:
+        """A probe: the fuse stage's steps split otherwise between its feature-distillation
+        phase and its closing fine-tune."""
+        return Arm(
+            name,
+            f"fuse: {steps} feature-distillation steps and {fusion_steps - steps} of the "
+            f"closing fine-tune{how}, same total",
+            {"fuse": {"steps": steps, "finetuneSteps": fusion_steps - steps}},
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
+            full_run=False,
+        )
+
     v1_10b = {k: v for k, v in v1.items() if k != "fuse"}
     arms = [
         Arm(
@@ -177,13 +194,13 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
         Arm(
             "finetune-only-top",
             "finetune-only and top-selection together (the two winners of the first v2 run)",
-            {**candidate, "score": {"selection": "top"}},
+            candidate_top,
             drop=("distill",),
         ),
         Arm(
             "finetune-only-top-6b",
             "finetune-only-top, then the preset's fusion",
-            {**candidate, "score": {"selection": "top"}},
+            candidate_top,
             drop=("distill",),
             preset="amber-6b",
             judged="fuse",
@@ -205,37 +222,8 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             judged="fuse",
             against="fuse",
         ),
-        Arm(
-            "fusion-kd-heavy",
-            f"fuse: {budget.fuse_steps // 2} feature-distillation steps and "
-            f"{budget.fuse_finetune_steps + budget.fuse_steps // 2} of the closing fine-tune "
-            "on the teacher's output, same total",
-            {
-                "fuse": {
-                    "steps": budget.fuse_steps // 2,
-                    "finetuneSteps": budget.fuse_finetune_steps + budget.fuse_steps // 2,
-                }
-            },
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
-            full_run=False,
-        ),
-        Arm(
-            "fusion-feature-heavy",
-            f"fuse: {budget.fuse_steps + budget.fuse_finetune_steps // 2} feature-distillation "
-            f"steps and {budget.fuse_finetune_steps // 2} of the closing fine-tune, same total",
-            {
-                "fuse": {
-                    "steps": budget.fuse_steps + budget.fuse_finetune_steps // 2,
-                    "finetuneSteps": budget.fuse_finetune_steps // 2,
-                }
-            },
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
-            full_run=False,
-        ),
+        split(budget.fuse_steps // 2, "fusion-kd-heavy", " on the teacher's output"),
+        split(budget.fuse_steps + budget.fuse_finetune_steps // 2, "fusion-feature-heavy"),
         Arm(
             "chained-fusion",
             "fuse: progressive, each phase distils the previous phase's model with a fresh "

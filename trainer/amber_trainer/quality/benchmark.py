@@ -204,7 +204,7 @@ def run_seed(
             # "after prune" column: its held-out score.
             full = name == arms.PRESET or stage == arm.judged
             key = str(folders[stage].resolve())
-            if key not in measured or (full and not measured[key].get("full", True)):
+            if key not in measured or (full and not measured[key]["full"]):
                 model = models.load(folders[stage] / "model")
                 measured[key] = {
                     **measure.evaluate(model, judge, suites, full),
