@@ -73,24 +73,27 @@ def _variant_type(variant: dict[str, Any]) -> str:
 
 def _merge_union(variants: list[dict[str, Any]]) -> dict[str, Any]:
     """One object schema for a discriminated union on `type`, with CEL per-type rules."""
-    properties: dict[str, Any] = {}
-    owners: dict[str, list[str]] = {}
+    fields: dict[str, dict[str, Any]] = {}  # field -> stage type -> its schema there
     types = []
     for variant in variants:
         kind = _variant_type(variant)
         types.append(kind)
         for name, prop in variant["properties"].items():
-            properties.setdefault(name, prop)
-            owners.setdefault(name, []).append(kind)
-    properties["type"] = {"type": "string", "enum": types, "description": "type: the stage."}
-    rules = [
-        {
-            "rule": f"!has(self.{name}) || self.type in {kinds!r}",
-            "message": f"{name} only applies to stage types: {', '.join(kinds)}",
-        }
-        for name, kinds in owners.items()
-        if len(kinds) < len(types)
-    ]
+            fields.setdefault(name, {})[kind] = prop
+    properties = {"type": {"type": "string", "enum": types, "description": "type: the stage."}}
+    rules = []
+    for name, by_kind in fields.items():
+        if name == "type":
+            continue
+        properties[name], own = _shared_field(name, by_kind)
+        rules += own
+        if len(by_kind) < len(types):
+            rules.append(
+                {
+                    "rule": f"!has(self.{name}) || self.type in {list(by_kind)!r}",
+                    "message": f"{name} only applies to stage types: {', '.join(by_kind)}",
+                }
+            )
     for variant in variants:
         kind = _variant_type(variant)
         for name in variant.get("required", []):
@@ -106,6 +109,35 @@ def _merge_union(variants: list[dict[str, Any]]) -> dict[str, Any]:
         "required": ["type"],
         "x-kubernetes-validations": rules,
     }
+
+
+def _shared_field(name: str, by_kind: dict[str, dict[str, Any]]) -> tuple[dict, list[dict]]:
+    """One schema for a field that several stage types have, and the CEL rules it needs.
+
+    Where the types allow different values (score's `mode` is one-shot or iterative,
+    distill's local or global), the schema allows any of them and a rule per type keeps each
+    to its own; any other difference is a model the CRD cannot express, refused here."""
+    ignored = DROP | {"description", "enum"}
+    shape = [{k: v for k, v in prop.items() if k not in ignored} for prop in by_kind.values()]
+    enums = {kind: prop.get("enum") for kind, prop in by_kind.items()}
+    first = next(iter(by_kind.values()))
+    if len({repr(e) for e in enums.values()}) == 1 and all(x == shape[0] for x in shape):
+        return first, []
+    if any(x != shape[0] for x in shape) or None in enums.values():
+        raise ValueError(f"stage field {name} has schemas the CRD cannot merge: {by_kind}")
+    allowed = list(dict.fromkeys(v for values in enums.values() for v in values))
+    descriptions = dict.fromkeys(p["description"] for p in by_kind.values() if "description" in p)
+    merged = {**first, "enum": allowed}
+    if descriptions:
+        merged["description"] = " ".join(descriptions)
+    rules = [
+        {
+            "rule": f"self.type != '{kind}' || !has(self.{name}) || self.{name} in {values!r}",
+            "message": f"{name} of a {kind} stage is one of: {', '.join(values)}",
+        }
+        for kind, values in enums.items()
+    ]
+    return merged, rules
 
 
 def structural(node: Any, name: str = "") -> Any:

@@ -129,14 +129,16 @@ class Cluster:
         self.core.patch_node(NODE, {"spec": {"taints": []}})
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True):
-        return subprocess.run(
+        proc = subprocess.run(
             ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
             input=input,
             capture_output=True,
             text=True,
-            check=check,
             timeout=120,
         )
+        if check and proc.returncode:  # what kubectl said is what a failing test needs
+            raise AssertionError(f"kubectl {' '.join(args)}: exit {proc.returncode}: {proc.stderr}")
+        return proc
 
     def stop(self) -> None:
         if self.runner:

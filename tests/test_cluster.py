@@ -46,6 +46,15 @@ def test_crd_schema_rejects_bad_objects_naming_the_field(cluster, tmp_path):
         },
     }
     cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(good))
+    # A field two stage types share with different values (score's mode and distill's).
+    stages = [
+        {"type": "score", "targetLayers": 6, "mode": "iterative", "selection": "top"},
+        {"type": "prune"},
+        {"type": "distill", "mode": "local"},
+    ]
+    explicit = {**good, "spec": {**good["spec"], "stages": stages}}
+    del explicit["spec"]["preset"]
+    cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(explicit))
     cases = [
         ({"resources": {"gpusPerPod": -1}}, "spec.resources.gpusPerPod"),
         ({"stages": [{"type": "prune"}]}, "exactly one of spec.preset and spec.stages"),
@@ -57,6 +66,10 @@ def test_crd_schema_rejects_bad_objects_naming_the_field(cluster, tmp_path):
         (
             {"preset": None, "stages": [{"type": "prune", "targetLayers": 3}]},
             "targetLayers only applies to stage types: score",
+        ),
+        (
+            {"preset": None, "stages": [*stages[:2], {"type": "distill", "mode": "iterative"}]},
+            "mode of a distill stage is one of: local, global",
         ),
     ]
     for change, message in cases:
