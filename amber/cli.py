@@ -7,7 +7,6 @@ operator image, which has neither, can still use `amber crd` and `amber validate
 from __future__ import annotations
 
 import json
-import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -436,7 +435,3 @@ def operator(
         peering_name=peering,
         liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
     )
-
-
-def main() -> None:  # pragma: no cover - console script entry
-    sys.exit(app())

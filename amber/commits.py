@@ -1,4 +1,4 @@
-"""The commit-marker protocol (brief section 5).
+"""The commit-marker protocol (docs/design.md, "Storage and commits").
 
 A checkpoint or a stage output is a folder of files plus a `COMMIT.json` manifest (step,
 files with sizes and SHA-256 checksums, metrics). The manifest is written last, by one

@@ -102,9 +102,3 @@ def plan(obj: AmberCompression) -> list[StageRun]:
         if stage.type == "encode":
             encoded = stage.name
     return runs
-
-
-def final_model_stage(runs: list[StageRun]) -> str | None:
-    """The stage whose output model becomes `final/`."""
-    models = [r.stage.name for r in runs if r.stage.type in MODEL_STAGES]
-    return models[-1] if models else None

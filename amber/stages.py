@@ -1,7 +1,7 @@
 """Parameters of each compression stage, as they appear in `spec.stages[]`.
 
 One class per stage type; the `type` field picks the class. Every knob has a default, so a
-stage can be as short as `{type: prune}`. Defaults follow brief section 3; the presets in
+stage can be as short as `{type: prune}`. Defaults are the method of docs/design.md; the presets in
 `amber.presets` only set what depends on the teacher's depth.
 """
 

@@ -7,7 +7,7 @@ measured peak.
 
 Rows:
   anchor eager / anchor compiled   diffusers model in bf16, forward+backward, no optimizer
-                                   (the issue's anchors: 80 and 66 ms/step on an H200)
+                                   (anchors measured before: 80 and 66 ms/step on an H200)
   diffusers step                   the diffusers training-script way: fp32 weights, bf16
                                    autocast, fused AdamW, gradient clipping
   trainer <step>                   Amber's objective in the trainer's own DeepSpeed engine

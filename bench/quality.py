@@ -1,4 +1,4 @@
-"""The compositional quality benchmark (brief section 7; results in docs/quality.md).
+"""The compositional quality benchmark (results and method in docs/quality.md).
 
     python bench/quality.py fixtures               # train and gate the teacher (committed)
     python bench/quality.py run                    # every arm, seeds 0 1 2 -> docs/quality.md

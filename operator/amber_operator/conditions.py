@@ -24,7 +24,6 @@ RESTARTS_EXHAUSTED = "RestartsExhausted"
 INVALID_SPEC = "InvalidSpec"
 STORAGE_UNAVAILABLE = "StorageUnavailable"
 FOLDER_HELD = "RunFolderHeld"  # another holder (an `amber run`) has the run's lease
-PROGRESSING = "Progressing"
 HEALTHY = "Healthy"
 
 # Event reasons

@@ -57,7 +57,6 @@ def job_state(job: dict, termination: str = "") -> ObservedJob:
         stage=labels.get(render.LABEL_STAGE, ""),
         spec_hash=labels.get(render.LABEL_SPEC_HASH, ""),
         attempt=int(labels.get(render.LABEL_ATTEMPT, "0")),
-        active=status.get("active") or 0,
         finished=finished,
         finished_at=finished_at.replace(tzinfo=None) if finished_at else None,
         disrupted=finished == "Failed" and bool(DISRUPTION_RULE.search(message)),

@@ -25,7 +25,6 @@ class ObservedJob:
     stage: str
     spec_hash: str
     attempt: int
-    active: int = 0
     finished: str | None = None  # "Complete" | "Failed" | None (still going)
     finished_at: datetime | None = None
     disrupted: bool = False  # failed because a pod was preempted or its node lost

@@ -1,4 +1,4 @@
-"""Hybrid-stream conversion (brief section 3, "fuse"): dual-stream blocks -> single-stream.
+"""Hybrid-stream conversion (docs/design.md, "fuse"): dual-stream blocks -> single-stream.
 
 `convert` turns the deepest blocks of a model into `AmberSingleStreamBlock`s initialised from
 each block's image branch (text-branch weights are dropped). It is a pure model -> new model

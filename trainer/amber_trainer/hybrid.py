@@ -3,7 +3,7 @@
 A single-stream block processes text and image tokens as one sequence with the *image*
 branch's weights of the dual-stream block it came from (modulation, norms, q/k/v, q/k RMSNorm,
 output projection, MLP); the text branch is gone, which roughly halves the block's parameters
-but not its FLOPs per token (brief section 3).
+but not its FLOPs per token (attention and MLP still run on every token).
 
 To stay a drop-in for `QwenImagePipeline`, the model subclasses diffusers'
 `QwenImageTransformer2DModel` and keeps every block in `transformer_blocks`: the deepest

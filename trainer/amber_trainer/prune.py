@@ -143,7 +143,3 @@ def prune(
 
 def entries_to_json(entries: Sequence[LayerMapEntry]) -> list[dict]:
     return [asdict(e) for e in entries]
-
-
-def entries_from_json(data: list[dict]) -> list[LayerMapEntry]:
-    return [LayerMapEntry(**{**d, "span": tuple(d["span"])}) for d in data]

@@ -1,2 +1,2 @@
 """A small compositional text-to-image task on which compression quality is measured
-(brief section 7): scenes and captions, a real text encoder, a judge, and the teacher."""
+(docs/quality.md): scenes and captions, a real text encoder, a judge, and the teacher."""
