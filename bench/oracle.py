@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         model = teacher.load_teacher(FIXTURES)
         budget = arms.Budget()
         recipe = oracle.Recipe(
-            budget.distill_steps, budget.finetune_steps, budget.micro_batch, budget.learning_rate
+            finetune_steps=budget.finetune_steps,
+            micro_batch=budget.micro_batch,
+            learning_rate=budget.learning_rate,
         )
         samples, held_out, training = benchmark.DATA_SAMPLES, None, None
         calibration, count = budget.calibration_samples, args.keep_sets

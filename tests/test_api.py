@@ -52,17 +52,16 @@ def test_presets_scale_with_the_teacher(layers, student, single):
     assert [s.name for s in presets.build("amber-10b", layers, {})] == [
         "score",
         "prune",
-        "distill",
         "finetune",
         "eval",
     ]
 
 
 def test_overrides_change_only_the_named_stage():
-    obj = parse(with_spec(overrides={"distill": {"steps": 7, "mode": "global"}}))
+    obj = parse(with_spec(overrides={"finetune": {"steps": 7, "ema": 0.0}}))
     stages = {s.name: s for s in obj.spec.pipeline()}
-    assert (stages["distill"].steps, stages["distill"].mode) == (7, "global")
-    assert stages["finetune"].steps == 10000
+    assert (stages["finetune"].steps, stages["finetune"].ema) == (7, 0.0)
+    assert stages["fuse"].steps == 4000
 
 
 @pytest.mark.parametrize(
@@ -70,11 +69,12 @@ def test_overrides_change_only_the_named_stage():
     [
         (
             with_spec(overrides={"fuse": {"singleLayers": 9}}),
-            "spec.stages[4].singleLayers: 9 exceeds",
+            "spec.stages[3].singleLayers: 9 exceeds",
         ),
         (with_spec(overrides={"nope": {}}), "spec.overrides: no stage named nope"),
-        (with_spec(overrides={"distill": {"steps": 0}}), "spec.overrides.distill.steps"),
-        (with_spec(overrides={"distill": {"stepz": 1}}), "spec.overrides.distill.stepz: Extra"),
+        (with_spec(overrides={"finetune": {"steps": 0}}), "spec.overrides.finetune.steps"),
+        (with_spec(overrides={"finetune": {"stepz": 1}}), "spec.overrides.finetune.stepz: Extra"),
+        (with_spec(overrides={"distill": {}}), "spec.overrides: no stage named distill"),
         (
             with_spec(
                 preset=None, stages=[{"type": "score", "targetLayers": 12}, {"type": "prune"}]

@@ -30,7 +30,7 @@ def test_invalid_resource_names_the_field_and_exits_2(tmp_path):
     bad.write_text(yaml.safe_dump(doc))
     out = amber("validate", str(bad))
     assert out.returncode == 2
-    assert "spec.stages[4].singleLayers: 40 exceeds the student's 6 layers" in out.stderr
+    assert "spec.stages[3].singleLayers: 40 exceeds the student's 6 layers" in out.stderr
     broken = tmp_path / "broken.yaml"
     broken.write_text("spec: [unclosed")
     out = amber("validate", str(broken))
@@ -41,8 +41,8 @@ def test_validate_prints_the_resolved_stages():
     out = amber("validate", str(ROOT / "manifests/examples/amber-tiny.yaml"), "-o", "json")
     assert out.returncode == 0
     stages = json.loads(out.stdout)
-    assert [s["type"] for s in stages] == ["score", "prune", "distill", "finetune", "fuse", "eval"]
-    assert stages[2]["steps"] == 40
+    assert [s["type"] for s in stages] == ["score", "prune", "finetune", "fuse", "eval"]
+    assert stages[2]["steps"] == 80
 
 
 def test_inspect_prints_the_10b_and_6b_arithmetic():

@@ -450,12 +450,12 @@ def test_killed_run_leaves_no_stage_process_and_damage_is_recovered(tmp_path):
     import subprocess
     import sys
 
-    from trainer_helpers import tiny_resource, trainer_env
+    from trainer_helpers import stage_of, tiny_resource, trainer_env
 
     store_dir = tmp_path / "store"
     name = f"hostile-{os.getpid()}"
     doc = tiny_resource(str(store_dir), name=name)
-    doc["spec"]["overrides"]["distill"].update(steps=60, checkpointEvery=5)
+    stage_of(doc, "distill").update(steps=60, checkpointEvery=5)
     resource = tmp_path / "run.yaml"
     resource.write_text(yaml.safe_dump(doc))
     run_store = open_store(str(store_dir / "default" / name))

@@ -112,13 +112,13 @@ def test_plan_command_reports_and_refuses():
     ok = runner.invoke(app, ["plan", str(EXAMPLE_6B), "-o", "json"])
     assert ok.exit_code == 0, ok.output
     rows = {r["stage"]: r for r in json.loads(ok.stdout)}
-    assert rows["distill"]["fits"] and rows["distill"]["gpus"] == 32
-    assert rows["distill"]["memoryGiB"]["teacher"] == pytest.approx(38.0, abs=0.5)  # 20.4B bf16
+    assert rows["finetune"]["fits"] and rows["finetune"]["gpus"] == 32
+    assert rows["finetune"]["memoryGiB"]["teacher"] == pytest.approx(38.0, abs=0.5)  # 20.4B bf16
     assert rows["score"]["memoryGiB"] is None and rows["finetune"]["gpuHours"] > 0
     small = runner.invoke(app, ["plan", str(EXAMPLE_6B), "--gpus-per-pod", "1",
                                 "--gpu-memory", "40GiB"])  # fmt: skip
     assert small.exit_code == 1
-    assert "will not fit distill" in small.output
+    assert "will not fit finetune" in small.output
     bad = runner.invoke(app, ["plan", str(EXAMPLE_6B), "--gpu-memory", "lots"])
     assert bad.exit_code == 2 and "--gpu-memory" in bad.output
 

@@ -106,9 +106,19 @@ def test_every_arm_is_a_valid_resource_that_changes_only_what_it_says():
         assert obj.metadata.name == f"{arm.name}-s0"
         mine = {s["name"]: s for s in arms.stages(arm, layers, budget, 0)}
         assert arm.judged in mine and set(arm.drop).isdisjoint(mine)
+        names = list(mine)
         for name, stage in mine.items():
+            if name == "distill":  # a warm start, just before finetune, of its steps
+                assert arm.warm_start is not None, arm.name
+                assert names.index("distill") + 1 == names.index("finetune")
+                assert stage["steps"] == budget.warm_start_steps
+                assert arm.warm_start.items() <= stage.items()
+                continue
             expected = {**preset.get(name, stage), **arm.changes.get(name, {})}
+            if name == "finetune" and arm.warm_start is not None:
+                expected["steps"] -= budget.warm_start_steps
             assert stage == expected, (arm.name, name)
+        assert arm.warm_start is None or "distill" in names, arm.name
     keep = arms.stages(catalogue["keep-late"], layers, budget, 0)[0]
     assert keep["criterion"] == "explicit" and len(keep["keepLayers"]) == layers // 2
     # A seed changes training noise, calibration rows and sampling noise.
@@ -133,7 +143,7 @@ def test_velocity_error_against_cached_teacher_answers_is_evals_definition():
 
 
 def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tmp_path):
-    budget = arms.Budget(calibration_samples=16, distill_steps=60, finetune_steps=60)
+    budget = arms.Budget(calibration_samples=16, finetune_steps=120)
     size = benchmark.Size(held_out=48, training=24, pool=1024)
     results = benchmark.run([0], tmp_path, ["amber-10b", "broken"], FIXTURES, size, budget)
     runs = {(r["arm"], r["stage"]): r for r in results["runs"]}

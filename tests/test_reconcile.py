@@ -93,7 +93,7 @@ def test_running_job_is_left_alone_and_progress_is_reported():
     )
     d = step(obj, first, running)
     assert d.actions == []
-    assert d.status.progress == "0/6 score 3/6"
+    assert d.status.progress == "0/5 score 3/6"
     assert d.events == []
 
 
@@ -113,7 +113,7 @@ def test_completed_job_moves_to_the_next_stage_in_the_same_pass():
     assert d.status.stages[0].phase == "Succeeded" and d.status.stages[0].output_uri == "s3://x"
     [action] = d.actions
     assert action.run.stage.name == "prune"
-    assert d.status.progress == "1/6"
+    assert d.status.progress == "1/5"
 
 
 def test_a_job_that_exits_0_without_committing_is_a_counted_failure():
@@ -188,14 +188,14 @@ def test_suspend_deletes_the_running_job_and_resume_starts_a_new_attempt():
 
 def test_spec_change_reruns_that_stage_and_later_ones_only():
     obj = resource()
-    before = committed(obj, "score", "prune", "distill")
-    changed = resource(overrides={"distill": {"steps": 7}})
+    before = committed(obj, "score", "prune", "finetune")
+    changed = resource(overrides={"finetune": {"steps": 7}})
     status = step(obj, None, Observed(committed=before)).status
-    running = Observed(jobs=(job_for(obj, "finetune", 1),), committed=before)
+    running = Observed(jobs=(job_for(obj, "fuse", 1),), committed=before)
     d = step(changed, status, running)
     assert DeleteJob(running.jobs[0].name, "its stage spec changed") in d.actions
     creates = [a for a in d.actions if isinstance(a, CreateAttempt)]
-    assert [a.run.stage.name for a in creates] == ["distill"]
+    assert [a.run.stage.name for a in creates] == ["finetune"]
     assert [s.phase for s in d.status.stages[:2]] == ["Succeeded", "Succeeded"]
 
 
@@ -295,7 +295,7 @@ def test_job_state_reads_disruptions_and_termination_messages():
 
 # --- properties -----------------------------------------------------------------------------
 
-STAGES = ["score", "prune", "distill", "finetune", "fuse", "eval"]
+STAGES = ["score", "prune", "finetune", "fuse", "eval"]
 # More examples for a deeper search: AMBER_PROPERTY_EXAMPLES=5000 pytest tests/test_reconcile.py
 EXAMPLES = int(os.environ.get("AMBER_PROPERTY_EXAMPLES", "300"))
 

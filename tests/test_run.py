@@ -14,7 +14,7 @@ import yaml
 
 from amber import commits, lease, local
 from amber.storage import open_store
-from trainer_helpers import ROOT, kill_tree, tiny_resource, trainer_env
+from trainer_helpers import ROOT, kill_tree, stage_of, tiny_resource, trainer_env
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +113,7 @@ def test_interrupted_run_continues_where_it_stopped(tmp_path):
 
     # A changed stage re-runs with everything after it, nothing before it.
     changed = tiny_resource(str(store_dir))
-    changed["spec"]["overrides"]["finetune"]["steps"] = 30
+    stage_of(changed, "finetune")["steps"] = 30
     proc = amber_run(write(tmp_path, changed), "--nproc", "1", "-o", "json")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -140,7 +140,7 @@ def test_invalid_resource_exits_2_and_touches_no_storage(tmp_path, content, mess
     store_dir = tmp_path / "store"
     if content is None:
         doc = tiny_resource(str(store_dir))
-        doc["spec"]["overrides"]["fuse"]["singleLayers"] = 9
+        stage_of(doc, "fuse")["singleLayers"] = 9
         content = yaml.safe_dump(doc)
     resource = tmp_path / "bad.yaml"
     resource.write_text(content)

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from amber import local
 from amber_trainer import data, models, targets
 from amber_trainer.objectives import teacher_states
-from trainer_helpers import tiny_resource
+from trainer_helpers import stage_of, tiny_resource
 
 CONFIG = {**models.TINY, "num_layers": 6}
 
@@ -80,8 +80,8 @@ def test_distill_reads_a_pool_only_of_its_own_teacher(tmp_path, teacher_seed, us
     doc = tiny_resource(str(tmp_path / "store"))
     doc["spec"]["teacher"] = {"config": CONFIG, "seed": 0}
     doc["spec"]["data"] = {"cacheUri": str(cache)}
-    doc["spec"]["overrides"]["score"]["targetLayers"] = 3
-    doc["spec"]["overrides"]["distill"].update(steps=4, checkpointEvery=100)
+    stage_of(doc, "score")["targetLayers"] = 3
+    stage_of(doc, "distill").update(steps=4, checkpointEvery=100)
     events = []
     obj = local.AmberCompression.model_validate(doc)
     outcomes, _ = local.run_resource(

@@ -11,7 +11,15 @@ import torch
 from amber import commits
 from amber.storage import open_store
 from amber_trainer import models
-from trainer_helpers import FAST, finish, kill_tree, stage_runs, tiny_resource, torchrun
+from trainer_helpers import (
+    FAST,
+    finish,
+    kill_tree,
+    stage_of,
+    stage_runs,
+    tiny_resource,
+    torchrun,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 ORDER = ["score", "prune", "distill", "finetune", "fuse", "eval"]
@@ -131,7 +139,7 @@ def test_a_finished_stage_is_not_run_again(pipeline, tmp_path):
 def test_killed_stage_resumes_from_its_last_checkpoint_with_the_same_curve(bucket, tmp_path):
     steps = {
         "distill": {
-            **tiny_resource("x")["spec"]["overrides"]["distill"],
+            **FAST["distill"],
             "steps": 24,
             "checkpointEvery": 8,
         }
@@ -237,10 +245,10 @@ def test_zero3_partitioned_weights_are_gathered_into_the_saved_models(tmp_path):
         num_attention_heads=4, attention_head_dim=64, axes_dims_rope=[16, 24, 24]
     )
     doc["spec"]["deepspeed"]["zeroStage"] = 3
-    doc["spec"]["overrides"]["distill"]["steps"] = 4
+    stage_of(doc, "distill")["steps"] = 4
     # A moving average needs whole weights: admission refuses one under ZeRO-3.
-    doc["spec"]["overrides"]["finetune"] = {**FAST["finetune"], "ema": 0.0}
-    doc["spec"]["overrides"]["fuse"] = {**FAST["fuse"], "steps": 2, "finetuneSteps": 2, "ema": 0.0}
+    stage_of(doc, "finetune")["ema"] = 0.0
+    stage_of(doc, "fuse").update(steps=2, finetuneSteps=2, ema=0.0)
     runs = stage_runs(doc)
     for name in ("score", "prune", "distill", "finetune", "fuse"):
         code, out, _ = finish(torchrun(runs[name], tmp_path, nproc=1 if name == "score" else 2))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from amber import presets
 from amber.plan import StageRun, plan
 from amber.resource import parse
 
@@ -39,11 +40,27 @@ FAST = {
 
 
 def tiny_resource(store: str, name: str = "tiny", **overrides) -> dict:
+    """The tiny example at FAST's sizes (`overrides`: stage name -> its fields instead), its
+    preset written out as `spec.stages` with the presets' warm start before finetune, so
+    that the tests go through every stage type the pipeline can have."""
     doc = yaml.safe_load(TINY_YAML.read_text())
     doc["metadata"]["name"] = name
     doc["spec"]["storage"] = {"uri": store}
-    doc["spec"]["overrides"] = copy.deepcopy({**FAST, **overrides})
+    assert doc["spec"].pop("preset") == "amber-6b"
+    del doc["spec"]["overrides"]
+    fields = copy.deepcopy({**FAST, **overrides})
+    stages = []
+    for stage in presets.amber_6b(doc["spec"]["teacher"]["config"]["num_layers"]):
+        if stage["type"] == "finetune":
+            stages.append({**presets.warm_start(), **fields["distill"]})
+        stages.append({**stage, **fields.get(stage["type"], {})})
+    doc["spec"]["stages"] = stages
     return doc
+
+
+def stage_of(doc: dict, name: str) -> dict:
+    """The stage called `name` in a resource's `spec.stages`, to change in place."""
+    return next(s for s in doc["spec"]["stages"] if s.get("name", s["type"]) == name)
 
 
 def stage_runs(doc: dict) -> dict[str, StageRun]:

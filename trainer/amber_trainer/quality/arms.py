@@ -27,8 +27,8 @@ class Budget:
     """Stage sizes for 2 CPU cores; every arm of a benchmark uses the same."""
 
     calibration_samples: int = 64
-    distill_steps: int = 100
-    finetune_steps: int = 100
+    finetune_steps: int = 200
+    warm_start_steps: int = 100  # an arm with a warm start takes them from finetune's
     fuse_steps: int = 100  # over all phases
     fuse_finetune_steps: int = 40
     micro_batch: int = 24
@@ -40,15 +40,18 @@ class Arm:
     """One benchmark arm: a preset with stage fields changed, and how it is judged.
 
     `changes` maps stage names to the fields merged into them; `drop` removes stages;
-    `judged` is the stage whose model is the arm's result and `against` the preset model it
-    is compared with, prompt by prompt (None: a floor, compared with nothing). An arm out of
-    the full run is kept so that what it measured can be measured again.
+    `warm_start` puts the presets' warm start (a local distill stage, these fields merged
+    into it) before finetune, with its steps taken from finetune's; `judged` is the stage
+    whose model is the arm's result and `against` the preset model it is compared with,
+    prompt by prompt (None: a floor, compared with nothing). An arm out of the full run is
+    kept so that what it measured can be measured again.
     """
 
     name: str
     description: str
     changes: dict = field(default_factory=dict)
     drop: tuple[str, ...] = ()
+    warm_start: dict | None = None
     preset: str = "amber-10b"
     judged: str = "finetune"
     against: str | None = "finetune"
@@ -58,7 +61,6 @@ class Arm:
 PRESET = "amber-6b"  # the arm every other arm is compared with, and its judged stages
 PRESET_STAGES = {
     "prune": "pruned",
-    "distill": "distilled",
     "finetune": "10B-style",
     "fuse": "6B-style",
 }
@@ -74,7 +76,6 @@ V1 = {
         "aggregate": "max",
     },
     "prune": {"init": "average"},
-    "distill": {"featureLoss": "relative", "outlierSigma": 0.0},
     "finetune": {"distillWeight": 0.5, "flowWeight": 1.0, "ema": 0.0},
     "fuse": {
         "target": "previous",
@@ -86,6 +87,7 @@ V1 = {
         "projectionInit": "image",  # and progressive: `catalogue` adds the phases
     },
 }
+V1_WARM_START = {"featureLoss": "relative", "outlierSigma": 0.0}  # and it had one
 
 
 def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
@@ -98,8 +100,6 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
     progressive = {"blocksPerPhase": quarter, "steps": budget.fuse_steps // -(-single // quarter)}
     v1 = {**V1, "fuse": {**V1["fuse"], **progressive}}
     late = [0, *range(layers - student + 1, layers)]  # block 0 and the deepest ones
-    candidate = {"finetune": {"steps": budget.distill_steps + budget.finetune_steps}}
-    candidate_top = {**candidate, "score": {"selection": "top"}}
     fusion_steps = budget.fuse_steps + budget.fuse_finetune_steps
 
     def split(steps: int, name: str, how: str = "") -> Arm:
@@ -120,8 +120,8 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
     arms = [
         Arm(
             PRESET,
-            "the preset: direct effect, spans, representative, warm start + KD-dominant "
-            "finetune with EMA, one-shot fusion with fitted q, k, v",
+            "the preset: direct effect, spans, representative, KD-dominant finetune with "
+            "EMA, one-shot fusion with fitted q, k, v",
             preset="amber-6b",
             judged="fuse",
             against=None,
@@ -132,11 +132,17 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             against=None,
             full_run=False,
         ),
-        Arm("v1-recipe-10b", "every choice of the first method (the v2 baseline)", v1_10b),
+        Arm(
+            "v1-recipe-10b",
+            "every choice of the first method (the v2 baseline)",
+            v1_10b,
+            warm_start=V1_WARM_START,
+        ),
         Arm(
             "v1-recipe",
             "every choice of the first method, fusion included (the v2 baseline)",
             v1,
+            warm_start=V1_WARM_START,
             preset="amber-6b",
             judged="fuse",
             against="fuse",
@@ -175,33 +181,27 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             {"prune": {"init": "average"}},
         ),
         Arm(
-            "relative-features",
-            "distill.featureLoss: relative, no outlier mask",
-            {"distill": V1["distill"]},
-        ),
-        Arm(
             "flow-dominant",
             "finetune: flowWeight 1, distillWeight 0.5 (the first weights), no EMA",
             {"finetune": V1["finetune"]},
         ),
         Arm("no-ema", "finetune.ema: 0 (the last weights are saved)", {"finetune": {"ema": 0.0}}),
         Arm(
-            "finetune-only",
-            "no distill stage; finetune gets its steps",
-            candidate,
-            drop=("distill",),
+            "warm-start",
+            f"a local layer-wise warm start (distill) of {budget.warm_start_steps} of "
+            "finetune's steps (the preset until 2026-12)",
+            warm_start={},
         ),
         Arm(
-            "finetune-only-top",
-            "finetune-only and top-selection together (the two winners of the first v2 run)",
-            candidate_top,
-            drop=("distill",),
+            "warm-start-relative",
+            "warm-start with the block-level relative feature loss, no outlier mask",
+            warm_start=V1_WARM_START,
+            full_run=False,
         ),
         Arm(
-            "finetune-only-top-6b",
-            "finetune-only-top, then the preset's fusion",
-            candidate_top,
-            drop=("distill",),
+            "warm-start-6b",
+            "warm-start, then the preset's fusion",
+            warm_start={},
             preset="amber-6b",
             judged="fuse",
             against="fuse",
@@ -238,12 +238,21 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             "broken",
             "random layers, no averaging, no training (a pipeline that learns nothing)",
             {"score": {"criterion": "random"}, "prune": {"init": "keep"}},
-            drop=("distill", "finetune"),
+            drop=("finetune",),
             judged="prune",
             against=None,
         ),
     ]
     return {arm.name: arm for arm in arms}
+
+
+def _with_warm_start(raw: dict[str, dict], warm: dict, steps: int):
+    """`raw`'s stages with `warm` before finetune, its `steps` taken from finetune's."""
+    for name, stage in raw.items():
+        if name == "finetune":
+            yield "distill", {**warm, "name": "distill", "steps": steps}
+            stage = {**stage, "steps": stage["steps"] - steps}
+        yield name, stage
 
 
 def _criterion(name: str) -> dict:
@@ -277,7 +286,6 @@ def overrides(budget: Budget, seed: int) -> dict[str, dict]:
             "seed": seed,
             "sampler": "uniform",
         },
-        "distill": {**train, "steps": budget.distill_steps},
         "finetune": {**train, "steps": budget.finetune_steps},
         "fuse": {
             **train,
@@ -297,6 +305,10 @@ def stages(arm: Arm, layers: int, budget: Budget, seed: int) -> list[dict]:
     raw = {s.name: s.dump() for s in presets.build(arm.preset, layers, fields)}
     for name, change in arm.changes.items():
         raw[name] = {**raw[name], **change}
+    if arm.warm_start is not None:
+        # The warm start trains as finetune does (the benchmark's batch, rate and seed).
+        warm = {**presets.warm_start(), **fields["finetune"], **arm.warm_start}
+        raw = dict(_with_warm_start(raw, warm, budget.warm_start_steps))
     drop = set(arm.drop) | ({"eval"} if arm.name != PRESET else set())
     return [stage for name, stage in raw.items() if name not in drop]
 

@@ -1,12 +1,12 @@
 """The oracle sweep: which pruning criterion predicts what *recovers*?
 
-Many keep sets of the teacher are each pruned, recovered with the preset's budget (local
-distillation, then fine-tuning with output distillation) in a stripped single-process loop,
-and judged. Every criterion ranks the same keep sets by the importance it gives the kept
-blocks (and "after prune" by the score before any training); the Spearman correlation of
-each ranking with the post-recovery score says how well the criterion predicts it. It is the
-ground truth the criteria are chased against, and needs a GPU at the real sweep's size
-(`bench/oracle.py`); tests run it on a tiny CPU configuration.
+Many keep sets of the teacher are each pruned, recovered with the preset's budget
+(fine-tuning with output distillation, after a local warm start if the recipe has one) in a
+stripped single-process loop, and judged. Every criterion ranks the same keep sets by the
+importance it gives the kept blocks (and "after prune" by the score before any training);
+the Spearman correlation of each ranking with the post-recovery score says how well the
+criterion predicts it. It is the ground truth the criteria are chased against, and needs a
+GPU at the real sweep's size (`bench/oracle.py`); tests run it on a tiny CPU configuration.
 
 The loop is the stages' objectives with a plain AdamW and the same warm-up and linear decay,
 on the pooled teacher targets: what a stage computes, without DeepSpeed, storage or commits.
@@ -35,8 +35,8 @@ CRITERIA = ("importance", "total-effect", "block-influence")
 class Recipe:
     """The recovery budget (the benchmark's `arms.Budget` sizes)."""
 
-    distill_steps: int = 100
-    finetune_steps: int = 100
+    distill_steps: int = 0  # a warm start: the presets have none
+    finetune_steps: int = 200
     micro_batch: int = 24
     learning_rate: float = 1e-3
     warmup_steps: int = 10
