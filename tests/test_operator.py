@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import yaml
@@ -60,6 +61,11 @@ class Operator:
             start_new_session=True,
         )
         return self
+
+    def metrics(self) -> str:
+        """What the operator's Prometheus endpoint serves now."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as r:
+            return r.read().decode()
 
     def kill(self, sig=signal.SIGKILL):
         if self.proc and self.proc.poll() is None:
@@ -162,18 +168,21 @@ def test_tiny_pipeline_runs_to_the_final_model(cluster, namespace, operator, s3_
 
 def test_pod_failure_and_operator_restart_lose_nothing(cluster, namespace, operator, tmp_path):
     store_dir = tmp_path / "store"
-    steps = {**FAST, "distill": {**FAST["distill"], "steps": 60, "checkpointEvery": 10}}
-    apply(cluster, namespace, tiny_resource(str(store_dir), name="faults", **steps))
+    # The warm start named other than its type: Jobs and status go by name, metrics by type.
+    warm = {**FAST["distill"], "name": "warm", "steps": 60, "checkpointEvery": 10}
+    apply(cluster, namespace, tiny_resource(str(store_dir), name="faults", distill=warm))
     run_store = open_store(str(store_dir / namespace / "faults"))
-    wait_for(lambda: commits.latest_checkpoint(run_store, "distill"), 600, 0.2, "a checkpoint")
+    wait_for(lambda: commits.latest_checkpoint(run_store, "warm"), 600, 0.2, "a checkpoint")
 
     # A pod of the stage dies (its process is killed): a new attempt resumes.
-    [job] = jobs_of(cluster, namespace, "distill")
+    [job] = jobs_of(cluster, namespace, "warm")
     killed = cluster.runner.kill_pods(
         lambda pod: pod.metadata.labels.get("job-name") == job.metadata.name
     )
     assert killed == 1
-    wait_for(lambda: len(jobs_of(cluster, namespace, "distill")) == 2, 120, 0.5, "attempt 2")
+    wait_for(lambda: len(jobs_of(cluster, namespace, "warm")) == 2, 120, 0.5, "attempt 2")
+    restarts = 'amber_stage_restarts_total{kind="failure",type="distill"} 1.0'
+    wait_for(lambda: restarts in operator.metrics(), 30, 0.5, "the restart in the metrics")
 
     # The operator dies mid-stage and comes back: it finds attempt 2 and creates nothing new.
     operator.kill()
@@ -182,11 +191,11 @@ def test_pod_failure_and_operator_restart_lose_nothing(cluster, namespace, opera
     wait_for(phase_is(cluster, namespace, "faults", "Succeeded"), 900, 1, "the pipeline")
 
     status = get(cluster, namespace, "faults")["status"]
-    distill = next(s for s in status["stages"] if s["name"] == "distill")
-    assert distill["attempts"] == 2 and distill["restarts"] == 1
-    assert len(jobs_of(cluster, namespace, "distill")) == 2  # no duplicate after the restart
+    stage = next(s for s in status["stages"] if s["name"] == "warm")
+    assert stage["attempts"] == 2 and stage["restarts"] == 1
+    assert len(jobs_of(cluster, namespace, "warm")) == 2  # no duplicate after the restart
     assert all(len(jobs_of(cluster, namespace, s)) == 1 for s in ("score", "prune", "finetune"))
-    metrics = json.loads(run_store.read_text("distill/output/metrics.json"))
+    metrics = json.loads(run_store.read_text("warm/output/metrics.json"))
     assert len(metrics["loss"]) == 60  # the curve is whole: resumed, not restarted from zero
     log = cluster.runner.logs(lambda pod: pod.metadata.labels.get("job-name", "").endswith("-2"))
     assert '"event": "resumed"' in log

@@ -47,7 +47,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # Keep kopf's bookkeeping out of our status (its schema is ours, and structural).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="amber.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="amber.dev")
-    # Watches silently stall behind some load balancers without these (kopf#585, dask#...).
+    # Watches can stall silently behind some load balancers without these timeouts.
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.posting.level = logging.INFO
@@ -120,11 +120,13 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> None:
         objects.patch_namespaced_custom_object_status(
             GROUP, VERSION, ns, PLURAL, name, {"status": _status_patch(old_status, new_status)}
         )
+    types = {s.name: s.type for s in decision.status.stages}
     for event in decision.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         if event.reason in (c.STAGE_FAILED, c.STAGE_DISRUPTED):
             kind = "disruption" if event.reason == c.STAGE_DISRUPTED else "failure"
-            metrics.RESTARTS.labels(decision.status.current_stage or "", kind).inc()
+            stage_type = types.get(decision.status.current_stage or "", "")
+            metrics.RESTARTS.labels(stage_type, kind).inc()
         logger.info("%s: %s", event.reason, event.message)
     for before, after in zip(status.stages, decision.status.stages, strict=False):
         if before.phase != "Succeeded" and after.phase == "Succeeded" and after.start_time:
