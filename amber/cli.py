@@ -330,8 +330,10 @@ def run(
     output: Annotated[Output, typer.Option("--output", "-o")] = Output.table,
 ) -> None:
     """Run a resource's whole pipeline on this machine; re-running continues where it stopped."""
-    from amber import local, progress
+    from amber import local, progress, report
     from amber.api import StorageSpec
+    from amber.plan import plan
+    from amber.storage import open_store
 
     obj = load_or_exit(file)
     if store is not None:
@@ -352,16 +354,53 @@ def run(
             obj, store, only, from_stage, nproc, view.on_event, wait=wait, on_wait=waiting
         )
     seconds = time.perf_counter() - started
+    spec = local.with_store(obj, store).spec.storage
+    folder = open_store(plan(local.with_store(obj, store))[0].run_uri, spec.endpoint, spec.region)
+    page = f"{folder.uri}/{report.REPORT}"
     if output is Output.table:
         progress.summary(console, obj, outcomes, final, seconds)
+        console.print(f"report: [bold]{page}[/]")
     else:
-        report = {
+        summary = {
             "resource": f"{obj.metadata.namespace}/{obj.metadata.name}",
             "seconds": round(seconds, 2),
             "stages": local.outcome_dicts(outcomes),
             "final": final,
+            "report": page,
         }
-        print(json.dumps(report, indent=2) if output is Output.json else yaml.safe_dump(report))
+        print(json.dumps(summary, indent=2) if output is Output.json else yaml.safe_dump(summary))
+
+
+@app.command("report")
+def report_command(
+    run: Annotated[
+        str, typer.Argument(help="A resource file, or a run folder (a path or an s3:// URI).")
+    ],
+    store: Annotated[
+        str | None, typer.Option(help="With a resource file: its storage URI instead.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the page here, not in the folder.")
+    ] = None,
+) -> None:
+    """Write a run's report page: stages, pictures, layer map, metrics; one HTML file."""
+    from amber import local, report
+    from amber.plan import plan
+    from amber.storage import open_store
+
+    if Path(run).is_file():
+        obj = local.with_store(load_or_exit(Path(run)), store)
+        spec = obj.spec.storage
+        folder = open_store(plan(obj)[0].run_uri, spec.endpoint, spec.region)
+    else:
+        folder = open_store(run)
+        obj = report.resource_of(folder)
+    runs = plan(obj)
+    if out is None:
+        console.print(f"wrote {report.write(obj, runs, folder)}")
+    else:
+        out.write_text(report.render(report.context(obj, runs, folder)))
+        console.print(f"wrote {out}")
 
 
 @app.command()

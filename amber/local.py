@@ -31,13 +31,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from amber import commits, errors, lease
+from amber import commits, errors, history, lease, report
 from amber.api import AmberCompression, StorageSpec
 from amber.plan import MODEL_STAGES, OUTPUT, StageRun, plan
 from amber.publish import publish_final
 from amber.storage import Store, open_store
 
-HISTORY = "history.jsonl"
 PARENT_DEATH_ENV = "AMBER_PARENT_DEATH_SIGNAL"  # the trainer asks for SIGTERM on our death
 ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Failed|Mismatch|Interrupt)\b.*?: ")
 
@@ -114,18 +113,6 @@ def with_store(obj: AmberCompression, store_uri: str | None) -> AmberCompression
         return obj
     spec = obj.spec.model_copy(update={"storage": StorageSpec(uri=store_uri)})
     return obj.model_copy(update={"spec": spec})
-
-
-def record(store: Store, entry: dict) -> None:
-    """Append to the run's history (what each invocation did, for people and tests)."""
-    previous = store.read_text(HISTORY) if store.exists(HISTORY) else ""
-    store.write_text(HISTORY, previous + json.dumps({"time": time.time(), **entry}) + "\n")
-
-
-def history(store: Store) -> list[dict]:
-    if not store.exists(HISTORY):
-        return []
-    return [json.loads(line) for line in store.read_text(HISTORY).splitlines() if line]
 
 
 def has_gpu() -> bool:
@@ -335,7 +322,7 @@ def _run_held(
                     output.metrics,
                 )
             )
-            record(store, {"stage": name, "status": "reused"})
+            history.record(store, {"stage": name, "status": "reused"})
             on_event(run, {"event": "reused", "stage": name})
             continue
         if only and name not in only:
@@ -356,13 +343,14 @@ def _run_held(
                 name, run.stage.type, status, seconds, result["output"], result["metrics"], resumed
             )
         )
-        record(store, {"stage": name, "status": status, "resumedFrom": resumed})
+        history.record(
+            store, {"stage": name, "status": status, "resumedFrom": resumed, "seconds": seconds}
+        )
     held.check()
     produces_model = any(r.stage.type in MODEL_STAGES for r in runs)
-    if not produces_model or only:
-        return outcomes, None
-    final = publish_final(obj, runs, store)
-    return outcomes, f"{store.uri}/{final.folder}"
+    final = publish_final(obj, runs, store) if produces_model and not only else None
+    report.write(obj, runs, store)
+    return outcomes, f"{store.uri}/{final.folder}" if final is not None else None
 
 
 def outcome_dicts(outcomes: list[StageOutcome]) -> list[dict]:

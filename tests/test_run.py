@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from amber import commits, lease, local
+from amber import commits, history, lease, local
 from amber.storage import open_store
 from trainer_helpers import ROOT, kill_tree, stage_of, tiny_resource, trainer_env
 
@@ -68,11 +68,16 @@ def test_interrupted_run_continues_where_it_stopped(tmp_path):
     assert distill["resumed_from"] >= checkpoint.step
     # The run's own records: every stage ran once (distill never finished before the kill,
     # then resumed once), and the second invocation reused what the first committed.
-    records = local.history(run_store)
+    records = history.entries(run_store)
     ran = [r["stage"] for r in records if r["status"] == "ran"]
     assert ran == ["score", "prune", "finetune", "fuse", "eval"]
     assert [r["stage"] for r in records if r["status"] == "reused"] == ["score", "prune"]
     assert [r["stage"] for r in records if r["status"] == "resumed"] == ["distill"]
+    # The report page says the same: every stage committed, distill resumed in attempt 2.
+    page = (store_dir / "default" / "tiny" / "report.html").read_text()
+    assert report["report"] == str(store_dir / "default" / "tiny" / "report.html")
+    assert page.count('class="committed">committed') == 6
+    assert f"<td>{distill['resumed_from']}</td>" in page
 
     # The final model is a diffusers folder that a fresh process loads.
     final = store_dir / "default" / "tiny" / "final"
@@ -96,7 +101,7 @@ def test_interrupted_run_continues_where_it_stopped(tmp_path):
     # Run again unchanged: every stage reused and not a byte rewritten in the run's folder
     # but its own records (the history and the lease).
     def stamps():
-        kept = {local.HISTORY, lease.KEY}
+        kept = {history.KEY, lease.KEY}
         return {
             p: (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(run_folder.rglob("*"))

@@ -1,0 +1,168 @@
+"""The run report: one self-contained HTML page of what a run did.
+
+Everything on it comes from the run folder: each stage's committed output (its metrics and
+the pictures the stage drew: importance heatmap, loss curves, velocity error, sample grid),
+the layer map, `history.jsonl` (attempts, times, resumed-from) and `final/`. Pictures are
+inlined, so the page opens from disk with no network. The page depends only on what is
+committed, never on when it was made, so a rerun that changes nothing writes nothing.
+It needs no torch: the operator can write it too.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+
+import jinja2
+
+from amber import commits, history
+from amber.api import AmberCompression
+from amber.errors import InvalidInput
+from amber.plan import FINAL, OUTPUT, StageRun
+from amber.storage import Store
+
+REPORT = "report.html"
+RESOURCE = "resource.json"
+ATTEMPTS = ("ran", "resumed")  # history statuses that are a stage process having run
+
+
+@dataclass
+class StageView:
+    """One row of the stage table and its section."""
+
+    name: str
+    type: str
+    state: str  # committed | stale (another spec) | not run
+    committed: str = ""
+    attempts: int = 0
+    seconds: float = 0.0
+    resumed_from: list[int] = field(default_factory=list)
+    metrics: list[tuple[str, str]] = field(default_factory=list)
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (file, data URI)
+    parameters: str = ""
+
+
+def _stamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def shown_metrics(metrics: dict) -> list[tuple[str, str]]:
+    """A stage's metrics as (name, text): numbers and short lists as they are, a loss curve
+    (a long list of numbers) as its first and last value and its length."""
+    rows = []
+    for key, value in sorted(metrics.items()):
+        if isinstance(value, bool) or value is None:
+            rows.append((key, str(value)))
+        elif isinstance(value, int | float):
+            rows.append((key, _number(value)))
+        elif isinstance(value, str):
+            rows.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
+            if len(value) > 12:
+                rows.append((key, f"{_number(value[0])} → {_number(value[-1])} ({len(value)})"))
+            else:
+                rows.append((key, ", ".join(_number(v) for v in value)))
+        elif isinstance(value, list | dict) and len(json.dumps(value)) <= 200:
+            rows.append((key, json.dumps(value)))
+    return rows
+
+
+def _png(store: Store, key: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(store.read_bytes(key)).decode()
+
+
+def stage_view(run: StageRun, store: Store, past: list[dict]) -> StageView:
+    name = run.stage.name
+    params = {k: v for k, v in run.stage.dump().items() if k not in ("name", "type")}
+    mine = [e for e in past if e.get("stage") == name and e.get("status") in ATTEMPTS]
+    view = StageView(
+        name,
+        run.stage.type,
+        "not run",
+        attempts=len(mine),
+        seconds=sum(e.get("seconds", 0.0) for e in mine),
+        resumed_from=[e["resumedFrom"] for e in mine if e.get("resumedFrom") is not None],
+        parameters=json.dumps(params, indent=1, sort_keys=True),
+    )
+    manifest = commits.read_manifest(store, f"{name}/{OUTPUT}")
+    if manifest is None:
+        return view
+    view.state = "committed" if manifest.spec_hash == run.spec_hash else "stale"
+    view.committed = _stamp(manifest.created)
+    view.metrics = shown_metrics(manifest.metrics)
+    view.figures = [
+        (key, _png(store, f"{name}/{OUTPUT}/{key}"))
+        for key in sorted(manifest.files)
+        if key.endswith(".png")
+    ]
+    return view
+
+
+def layer_map(runs: list[StageRun], store: Store) -> list[dict]:
+    """The last committed layer map: student block -> the teacher span it stands for."""
+    for run in reversed(runs):
+        key = f"{run.stage.name}/{OUTPUT}/layer_map.json"
+        if store.exists(key):
+            return json.loads(store.read_text(key))
+    return []
+
+
+def context(obj: AmberCompression, runs: list[StageRun], store: Store) -> dict:
+    """What the page shows, read from the run folder."""
+    past = history.entries(store)
+    stages = [stage_view(run, store, past) for run in runs]
+    final = commits.read_manifest(store, FINAL)
+    teacher = obj.spec.teacher
+    return {
+        "name": obj.metadata.name,
+        "namespace": obj.metadata.namespace,
+        "run_uri": store.uri,
+        "teacher": teacher.uri or f"a random {teacher.num_layers}-layer config",
+        "teacher_layers": teacher.num_layers,
+        "recipe": obj.spec.preset or "spec.stages",
+        "stages": stages,
+        "layer_map": layer_map(runs, store),
+        "final": f"{store.uri}/{FINAL}" if final is not None else None,
+        "final_source": final.metrics.get("source") if final is not None else None,
+        "done": sum(s.state == "committed" for s in stages),
+    }
+
+
+def render(values: dict) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(
+            lambda name: resources.files("amber").joinpath("templates", name).read_text()
+        ),
+        autoescape=jinja2.select_autoescape(default=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return env.get_template("report.html.j2").render(**values)
+
+
+def _write_if_changed(store: Store, key: str, text: str) -> None:
+    if not store.exists(key) or store.read_text(key) != text:
+        store.write_text(key, text)
+
+
+def write(obj: AmberCompression, runs: list[StageRun], store: Store) -> str:
+    """Write `{run}/report.html`, and the resource it reports on beside it (`amber report`
+    on the folder reads it back), unless they already say the same; the page's URI."""
+    _write_if_changed(store, RESOURCE, obj.model_dump_json(by_alias=True, indent=1))
+    _write_if_changed(store, REPORT, render(context(obj, runs, store)))
+    return f"{store.uri}/{REPORT}"
+
+
+def resource_of(store: Store) -> AmberCompression:
+    """The resource a run folder was last run with."""
+    if not store.exists(RESOURCE):
+        raise InvalidInput(f"{store.uri}: no {RESOURCE} (is it a run folder written by amber?)")
+    return AmberCompression.model_validate_json(store.read_text(RESOURCE))
