@@ -374,5 +374,6 @@ class AmberCompressionStatus(Model):
     restarts: int = Field(0, description="restarts: counted failed attempts, all stages.")
     observed_generation: int | None = Field(None, description="observedGeneration.")
     final_uri: str | None = Field(None, description="finalUri: the final model folder.")
+    report_uri: str | None = Field(None, description="reportUri: the run's report page.")
     stages: list[StageStatus] = Field(default_factory=list, description="stages: per stage.")
     conditions: list[Condition] = Field(default_factory=list, description="conditions.")

@@ -21,6 +21,7 @@ from amber.stages import ResourceSpec, Stage
 MODEL_STAGES = ("prune", "distill", "finetune", "fuse")
 OUTPUT = "output"
 FINAL = "final"
+REPORT = "report.html"  # the run report page (amber.report)
 
 
 class StageRun(Model):

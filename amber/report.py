@@ -21,10 +21,9 @@ import jinja2
 from amber import commits, history
 from amber.api import AmberCompression
 from amber.errors import InvalidInput
-from amber.plan import FINAL, OUTPUT, StageRun
+from amber.plan import FINAL, OUTPUT, REPORT, StageRun
 from amber.storage import Store
 
-REPORT = "report.html"
 RESOURCE = "resource.json"
 ATTEMPTS = ("ran", "resumed")  # history statuses that are a stage process having run
 

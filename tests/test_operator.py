@@ -145,6 +145,7 @@ def test_tiny_pipeline_runs_to_the_final_model(cluster, namespace, operator, s3_
     assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 6
     assert all(s["attempts"] == 1 for s in status["stages"])
     assert status["finalUri"] == f"s3://{namespace}/runs/{namespace}/tiny/final"
+    assert status["reportUri"] == f"s3://{namespace}/runs/{namespace}/tiny/report.html"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
     assert health(get(cluster, namespace, "tiny"))[0] == "Healthy"  # as Argo CD shows it
@@ -157,6 +158,8 @@ def test_tiny_pipeline_runs_to_the_final_model(cluster, namespace, operator, s3_
         client=s3_client(s3_endpoint, "us-east-1", *keys.values()),
     )
     assert commits.read_manifest(store, "final") is not None
+    page = store.read_text("report.html")  # written by the operator, from the bucket
+    assert page.count('class="committed">committed') == 6 and "data:image/png;base64," in page
     assert store.exists("final/config.json") and store.exists("final/README.md")
     # What a person sees.
     table = cluster.kubectl("get", "amc", "-n", namespace).stdout

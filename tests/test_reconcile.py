@@ -52,7 +52,6 @@ def job_for(obj, stage: str, attempt: int, finished=None, disrupted=False, resul
         stage=stage,
         spec_hash=run.spec_hash,
         attempt=attempt,
-        active=0 if finished else 1,
         finished=finished,
         finished_at=at if finished else None,
         disrupted=disrupted,
@@ -317,7 +316,6 @@ def worlds(draw):
                     stage=run.stage.name,
                     spec_hash="stale" if stale else run.spec_hash,
                     attempt=attempt,
-                    active=0 if finished else 1,
                     finished=finished,
                     finished_at=NOW - timedelta(seconds=draw(st.integers(0, 3600)))
                     if finished
@@ -372,8 +370,7 @@ def test_decide_is_idempotent(world):
     # Feeding its own status back with nothing new observed creates nothing new.
     if first.actions and all(isinstance(a, CreateAttempt) for a in first.actions):
         created = tuple(
-            ObservedJob(a.job, a.run.stage.name, a.run.spec_hash, a.attempt, active=1)
-            for a in first.actions
+            ObservedJob(a.job, a.run.stage.name, a.run.spec_hash, a.attempt) for a in first.actions
         )
         again = decide(
             obj,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from amber import report
 from amber.api import AmberCompression
 from amber.plan import plan
 from amber.publish import publish_final
@@ -81,4 +82,6 @@ def apply(
         elif isinstance(action, DeleteJob):
             delete_job(api, ns, action.name)
         elif isinstance(action, PublishFinal):
-            publish_final(obj, plan(obj), store_factory())
+            runs, store = plan(obj), store_factory()
+            publish_final(obj, runs, store)
+            report.write(obj, runs, store)

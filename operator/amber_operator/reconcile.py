@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from amber.api import AmberCompression, AmberCompressionStatus, StageStatus
-from amber.plan import StageRun, plan
+from amber.plan import FINAL, REPORT, StageRun, plan
 from amber_operator import conditions as c
 
 JOB_NAME_MAX = 52  # leaves room for the pod suffix Kubernetes appends to Job pod names
@@ -122,6 +122,7 @@ def decide(
     out.conditions = list(status.conditions)
     out.observed_generation = generation
     out.final_uri = status.final_uri
+    out.report_uri = status.report_uri
 
     def condition(type_, value, reason, message=""):
         out.conditions = c.set_condition(
@@ -190,10 +191,12 @@ def decide(
     # 4. Everything done: publish the final model once, then report Ready.
     if current is None:
         out.current_stage = None
-        out.final_uri = f"{runs[0].run_uri}/final"
+        out.final_uri = f"{runs[0].run_uri}/{FINAL}"
+        out.report_uri = f"{runs[0].run_uri}/{REPORT}"
         if not observed.final_committed:
             decision.actions.append(PublishFinal())
-            event("Normal", c.FINAL_PUBLISHED, "final model published")
+            message = f"final model published to {out.final_uri}; report {out.report_uri}"
+            event("Normal", c.FINAL_PUBLISHED, message)
         out.phase = "Succeeded"
         condition(c.READY, True, c.SUCCEEDED, "all stages succeeded")
         condition(c.RECONCILING, False, c.SUCCEEDED, "")
