@@ -28,8 +28,10 @@ def model_card(obj: AmberCompression, runs: list[StageRun], store: Store, source
         f"# {obj.metadata.name}",
         "",
         f"Compressed with Amber from teacher `{obj.spec.teacher.uri or 'config'}` "
-        f"({obj.spec.teacher.num_layers} layers). Load it with "
-        "`diffusers` (the hybrid class is `amber_trainer.hybrid.AmberHybridTransformer2DModel`).",
+        f"({obj.spec.teacher.num_layers} layers). Load it with plain diffusers, Amber not "
+        "needed: `diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)` "
+        "(a hybrid-stream model brings its class in `amber_hybrid.py`; a depth-pruned one is "
+        "a stock `QwenImageTransformer2DModel` and needs no remote code).",
         "",
         "## Recipe",
         "",

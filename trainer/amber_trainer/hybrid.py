@@ -15,6 +15,9 @@ names of a dual block, so conversion is a filtered state-dict copy.
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -230,3 +233,20 @@ class AmberHybridTransformer2DModel(QwenImageTransformer2DModel):
             AmberSingleStreamBlock(self.inner_dim, num_attention_heads, attention_head_dim)
             for _ in range(num_single_layers)
         )
+
+
+# What a saved hybrid model folder calls this file: diffusers' `AutoModel` with
+# `trust_remote_code=True` imports the class from it, where Amber is not installed. The file
+# imports only torch and diffusers, so it travels as it is.
+CODE_FILE = "amber_hybrid.py"
+
+
+def bundle_code(folder: Path) -> None:
+    """Make a folder written by `save_pretrained` loadable without Amber: this module beside
+    `config.json`, and the `auto_map` entry that points `AutoModel` at it."""
+    shutil.copyfile(__file__, folder / CODE_FILE)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    module = CODE_FILE.removesuffix(".py")
+    config["auto_map"] = {"AutoModel": f"{module}.{AmberHybridTransformer2DModel.__name__}"}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

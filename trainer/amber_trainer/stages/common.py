@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from amber_trainer import data, encoders, loop, models, speed, targets
+from amber_trainer import data, encoders, hybrid, loop, models, speed, targets
 from amber_trainer.forward import FlowInputs
 from amber_trainer.runtime import Runtime
 
@@ -61,6 +61,8 @@ def trained_model(engine, state: dict | None = None) -> torch.nn.Module:
 
 def save_model(model: torch.nn.Module, out: Path, layer_map: list[dict] | None) -> None:
     model.save_pretrained(out / MODEL_DIR, safe_serialization=True)
+    if isinstance(model, hybrid.AmberHybridTransformer2DModel):
+        hybrid.bundle_code(out / MODEL_DIR)
     if layer_map is not None:
         (out / LAYER_MAP).write_text(json.dumps(layer_map, indent=2))
 
