@@ -29,8 +29,9 @@ GROUP, VERSION, PLURAL = "amber.dev", "v1alpha1", "ambercompressions"
 class Operator:
     """`amber operator` as a separate process, as its Deployment would run it."""
 
-    def __init__(self, cluster, namespace, log_path):
+    def __init__(self, cluster, namespace, log_path, interval=1):
         self.cluster, self.namespace, self.log_path = cluster, namespace, log_path
+        self.interval = interval
         self.metrics_port = free_port()
         self.proc = None
 
@@ -38,7 +39,7 @@ class Operator:
         env = {
             **os.environ,
             "KUBECONFIG": str(self.cluster.kubeconfig),
-            "AMBER_RECONCILE_INTERVAL": "1",
+            "AMBER_RECONCILE_INTERVAL": str(self.interval),
             "PYTHONUNBUFFERED": "1",
         }
         self.log = open(self.log_path, "a")  # noqa: SIM115 - closed in kill()
@@ -167,6 +168,24 @@ def test_tiny_pipeline_runs_to_the_final_model(cluster, namespace, operator, s3_
     events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
     reasons = {e["reason"] for e in json.loads(events)["items"]}
     assert {"StageStarted", "StageSucceeded", "FinalPublished"} <= reasons
+
+
+def test_a_finished_job_starts_the_next_stage_at_once_not_at_the_timer(
+    cluster, namespace, tmp_path
+):
+    # The timer is only the safety net: at 300 s it does not fire again during this test.
+    op = Operator(cluster, namespace, tmp_path / "operator.log", interval=300).start()
+    try:
+        doc = tiny_resource(str(tmp_path / "store"), name="events")
+        doc["spec"]["stages"] = doc["spec"]["stages"][:2]  # score, then prune
+        apply(cluster, namespace, doc)
+        wait_for(phase_is(cluster, namespace, "events", "Succeeded"), 240, 0.5, "the pipeline")
+    finally:
+        op.kill()
+    [score] = jobs_of(cluster, namespace, "score")
+    [prune] = jobs_of(cluster, namespace, "prune")
+    waited = prune.metadata.creation_timestamp - score.status.completion_time
+    assert waited.total_seconds() <= 10, waited  # the Job's event, not a 300 s tick
 
 
 def test_pod_failure_and_operator_restart_lose_nothing(cluster, namespace, operator, tmp_path):

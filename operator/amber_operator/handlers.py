@@ -21,7 +21,7 @@ from amber.api import (
     AmberCompressionStatus,
 )
 from amber.resource import format_errors
-from amber_operator import apply, metrics, observe
+from amber_operator import apply, metrics, observe, render
 from amber_operator import conditions as c
 from amber_operator.reconcile import decide
 
@@ -146,6 +146,32 @@ def on_change(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
 @kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL)
 def on_timer(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
     reconcile(body, memo, logger)
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def resources(body: kopf.Body, **_) -> dict:
+    """Every AmberCompression by namespace and name, as last seen, for its Jobs' events."""
+    return {(body.metadata.namespace, body.metadata.name): body}
+
+
+def _finished(job: kopf.Body) -> bool:
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions
+    )
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_RESOURCE: kopf.PRESENT})
+def on_job(
+    event: dict, body: kopf.Body, resources: kopf.Index, memo: kopf.Memo, logger, **_
+) -> None:
+    """A stage Job finished or went away: reconcile its resource now, so the next stage (or
+    the retry) does not wait for the timer, which stays as the slow safety net."""
+    if event.get("type") != "DELETED" and not _finished(body):
+        return
+    key = (body.metadata.namespace, body.metadata.labels[render.LABEL_RESOURCE])
+    for owner in resources.get(key, []):
+        reconcile(owner, memo, logger)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
