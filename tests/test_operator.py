@@ -170,9 +170,7 @@ def test_tiny_pipeline_runs_to_the_final_model(cluster, namespace, operator, s3_
     assert {"StageStarted", "StageSucceeded", "FinalPublished"} <= reasons
 
 
-def test_a_finished_job_starts_the_next_stage_at_once_not_at_the_timer(
-    cluster, namespace, tmp_path
-):
+def test_finished_jobs_start_the_next_stage_at_once_not_at_the_timer(cluster, namespace, tmp_path):
     # The timer is only the safety net: at 300 s it does not fire again during this test.
     op = Operator(cluster, namespace, tmp_path / "operator.log", interval=300).start()
     try:
