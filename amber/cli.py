@@ -332,8 +332,6 @@ def run(
     """Run a resource's whole pipeline on this machine; re-running continues where it stopped."""
     from amber import local, progress, report
     from amber.api import StorageSpec
-    from amber.plan import plan
-    from amber.storage import open_store
 
     obj = load_or_exit(file)
     if store is not None:
@@ -354,9 +352,7 @@ def run(
             obj, store, only, from_stage, nproc, view.on_event, wait=wait, on_wait=waiting
         )
     seconds = time.perf_counter() - started
-    spec = local.with_store(obj, store).spec.storage
-    folder = open_store(plan(local.with_store(obj, store))[0].run_uri, spec.endpoint, spec.region)
-    page = f"{folder.uri}/{report.REPORT}"
+    page = f"{local.run_folder(local.with_store(obj, store)).uri}/{report.REPORT}"
     if output is Output.table:
         progress.summary(console, obj, outcomes, final, seconds)
         console.print(f"report: [bold]{page}[/]")
@@ -390,8 +386,7 @@ def report_command(
 
     if Path(run).is_file():
         obj = local.with_store(load_or_exit(Path(run)), store)
-        spec = obj.spec.storage
-        folder = open_store(plan(obj)[0].run_uri, spec.endpoint, spec.region)
+        folder = local.run_folder(obj)
     else:
         folder = open_store(run)
         obj = report.resource_of(folder)
@@ -444,6 +439,23 @@ def trainer(
         errors.print(f"invalid stage config: {err}", markup=False)
         raise typer.Exit(EXIT_INVALID) from None
     raise typer.Exit(code)
+
+
+@app.command(hidden=True)
+def worker(
+    logs: Annotated[Path, typer.Argument(help="The run's log folder (stage configs).")],
+) -> None:
+    """`amber run`'s warm worker: runs the stages it is sent on stdin (see `amber.worker`)."""
+    import os
+
+    from amber import local
+    from amber import worker as warm
+
+    parent = os.getppid()
+    local.die_with_parent()
+    if os.getppid() != parent:  # it died before we asked
+        raise typer.Exit(1)
+    raise typer.Exit(warm.serve(EXIT_INVALID))
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """`amber run`: a resource's whole pipeline on this machine, no cluster.
 
-The stages are planned exactly as the operator plans them (`amber.plan`), and each runs as a
-local `torchrun` process group executing the same trainer entry point a pod runs. Re-running
+The stages are planned exactly as the operator plans them (`amber.plan`), and each runs the
+same trainer entry point a pod runs: a stage of one process in the run's warm worker
+(`amber.worker`, started once), one of more as a local `torchrun` process group. Re-running
 after an interruption continues: stages whose committed output matches their spec hash are
 reused (after `commits.read_output` checked them: a damaged one is quarantined and its stage
 re-runs), the interrupted stage resumes from its newest good checkpoint, and a changed stage
@@ -30,10 +31,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from amber import commits, errors, history, lease, report
+from amber import commits, errors, history, lease, report, worker
 from amber.api import AmberCompression, StorageSpec
-from amber.plan import MODEL_STAGES, OUTPUT, StageRun, plan
+from amber.plan import MODEL_STAGES, OUTPUT, StageRun, plan, run_uri
 from amber.publish import publish_final
 from amber.storage import Store, open_store
 
@@ -115,6 +117,13 @@ def with_store(obj: AmberCompression, store_uri: str | None) -> AmberCompression
     return obj.model_copy(update={"spec": spec})
 
 
+def run_folder(obj: AmberCompression) -> Store:
+    """The store of the resource's run folder (`spec.storage`, local credentials)."""
+    storage = obj.spec.storage
+    uri = run_uri(storage.uri, obj.metadata.namespace, obj.metadata.name)
+    return open_store(uri, storage.endpoint, storage.region)
+
+
 def has_gpu() -> bool:
     try:
         import torch
@@ -165,15 +174,27 @@ def _finish(run: StageRun, code: int, events: EventLog, log_path: Path) -> dict:
     return {**events.result, "resumedFrom": events.resumed}
 
 
-def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> dict:
-    """Run one stage as a torchrun gang on this machine; its result event."""
+def _files(run: StageRun, logs: Path) -> tuple[Path, Path]:
+    """A stage's config (written here) and log file, in the run's log folder."""
     config = logs / f"{run.stage.name}.json"
     config.write_text(run.model_dump_json(by_alias=True, indent=2))
-    log_path = logs / f"{run.stage.name}.log"
+    return config, logs / f"{run.stage.name}.log"
+
+
+def _stage_env(processes: int) -> dict[str, str]:
+    """The environment of a stage's processes: unbuffered event lines, death with their
+    parent, and on CPUs DeepSpeed's CPU accelerator and the cores shared out."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_DEATH_ENV: str(int(signal.SIGTERM))})
     if not has_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    return env
+
+
+def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> dict:
+    """Run one stage as a torchrun gang on this machine; its result event."""
+    config, log_path = _files(run, logs)
+    env = _stage_env(processes)
     command = [
         sys.executable,
         "-m",
@@ -237,13 +258,10 @@ def launch_here(run: StageRun, logs: Path, on_event: EventFn) -> dict:
     diffusers and DeepSpeed costs about 10 s a stage on two cores, more than a tiny stage
     trains. The process group it joins stays up for the next stage.
     """
-    gang = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-    gang["MASTER_PORT"] = str(free_port())
+    gang = {**worker.GANG, "MASTER_PORT": str(free_port())}
     if not has_gpu() and "DS_ACCELERATOR" not in os.environ:
         gang["DS_ACCELERATOR"] = "cpu"
-    config = logs / f"{run.stage.name}.json"
-    config.write_text(run.model_dump_json(by_alias=True, indent=2))
-    log_path = logs / f"{run.stage.name}.log"
+    config, log_path = _files(run, logs)
     saved = dict(os.environ)
     os.environ.update(gang)  # only while the stage runs: later subprocesses must not inherit it
     try:
@@ -260,6 +278,90 @@ def launch_here(run: StageRun, logs: Path, on_event: EventFn) -> dict:
     return _finish(run, code, events, log_path)
 
 
+class Worker:
+    """`amber run`'s warm worker (`amber.worker`): started when the first single-process
+    stage runs, kept for the next ones, stopped with the run however it ends."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.proc: subprocess.Popen | None = None
+        self.busy = False
+
+    def _start(self) -> subprocess.Popen:
+        env = {**_stage_env(1), **worker.GANG, "MASTER_PORT": str(free_port())}
+        # The log folder is in its command line, as in a torchrun stage's (its config path).
+        command = [sys.executable, "-m", "amber", "worker", str(self.logs)]
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches `amber run`, which stops the worker
+            preexec_fn=die_with_parent,
+        )
+
+    def launch(self, run: StageRun, on_event: EventFn) -> dict:
+        """Run one stage in the worker; its result event."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = self._start()
+        config, log_path = _files(run, self.logs)
+        task = worker.Task(stage_type=run.stage.type, config=str(config))
+        code = None
+        self.busy = True
+        with open(log_path, "w") as log:
+            events = EventLog(log, run, on_event)
+            try:
+                self.proc.stdin.write(task.model_dump_json() + "\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:  # it died idle: its output below says why
+                pass
+            for line in self.proc.stdout:
+                if line.startswith(worker.DONE_PREFIX):
+                    code = worker.Done.model_validate_json(line).code
+                    self.busy = False
+                    break
+                events.line(line)
+        if code is None:  # the worker died in the stage (killed, out of memory)
+            code = self.proc.wait()
+            self.close()
+        return _finish(run, code, events, log_path)
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        if not self.busy:  # end of its input: an idle worker exits by itself
+            with contextlib.suppress(BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.stdin.close()
+                self.proc.wait(timeout=5)
+        stop_group(self.proc)  # a stage interrupted (Ctrl-C) stops at once
+        self.proc, self.busy = None, False
+
+
+Launcher = Literal["auto", "torchrun", "here"]
+
+
+class Launch:
+    """How a run's stages are started (see `run_resource`), with the run's log folder and
+    its warm worker."""
+
+    def __init__(self, launcher: Launcher, processes: int | None, logs: Path):
+        self.launcher, self.processes, self.logs = launcher, processes, logs
+        self.worker = Worker(logs)
+
+    def launch(self, run: StageRun, on_event: EventFn) -> dict:
+        if self.launcher == "here":
+            return launch_here(run, self.logs, on_event)
+        processes = self.processes or default_processes(run)
+        if self.launcher == "auto" and processes == 1:
+            return self.worker.launch(run, on_event)
+        return launch(run, processes, self.logs, on_event)
+
+    def close(self) -> None:
+        self.worker.close()
+
+
 def run_resource(
     obj: AmberCompression,
     store_uri: str | None = None,
@@ -267,22 +369,29 @@ def run_resource(
     from_stage: str | None = None,
     processes: int | None = None,
     on_event: EventFn = lambda run, event: None,
-    here: bool = False,
+    launcher: Launcher = "auto",
     wait: float = 0.0,
     on_wait=lambda holder: None,
 ) -> tuple[list[StageOutcome], str | None]:
     """Run (or continue) the pipeline; the outcome of each stage and the final model's URI.
-    `here` runs every stage inside this process (see `launch_here`); `wait` is how long to
-    wait for another holder of the run's lease (RunLocked after that)."""
+    `launcher` says how a stage runs: "auto" in the warm worker when it has one process, else
+    under torchrun; or always "torchrun"; or "here", inside this process (`launch_here`).
+    `wait` is how long to wait for another holder of the run's lease (RunLocked after that)."""
     obj = with_store(obj, store_uri)
     runs = plan(obj)
     names = [r.stage.name for r in runs]
     for name in [*(only or []), *([from_stage] if from_stage else [])]:
         if name not in names:
             raise errors.InvalidInput(f"no stage named {name!r} (stages: {', '.join(names)})")
-    store = open_store(runs[0].run_uri, obj.spec.storage.endpoint, obj.spec.storage.region)
+    store = run_folder(obj)
     with lease.acquire(store, "amber-run", wait=wait, on_wait=on_wait).keep() as held:
-        return _run_held(obj, runs, store, held, only, from_stage, processes, on_event, here)
+        how = Launch(
+            launcher, processes, Path(tempfile.mkdtemp(prefix=f"amber-run-{obj.metadata.name}-"))
+        )
+        try:
+            return _run_held(obj, runs, store, held, only, from_stage, how, on_event)
+        finally:
+            how.close()
 
 
 def _run_held(
@@ -292,14 +401,12 @@ def _run_held(
     held: lease.Lease,
     only: list[str] | None,
     from_stage: str | None,
-    processes: int | None,
+    how: Launch,
     on_event: EventFn,
-    here: bool,
 ) -> tuple[list[StageOutcome], str | None]:
     """`run_resource`'s work, under the run's lease (checked before every stage)."""
     names = [r.stage.name for r in runs]
     forced = set(names[names.index(from_stage) :]) if from_stage else set()
-    logs = Path(tempfile.mkdtemp(prefix=f"amber-run-{obj.metadata.name}-"))
 
     outcomes = []
     for run in runs:
@@ -331,10 +438,7 @@ def _run_held(
         if output is not None or name in forced:
             store.delete(name)  # stale: another spec, or re-run asked for
         started = time.perf_counter()
-        if here:
-            result = launch_here(run, logs, on_event)
-        else:
-            result = launch(run, processes or default_processes(run), logs, on_event)
+        result = how.launch(run, on_event)
         resumed = result["resumedFrom"]
         status = "ran" if resumed is None else "resumed"
         seconds = time.perf_counter() - started

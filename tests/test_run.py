@@ -163,21 +163,57 @@ def test_readme_example_is_the_embedded_default():
     assert "./tests/run" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_stages_run_in_this_process_commit_what_torchrun_commits(tmp_path):
-    # The quality benchmark runs dozens of tiny stages in its own process (`here=True`);
-    # it must be the same pipeline as the torchrun launch, down to the trained weights.
+def test_every_launcher_commits_what_torchrun_commits(tmp_path):
+    # `amber run` runs a one-process stage in its warm worker, the quality benchmark dozens
+    # of tiny stages in its own process: the same pipeline as torchrun's, to the weights.
     from safetensors.torch import load_file
 
     stages = ["score", "prune", "distill"]
     weights = {}
-    for here in (False, True):
-        store = tmp_path / f"store-{here}"
+    for launcher in ("torchrun", "auto", "here"):
+        store = tmp_path / f"store-{launcher}"
         obj = local.AmberCompression.model_validate(tiny_resource(str(store)))
-        outcomes, _ = local.run_resource(obj, only=stages, processes=1, here=here)
+        outcomes, _ = local.run_resource(obj, only=stages, processes=1, launcher=launcher)
         assert [o.status for o in outcomes if o.stage in stages] == ["ran"] * 3
         folder = store / "default" / "tiny" / "distill" / "output" / "model"
-        weights[here] = load_file(str(next(folder.glob("*.safetensors"))))
-    assert weights[True].keys() == weights[False].keys()
-    for name, tensor in weights[False].items():
-        assert torch.allclose(weights[True][name], tensor, atol=1e-5), name
+        weights[launcher] = load_file(str(next(folder.glob("*.safetensors"))))
+    for launcher in ("auto", "here"):
+        assert weights[launcher].keys() == weights["torchrun"].keys()
+        for name, tensor in weights["torchrun"].items():
+            assert torch.allclose(weights[launcher][name], tensor, atol=1e-5), (launcher, name)
     assert "MASTER_ADDR" not in os.environ  # the in-process gang's settings do not leak
+
+
+def test_ctrl_c_stops_the_warm_worker_and_the_next_run_resumes(tmp_path):
+    import signal
+
+    from test_hostile import _stage_processes
+
+    store_dir = tmp_path / "store"
+    doc = tiny_resource(str(store_dir), name="ctrl-c")
+    stage_of(doc, "distill").update(steps=60, checkpointEvery=5)
+    resource = write(tmp_path, doc)
+    run_store = open_store(str(store_dir / "default" / "ctrl-c"))
+    args = ["--stages", "score,prune,distill", "-o", "json"]
+
+    proc = amber_run(resource, *args)
+    deadline = time.monotonic() + 400
+    while commits.latest_checkpoint(run_store, "distill") is None:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    workers = _stage_processes("amber-run-ctrl-c-")
+    assert workers, "the stages run in a worker whose command line names the run's logs"
+    proc.send_signal(signal.SIGINT)  # what a terminal sends amber run's process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert not _stage_processes("amber-run-ctrl-c-"), "the worker outlived amber run"
+    checkpoint = commits.latest_checkpoint(run_store, "distill")
+
+    proc = amber_run(resource, *args)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    stages = {s["stage"]: s for s in json.loads(out)["stages"]}
+    assert [stages[s]["status"] for s in ("score", "prune")] == ["reused", "reused"]
+    assert stages["distill"]["status"] == "resumed"
+    assert stages["distill"]["resumed_from"] >= checkpoint.step

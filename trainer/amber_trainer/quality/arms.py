@@ -385,7 +385,7 @@ def run_arm(obj: AmberCompression, committed: dict[str, Path]) -> dict[str, Path
         target = Path(run.run_uri) / run.stage.name / OUTPUT
         if source is not None and not target.exists():
             shutil.copytree(source, target)
-    run_resource(obj, here=True)
+    run_resource(obj, launcher="here")
     outputs = {}
     for run in runs:
         # A shared stage keeps pointing at the arm that ran it: it is measured once.
