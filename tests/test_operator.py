@@ -186,6 +186,25 @@ def test_finished_jobs_start_the_next_stage_at_once_not_at_the_timer(cluster, na
     assert waited.total_seconds() <= 10, waited  # the Job's event, not a 300 s tick
 
 
+def test_retries_start_when_their_backoff_ends_not_at_the_timer(cluster, namespace, tmp_path):
+    # A stage that fails every time (its teacher is missing), retried after 6 s: the decision
+    # asks for a pass then, and the 300 s timer has no part in it.
+    op = Operator(cluster, namespace, tmp_path / "operator.log", interval=300).start()
+    try:
+        doc = tiny_resource(str(tmp_path / "store"), name="backoff")
+        doc["spec"]["teacher"] = {"uri": str(tmp_path / "no-model-here")}
+        doc["spec"]["stages"] = doc["spec"]["stages"][:1]
+        doc["spec"]["failurePolicy"] = {"maxRestarts": 1, "backoffSeconds": 6}
+        apply(cluster, namespace, doc)
+        wait_for(lambda: len(jobs_of(cluster, namespace, "score")) == 2, 180, 0.5, "attempt 2")
+    finally:
+        op.kill()
+    first, second = sorted(jobs_of(cluster, namespace, "score"), key=lambda j: j.metadata.name)
+    failed = next(c for c in first.status.conditions if c.type == "Failed")
+    waited = (second.metadata.creation_timestamp - failed.last_transition_time).total_seconds()
+    assert 5 <= waited <= 15, waited  # the backoff (timestamps are whole seconds)
+
+
 def test_pod_failure_and_operator_restart_lose_nothing(cluster, namespace, operator, tmp_path):
     store_dir = tmp_path / "store"
     # The warm start named other than its type: Jobs and status go by name, metrics by type.

@@ -12,7 +12,7 @@ from amber.api import AmberCompressionStatus
 from amber.plan import plan
 from amber.resource import parse
 from amber_operator import conditions as c
-from amber_operator import render
+from amber_operator import reconcile, render
 from amber_operator.observe import job_state
 from amber_operator.reconcile import (
     CreateAttempt,
@@ -94,6 +94,7 @@ def test_running_job_is_left_alone_and_progress_is_reported():
     assert d.actions == []
     assert d.status.progress == "0/5 score 3/6"
     assert d.events == []
+    assert d.requeue_after == reconcile.PROGRESS_REFRESH_SECONDS  # progress read again
 
 
 def test_restarted_operator_finds_its_job_instead_of_creating_another():

@@ -1,6 +1,8 @@
 """kopf handlers: thin. Each gathers the inputs, calls `reconcile.decide`, applies the
 actions, writes the status once, then posts the events. Create, resume, spec updates and a
-timer all go through the same `reconcile()`: level-based, never chained through phases."""
+timer all go through the same `reconcile()`: level-based, never chained through phases. A
+decision that asks to be looked at again at a time (a retry's backoff) is kept by
+`requeue`; the timer is only the slow safety net."""
 
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ from amber.resource import format_errors
 from amber_operator import apply, metrics, observe, render
 from amber_operator import conditions as c
 from amber_operator.reconcile import decide
+from amber_operator.requeue import Requeue
 
-INTERVAL = float(os.environ.get("AMBER_RECONCILE_INTERVAL", "10"))
+INTERVAL = float(os.environ.get("AMBER_RECONCILE_INTERVAL", "60"))
 # The ServiceAccount of trainer pods (the chart creates one with no permissions).
 TRAINER_SERVICE_ACCOUNT = os.environ.get("AMBER_TRAINER_SERVICE_ACCOUNT", "")
 _locks: dict[str, threading.Lock] = {}
@@ -52,7 +55,29 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.watching.client_timeout = 300
     settings.posting.level = logging.INFO
     memo.api = api_client()
+    memo.requeue = Requeue(lambda key: requeued(key, memo))
     metrics.serve(int(os.environ.get("AMBER_METRICS_PORT", "9090")))
+
+
+def requeued(key: tuple[str, str], memo: kopf.Memo) -> None:
+    """A pass that a decision asked for at a time, on the resource as it is now."""
+    logger = logging.getLogger("amber_operator.requeue")
+    try:
+        raw = client.CustomObjectsApi(memo.api).get_namespaced_custom_object(
+            GROUP, VERSION, *key, PLURAL
+        )
+    except client.ApiException as err:
+        if err.status != 404:  # gone: nothing to do
+            logger.warning("%s/%s: %s; trying again in 10 s", *key, err.reason)
+            memo.requeue.at(key, 10)
+        return
+    try:
+        reconcile(kopf.Body(raw), memo, logger)
+    except kopf.PermanentError:
+        pass
+    except Exception:
+        logger.exception("%s/%s: the pass failed; trying again in 10 s", *key)
+        memo.requeue.at(key, 10)
 
 
 def _status_patch(old: dict, new: dict) -> dict:
@@ -65,15 +90,21 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, logger) -> None:
     lock = _locks.setdefault(uid, threading.Lock())
     with lock, metrics.RECONCILE_SECONDS.time():
         try:
-            _reconcile(body, memo.api, logger)
+            again = _reconcile(body, memo.api, logger)
         except kopf.PermanentError:
             raise
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
             raise
+    key = (body.metadata.namespace, body.metadata.name)
+    if again is None:
+        memo.requeue.cancel(key)
+    else:
+        memo.requeue.at(key, again)
 
 
-def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> None:
+def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> float | None:
+    """One pass; when the resource asks to be looked at again, in how many seconds."""
     ns, name = body.metadata.namespace, body.metadata.name
     generation = body.metadata.get("generation")
     objects = client.CustomObjectsApi(api)
@@ -134,6 +165,7 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> None:
             metrics.STAGE_SECONDS.labels(after.type).observe((now - started).total_seconds())
     _phases[body.metadata.uid] = decision.status.phase
     metrics.set_phases(_phases)
+    return decision.requeue_after
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL, backoff=5)
@@ -154,20 +186,13 @@ def resources(body: kopf.Body, **_) -> dict:
     return {(body.metadata.namespace, body.metadata.name): body}
 
 
-def _finished(job: kopf.Body) -> bool:
-    conditions = (job.get("status") or {}).get("conditions") or []
-    return any(
-        c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions
-    )
-
-
 @kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_RESOURCE: kopf.PRESENT})
 def on_job(
     event: dict, body: kopf.Body, resources: kopf.Index, memo: kopf.Memo, logger, **_
 ) -> None:
     """A stage Job finished or went away: reconcile its resource now, so the next stage (or
     the retry) does not wait for the timer, which stays as the slow safety net."""
-    if event.get("type") != "DELETED" and not _finished(body):
+    if event.get("type") != "DELETED" and observe.job_state(body).finished is None:
         return
     key = (body.metadata.namespace, body.metadata.labels[render.LABEL_RESOURCE])
     for owner in resources.get(key, []):
@@ -175,8 +200,9 @@ def on_job(
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def on_delete(body: kopf.Body, **_) -> None:
+def on_delete(body: kopf.Body, memo: kopf.Memo, **_) -> None:
     # Children go with their owner (garbage collector); forget our bookkeeping.
+    memo.requeue.cancel((body.metadata.namespace, body.metadata.name))
     _phases.pop(body.metadata.uid, None)
     _locks.pop(body.metadata.uid, None)
     metrics.set_phases(_phases)

@@ -71,6 +71,11 @@ class Event:
     message: str
 
 
+# How often a running stage's progress (`kubectl get`'s column) is read again; the Job's own
+# end is a watch event, not a poll.
+PROGRESS_REFRESH_SECONDS = 15.0
+
+
 @dataclass
 class Decision:
     status: AmberCompressionStatus
@@ -249,6 +254,7 @@ def decide(
         condition(c.RECONCILING, True, c.STAGE_RUNNING, f"stage {run.stage.name} running")
         condition(c.READY, False, c.STAGE_RUNNING, f"stage {run.stage.name} running")
         condition(c.STALLED, False, c.HEALTHY, "")
+        decision.requeue_after = PROGRESS_REFRESH_SECONDS
         return decision
 
     # 7. The last attempt failed: count it (unless a disruption), give up or back off.

@@ -1,0 +1,49 @@
+"""The operator's requeue: one timer for every resource, each due once, the newest ask wins."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from amber_operator.requeue import Requeue
+
+
+def test_passes_fire_when_due_newest_ask_wins_cancel_holds():
+    fired: list[tuple[tuple[str, str], float]] = []
+    done = threading.Event()
+    start = time.monotonic()
+
+    def fire(key):
+        fired.append((key, time.monotonic() - start))
+        if key == ("ns", "last"):
+            done.set()
+
+    requeue = Requeue(fire)
+    requeue.at(("ns", "b"), 0.6)
+    requeue.at(("ns", "a"), 0.2)
+    requeue.at(("ns", "moved"), 0.1)
+    requeue.at(("ns", "moved"), 0.4)  # replaces 0.1: the newest decision knows
+    requeue.at(("ns", "gone"), 0.3)
+    requeue.cancel(("ns", "gone"))
+    requeue.at(("ns", "last"), 0.9)
+    assert set(requeue.pending()) == {("ns", k) for k in ("a", "b", "moved", "last")}
+    assert done.wait(10)
+    time.sleep(0.1)
+    assert [k[1] for k, _ in fired] == ["a", "moved", "b", "last"]
+    at = {k[1]: t for k, t in fired}
+    for name, due in (("a", 0.2), ("moved", 0.4), ("b", 0.6), ("last", 0.9)):
+        assert due <= at[name] < due + 0.5, (name, at[name])
+    assert requeue.pending() == {}
+
+
+def test_many_resources_share_one_timer_thread():
+    before = threading.active_count()
+    fired = []
+    requeue = Requeue(fired.append, workers=2)
+    for i in range(1000):
+        requeue.at(("ns", f"r{i}"), 0.05)
+    deadline = time.monotonic() + 10
+    while len(fired) < 1000 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sorted(fired) == sorted(("ns", f"r{i}") for i in range(1000))
+    assert threading.active_count() - before <= 3  # the timer and the pool, not one each
