@@ -49,7 +49,12 @@ class StageRun(Model):
 
     @property
     def run_uri(self) -> str:
-        return f"{self.storage.uri.rstrip('/')}/{self.namespace}/{self.name}"
+        return run_uri(self.storage.uri, self.namespace, self.name)
+
+
+def run_uri(storage_uri: str, namespace: str, name: str) -> str:
+    """A resource's run folder: every stage's outputs, `final/`, the report, the lease."""
+    return f"{storage_uri.rstrip('/')}/{namespace}/{name}"
 
 
 def _digest(*parts) -> str:

@@ -15,7 +15,7 @@ from kubernetes.client.rest import ApiException
 
 from amber import commits, lease
 from amber.api import AmberCompression
-from amber.plan import FINAL, OUTPUT, plan
+from amber.plan import FINAL, OUTPUT, plan, run_uri
 from amber.storage import StorageError, Store, open_store, s3_client
 from amber_operator import render
 from amber_operator.reconcile import Observed, ObservedJob
@@ -94,9 +94,9 @@ _clients: dict[tuple, object] = {}
 def store_for(api: client.ApiClient, obj: AmberCompression) -> Store:
     """The resource's store, with credentials from its Secret when it names one."""
     storage = obj.spec.storage
-    run_uri = f"{storage.uri.rstrip('/')}/{obj.metadata.namespace}/{obj.metadata.name}"
-    if not run_uri.startswith("s3://"):
-        return open_store(run_uri)
+    folder = run_uri(storage.uri, obj.metadata.namespace, obj.metadata.name)
+    if not folder.startswith("s3://"):
+        return open_store(folder)
     access = secret = None
     ref = storage.credentials_secret
     if ref is not None:
@@ -108,7 +108,7 @@ def store_for(api: client.ApiClient, obj: AmberCompression) -> Store:
         _clients[key] = s3_client(
             storage.endpoint, storage.region, access_key=access, secret_key=secret
         )
-    return open_store(run_uri, client=_clients[key])
+    return open_store(folder, client=_clients[key])
 
 
 def storage(store: Store, obj: AmberCompression) -> dict:
