@@ -361,6 +361,12 @@ class StageStatus(Model):
     completion_time: str | None = Field(None, description="completionTime: stage finished.")
     retry_after: str | None = Field(None, description="retryAfter: earliest next attempt.")
     progress: str | None = Field(None, description="progress: step/total of the running attempt.")
+    samples_per_second: float | None = Field(
+        None, description="samplesPerSecond: training samples a second, all processes."
+    )
+    estimated_remaining_seconds: int | None = Field(
+        None, description="estimatedRemainingSeconds: of the running attempt, at its rate."
+    )
     last_checkpoint: int | None = Field(None, description="lastCheckpoint: newest committed step.")
     output_uri: str | None = Field(None, description="outputUri: the committed output.")
     metrics: dict[str, Any] = Field(default_factory=dict, description="metrics: key results.")
@@ -372,6 +378,12 @@ class AmberCompressionStatus(Model):
     current_stage: str | None = Field(None, description="currentStage: running or next stage.")
     progress: str | None = Field(None, description="progress: stages done and current step.")
     restarts: int = Field(0, description="restarts: counted failed attempts, all stages.")
+    estimated_remaining_seconds: int | None = Field(
+        None,
+        description="estimatedRemainingSeconds: of the whole run, the stages after the running "
+        "one at its rate in training samples (an estimate).",
+    )
+    eta: str | None = Field(None, description="eta: the same, for people (5m10s, 3h07m).")
     observed_generation: int | None = Field(None, description="observedGeneration.")
     final_uri: str | None = Field(None, description="finalUri: the final model folder.")
     report_uri: str | None = Field(None, description="reportUri: the run's report page.")

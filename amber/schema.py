@@ -230,6 +230,7 @@ def crd() -> dict[str, Any]:
                         column("Phase", ".status.phase"),
                         column("Stage", ".status.currentStage"),
                         column("Progress", ".status.progress"),
+                        column("ETA", ".status.eta"),
                         column("Restarts", ".status.restarts", "integer"),
                         column("Age", ".metadata.creationTimestamp", "date"),
                     ],

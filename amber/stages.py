@@ -102,6 +102,10 @@ class TrainingParams(Model):
         "the average, warmed up as min(ema, (1+n)/(10+n)) at step n, is what the stage saves.",
     )
 
+    def planned_steps(self) -> int:
+        """Optimiser steps the whole stage takes (its progress records' total)."""
+        return self.steps
+
 
 class EncodeStage(StageBase):
     """Image-text pairs -> cached VAE latents and text embeddings (safetensors shards)."""
@@ -336,6 +340,11 @@ class FuseStage(StageBase, TrainingParams):
     flow_weight: float = Field(
         1.0, ge=0, description="flowWeight: in that fine-tune, weight of the flow-matching term."
     )
+
+    def planned_steps(self) -> int:
+        # Phases from a dual-stream input; one that is partly fused already has fewer.
+        phases = -(-self.single_layers // self.blocks_per_phase)
+        return phases * self.steps + self.finetune_steps
 
 
 class EvalStage(StageBase):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -259,6 +260,25 @@ def test_suspend_resume_then_delete_mid_stage(cluster, namespace, operator, tmp_
     apply(cluster, namespace, tiny_resource(str(store_dir), name="pause", **steps))
     store = open_store(str(store_dir / namespace / "pause"))
     first = wait_running_stage(cluster, namespace, "pause", "distill", store)
+
+    # While it runs: its rate and the time left in the status, `kubectl get` and the metrics.
+    def eta_shown():
+        status = get(cluster, namespace, "pause")["status"]
+        stage = next(s for s in status["stages"] if s["name"] == "distill")
+        return stage.get("samplesPerSecond") and status.get("eta")
+
+    wait_for(eta_shown, 90, 0.5, "the stage's rate and the run's ETA")
+    labels = f'namespace="{namespace}",resource="pause"'
+    series = [
+        f'amber_stage_progress_ratio{{{labels},type="distill"}}',
+        f'amber_stage_samples_per_second{{{labels},type="distill"}}',
+        f'amber_stage_eta_seconds{{{labels},type="distill"}}',
+        f"amber_pipeline_eta_seconds{{{labels}}}",
+    ]
+    wait_for(lambda: all(s in operator.metrics() for s in series), 30, 0.5, "the gauges")
+    header, row = cluster.kubectl("get", "amc", "pause", "-n", namespace).stdout.splitlines()
+    assert "ETA" in header.split()
+    assert re.search(r" \d+(s|m\d\ds|h\d\dm|d\d\dh) ", row), row  # 42s, 5m10s, 3h07m
 
     patch_spec(cluster, namespace, "pause", {"suspend": True})
     wait_for(phase_is(cluster, namespace, "pause", "Suspended"), 120, 0.5, "Suspended")

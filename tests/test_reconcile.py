@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from amber import eta
 from amber.api import AmberCompressionStatus
 from amber.plan import plan
+from amber.records import ProgressRecord
 from amber.resource import parse
 from amber_operator import conditions as c
 from amber_operator import reconcile, render
@@ -88,13 +90,62 @@ def test_running_job_is_left_alone_and_progress_is_reported():
     obj = resource()
     first = step(obj).status
     running = Observed(
-        jobs=(job_for(obj, "score", 1),), stage="score", progress={"step": 3, "total": 6}
+        jobs=(job_for(obj, "score", 1),),
+        stage="score",
+        progress=ProgressRecord(step=3, total=6, time=NOW.replace(tzinfo=timezone.utc).timestamp()),
     )
     d = step(obj, first, running)
     assert d.actions == []
     assert d.status.progress == "0/5 score 3/6"
     assert d.events == []
     assert d.requeue_after == reconcile.PROGRESS_REFRESH_SECONDS  # progress read again
+
+
+def test_a_running_stage_reports_its_rate_and_the_run_its_time_left():
+    obj = resource()
+    runs = plan(obj)
+    assert [r.stage.type for r in runs] == ["score", "prune", "finetune", "fuse", "eval"]
+    committed = {r.stage.name: r.spec_hash for r in runs[:2]}
+    first = step(obj, observed=Observed(committed=committed)).status  # finetune's attempt 1
+    finetune, fuse = runs[2], runs[3]
+    per_step = eta.planned_samples(finetune) // finetune.stage.planned_steps()
+    epoch = NOW.replace(tzinfo=timezone.utc).timestamp()
+    total = finetune.stage.planned_steps()
+    record = ProgressRecord(
+        step=1000,
+        total=total,
+        time=epoch - 10,  # written 10 s before this pass
+        steps_per_second=2.0,
+        samples_per_second=2.0 * per_step,
+        loss=0.5,
+    )
+    observed = Observed(
+        jobs=(job_for(obj, "finetune", 1),),
+        committed=committed,
+        stage="finetune",
+        progress=record,
+    )
+    d = step(obj, first, observed)
+    stage = d.status.stages[2]
+    left = (total - 1000) / 2.0 - 10
+    assert stage.phase == "Running" and stage.progress == f"1000/{total}"
+    assert stage.samples_per_second == 2.0 * per_step
+    assert stage.estimated_remaining_seconds == round(left)
+    # The fuse stage after it at the same rate in samples; score, prune and eval cost nothing.
+    whole = left + eta.planned_samples(fuse) / (2.0 * per_step)
+    assert d.status.estimated_remaining_seconds == round(whole)
+    assert d.status.eta == eta.human(whole)
+    # Once the stage's output is committed, its rate and time left go with it.
+    done = {**committed, "finetune": finetune.spec_hash}
+    after = step(obj, d.status, Observed(committed=done)).status
+    assert after.stages[2].samples_per_second is None
+    assert after.stages[2].estimated_remaining_seconds is None
+    assert after.estimated_remaining_seconds is None and after.eta is None
+    # A first record (no rate yet) shows the step, and no estimate.
+    early = record.model_copy(update={"steps_per_second": None, "samples_per_second": None})
+    d = step(obj, first, Observed(**{**observed.__dict__, "progress": early}))
+    assert d.status.stages[2].progress == f"1000/{total}"
+    assert d.status.eta is None and d.status.stages[2].estimated_remaining_seconds is None
 
 
 def test_restarted_operator_finds_its_job_instead_of_creating_another():

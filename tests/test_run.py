@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from amber import commits, history, lease, local
+from amber.records import ProgressRecord
 from amber.storage import open_store
 from trainer_helpers import ROOT, kill_tree, stage_of, tiny_resource, trainer_env
 
@@ -217,3 +218,9 @@ def test_ctrl_c_stops_the_warm_worker_and_the_next_run_resumes(tmp_path):
     assert [stages[s]["status"] for s in ("score", "prune")] == ["reused", "reused"]
     assert stages["distill"]["status"] == "resumed"
     assert stages["distill"]["resumed_from"] >= checkpoint.step
+    # Its last progress record: the operator's rate and time left come from these.
+    record = ProgressRecord.model_validate_json(run_store.read_text("distill/progress.json"))
+    assert record.step == record.total == 60 and record.steps_per_second > 0
+    distill = stage_of(doc, "distill")
+    batch = distill["microBatchSize"] * distill.get("gradientAccumulation", 1)
+    assert record.samples_per_second == pytest.approx(record.steps_per_second * batch)

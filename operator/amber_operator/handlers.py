@@ -165,6 +165,7 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> float | None:
             metrics.STAGE_SECONDS.labels(after.type).observe((now - started).total_seconds())
     _phases[body.metadata.uid] = decision.status.phase
     metrics.set_phases(_phases)
+    metrics.set_progress(ns, name, decision.status)
     return decision.requeue_after
 
 
@@ -203,6 +204,7 @@ def on_job(
 def on_delete(body: kopf.Body, memo: kopf.Memo, **_) -> None:
     # Children go with their owner (garbage collector); forget our bookkeeping.
     memo.requeue.cancel((body.metadata.namespace, body.metadata.name))
+    metrics.forget(body.metadata.namespace, body.metadata.name)
     _phases.pop(body.metadata.uid, None)
     _locks.pop(body.metadata.uid, None)
     metrics.set_phases(_phases)

@@ -16,6 +16,7 @@ from kubernetes.client.rest import ApiException
 from amber import commits, lease
 from amber.api import AmberCompression
 from amber.plan import FINAL, OUTPUT, plan, run_uri
+from amber.records import ProgressRecord
 from amber.storage import StorageError, Store, open_store, s3_client
 from amber_operator import render
 from amber_operator.reconcile import Observed, ObservedJob
@@ -133,7 +134,7 @@ def storage(store: Store, obj: AmberCompression) -> dict:
         key = f"{pending}/progress.json"
         if store.exists(key):
             with contextlib.suppress(ValueError):  # a torn progress record: shown next pass
-                progress = json.loads(store.read_text(key))
+                progress = ProgressRecord.model_validate_json(store.read_text(key))
         latest = commits.latest_checkpoint(store, pending, log=damaged, repair=False)
         checkpoint = latest.step if latest else None
     return {

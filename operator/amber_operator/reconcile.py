@@ -8,10 +8,12 @@ Most operator tests exercise this function directly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
+from amber import eta
 from amber.api import AmberCompression, AmberCompressionStatus, StageStatus
 from amber.plan import FINAL, REPORT, StageRun, plan
+from amber.records import ProgressRecord
 from amber_operator import conditions as c
 
 JOB_NAME_MAX = 52  # leaves room for the pod suffix Kubernetes appends to Job pod names
@@ -37,7 +39,7 @@ class Observed:
     jobs: tuple[ObservedJob, ...] = ()
     committed: dict[str, str] = field(default_factory=dict)  # stage -> output's spec hash
     stage: str | None = None  # the stage `progress` and `checkpoint` were read for
-    progress: dict | None = None  # that stage's progress.json
+    progress: ProgressRecord | None = None  # that stage's progress.json
     checkpoint: int | None = None  # that stage's newest committed checkpoint step
     final_committed: bool = False
     storage_error: str | None = None
@@ -143,7 +145,7 @@ def decide(
         stage.completion_time = _iso(job.finished_at) if job and job.finished_at else stamp
         stage.output_uri = result.get("output") or f"{run.run_uri}/{run.stage.name}/output"
         stage.metrics = _scalars(result.get("metrics", {}))
-        stage.progress = None
+        stage.progress = stage.samples_per_second = stage.estimated_remaining_seconds = None
         stage.retry_after = None
         stage.message = f"completed by {job.name}" if job else "output committed"
         event("Normal", c.STAGE_SUCCEEDED, f"stage {run.stage.name} succeeded")
@@ -245,9 +247,16 @@ def decide(
     if running:
         stage.phase = "Running"
         if progress:
-            step, total = progress.get("step"), progress.get("total")
-            stage.progress = f"{step}/{total}"
-            out.progress = f"{done}/{len(stages)} {run.stage.name} {step}/{total}"
+            stage.progress = f"{progress.step}/{progress.total}"
+            out.progress = f"{done}/{len(stages)} {run.stage.name} {stage.progress}"
+            rate = progress.samples_per_second
+            stage.samples_per_second = round(rate, 3) if rate else None
+            epoch = now.replace(tzinfo=timezone.utc).timestamp()
+            left, whole = eta.remaining(progress, runs[runs.index(run) + 1 :], epoch)
+            stage.estimated_remaining_seconds = None if left is None else round(left)
+            if whole is not None:
+                out.estimated_remaining_seconds = round(whole)
+                out.eta = eta.human(whole)
         if checkpoint is not None:
             stage.last_checkpoint = checkpoint
         out.phase = "Running"

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from amber import commits
 from amber.api import DeepSpeedSpec
 from amber.plan import OUTPUT, StageRun
+from amber.records import ProgressRecord
 from amber.stages import TrainingParams
 from amber.storage import Store, open_store
 from amber_trainer import speed
@@ -44,6 +45,7 @@ class Runtime:
     # output files this rank uploaded itself; rank 0's commit marker lists them too
     output_parts: dict = field(default_factory=dict)
     _last_progress: float = field(default=0.0, repr=False)
+    _first_step: tuple[int, float] | None = field(default=None, repr=False)  # of this attempt
 
     @property
     def stage(self) -> str:
@@ -79,11 +81,34 @@ class Runtime:
     def progress(self, step: int, total: int, **metrics: Any) -> None:
         self.log("progress", step=step, total=total, **metrics)
         now = time.monotonic()
+        if self._first_step is None:
+            self._first_step = (step, now)
         # The operator shows progress from storage; write it at a bounded rate.
         if self.is_main and (now - self._last_progress > PROGRESS_EVERY_S or step == total):
             self._last_progress = now
-            record = {"step": step, "total": total, "time": time.time(), **metrics}
-            self.store.write_text(f"{self.stage}/progress.json", json.dumps(record))
+            first, since = self._first_step
+            rate = (step - first) / (now - since) if step > first and now > since else None
+            per_step = self.samples_per_step()
+            record = ProgressRecord(
+                step=step,
+                total=total,
+                time=time.time(),
+                steps_per_second=rate,
+                samples_per_second=rate * per_step if rate and per_step else None,
+                **metrics,
+            )
+            self.store.write_text(
+                f"{self.stage}/progress.json",
+                record.model_dump_json(by_alias=True, exclude_none=True),
+            )
+
+    def samples_per_step(self) -> int | None:
+        """Training samples one optimiser step reads, all processes; None for a stage that
+        does not train."""
+        stage = self.run.stage
+        if not isinstance(stage, TrainingParams):
+            return None
+        return stage.micro_batch_size * stage.gradient_accumulation * self.world
 
     def output(self) -> commits.Manifest | None:
         """This stage's committed output for the current spec, if it exists."""
