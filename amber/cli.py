@@ -466,12 +466,29 @@ def operator(
     peering: Annotated[
         str | None, typer.Option(help="kopf peering name: replicas elect one active operator.")
     ] = None,
+    priority: Annotated[
+        int | None,
+        typer.Option(
+            help="Peering priority; the highest live replica is active. Default: random, "
+            "as kopf freezes every replica when two share one."
+        ),
+    ] = None,
+    peering_lifetime: Annotated[
+        int,
+        typer.Option(
+            min=2,
+            help="Seconds a replica's peering record lives unrenewed: a standby takes over "
+            "at most this long after the active replica dies (at once when it stops cleanly).",
+        ),
+    ] = 60,
     liveness_port: Annotated[int, typer.Option(help="Port of /healthz (0: off).")] = 8080,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: off).")] = 9090,
     json_logs: Annotated[bool, typer.Option(help="Structured JSON log lines.")] = False,
 ) -> None:
     """Run the Kubernetes operator (all namespaces unless --namespace is given)."""
     import os
+    import secrets
+    import socket
 
     import kopf
 
@@ -479,10 +496,24 @@ def operator(
     import amber_operator.handlers  # noqa: F401 - registers the handlers
 
     kopf.configure(log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.FULL)
+    from amber_operator.peering import Peering
+
+    settings = kopf.OperatorSettings()
+    settings.peering.lifetime = peering_lifetime
+    memo = kopf.Memo(peering=None)
+    identity = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    if peering is not None:
+        if priority is None:
+            priority = secrets.randbelow(2**31 - 2) + 1
+        memo.peering = Peering(peering, identity, priority, clusterwide=not namespace)
     kopf.run(
+        settings=settings,
+        memo=memo,
+        identity=identity,
         clusterwide=not namespace,
         namespaces=namespace or (),
         standalone=peering is None,
         peering_name=peering,
+        priority=priority,
         liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
     )

@@ -30,9 +30,9 @@ GROUP, VERSION, PLURAL = "amber.dev", "v1alpha1", "ambercompressions"
 class Operator:
     """`amber operator` as a separate process, as its Deployment would run it."""
 
-    def __init__(self, cluster, namespace, log_path, interval=1):
+    def __init__(self, cluster, namespace, log_path, interval=1, peering: list[str] = ()):
         self.cluster, self.namespace, self.log_path = cluster, namespace, log_path
-        self.interval = interval
+        self.interval, self.peering = interval, list(peering)
         self.metrics_port = free_port()
         self.proc = None
 
@@ -56,6 +56,7 @@ class Operator:
                 str(free_port()),
                 "--metrics-port",
                 str(self.metrics_port),
+                *self.peering,
             ],
             env=env,
             stdout=self.log,
@@ -204,6 +205,63 @@ def test_retries_start_when_their_backoff_ends_not_at_the_timer(cluster, namespa
     failed = next(c for c in first.status.conditions if c.type == "Failed")
     waited = (second.metadata.creation_timestamp - failed.last_transition_time).total_seconds()
     assert 5 <= waited <= 15, waited  # the backoff (timestamps are whole seconds)
+
+
+def test_standby_takes_over_when_the_active_operator_dies(cluster, namespace, tmp_path):
+    from test_chart import CHART, helm
+
+    # The chart's peering objects for two replicas watching this namespace: CRDs, then the
+    # KopfPeering that the replicas meet in.
+    rendered = helm(
+        cluster, "template", "amber-operator", str(CHART), "--set", "replicas=2",
+        "--set", f"watchNamespaces={{{namespace}}}", "--show-only", "templates/peering.yaml",
+    ).stdout  # fmt: skip
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    for kind in ("CustomResourceDefinition", "KopfPeering"):
+        for doc in (d for d in docs if d["kind"] == kind):
+            cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
+            if kind == "CustomResourceDefinition":
+                name = f"crd/{doc['metadata']['name']}"
+                cluster.kubectl("wait", "--for=condition=Established", name)
+    lifetime = 10
+    peering = ["--peering", "amber-operator", "--peering-lifetime", str(lifetime)]
+    active, standby = (
+        Operator(
+            cluster, namespace, tmp_path / f"{role}.log", peering=[*peering, "--priority", prio]
+        ).start()
+        for role, prio in (("active", "200"), ("standby", "100"))
+    )
+    try:
+        wait_for(
+            lambda: "Pausing operations in favour of" in standby.log_path.read_text(),
+            60,
+            0.5,
+            "the standby to stand by",
+        )
+        doc = tiny_resource(str(tmp_path / "store"), name="standby")
+        doc["spec"]["stages"] = doc["spec"]["stages"][:3]  # score, prune, the warm start
+        apply(cluster, namespace, doc)
+        wait_for(lambda: jobs_of(cluster, namespace, "score"), 60, 0.2, "the score Job")
+        active.kill()  # SIGKILL: no goodbye in the peering object
+        killed = time.monotonic()
+        wait_for(
+            lambda: "Resuming operations after the pause" in standby.log_path.read_text(),
+            lifetime + 30,
+            0.2,
+            "the standby to take over",
+        )
+        takeover = time.monotonic() - killed
+        wait_for(phase_is(cluster, namespace, "standby", "Succeeded"), 600, 0.5, "the pipeline")
+    finally:
+        active.kill()
+        standby.kill()
+    assert takeover <= lifetime + 5, takeover
+    for stage in ("score", "prune", "distill"):
+        [job] = jobs_of(cluster, namespace, stage)  # no duplicate across the handover
+        assert job.metadata.name.endswith("-1")
+    status = get(cluster, namespace, "standby")["status"]
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 3
+    assert all(s["attempts"] == 1 and s["restarts"] == 0 for s in status["stages"])
 
 
 def test_pod_failure_and_operator_restart_lose_nothing(cluster, namespace, operator, tmp_path):

@@ -47,3 +47,22 @@ def test_many_resources_share_one_timer_thread():
         time.sleep(0.02)
     assert sorted(fired) == sorted(("ns", f"r{i}") for i in range(1000))
     assert threading.active_count() - before <= 3  # the timer and the pool, not one each
+
+
+def test_a_requeued_pass_defers_to_a_live_peer_of_higher_priority():
+    from datetime import datetime, timedelta, timezone
+
+    from amber_operator.peering import Peering, outranked
+
+    me = Peering("amber-operator", "me", 100, clusterwide=False)
+    now = datetime(2026, 12, 4, 2, 0, tzinfo=timezone.utc)
+
+    def peer(priority, seconds_ago, lifetime=60):
+        seen = (now - timedelta(seconds=seconds_ago)).isoformat()
+        return {"priority": priority, "lifetime": lifetime, "lastseen": seen}
+
+    assert outranked({"me": peer(100, 1), "other": peer(200, 5)}, me, now)
+    assert not outranked({"me": peer(100, 1)}, me, now)  # alone
+    assert not outranked({"other": peer(200, 61)}, me, now)  # its lifetime ran out
+    assert not outranked({"other": peer(200, 11, lifetime=10)}, me, now)
+    assert not outranked({"other": peer(50, 1), "left": None}, me, now)  # lower; one gone

@@ -23,7 +23,7 @@ from amber.api import (
     AmberCompressionStatus,
 )
 from amber.resource import format_errors
-from amber_operator import apply, metrics, observe, render
+from amber_operator import apply, metrics, observe, peering, render
 from amber_operator import conditions as c
 from amber_operator.reconcile import decide
 from amber_operator.requeue import Requeue
@@ -60,9 +60,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
 
 
 def requeued(key: tuple[str, str], memo: kopf.Memo) -> None:
-    """A pass that a decision asked for at a time, on the resource as it is now."""
+    """A pass that a decision asked for at a time, on the resource as it is now; none in a
+    standby replica (the active one keeps its own times)."""
     logger = logging.getLogger("amber_operator.requeue")
     try:
+        if not peering.active(memo.api, memo.get("peering"), key[0]):
+            return
         raw = client.CustomObjectsApi(memo.api).get_namespaced_custom_object(
             GROUP, VERSION, *key, PLURAL
         )
