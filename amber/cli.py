@@ -484,6 +484,14 @@ def operator(
     liveness_port: Annotated[int, typer.Option(help="Port of /healthz (0: off).")] = 8080,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: off).")] = 9090,
     json_logs: Annotated[bool, typer.Option(help="Structured JSON log lines.")] = False,
+    timer_only: Annotated[
+        bool,
+        typer.Option(
+            hidden=True,
+            help="React to the timer alone, not to Jobs' ends nor at retry times: the "
+            "behaviour bench/operator_scale.py compares against.",
+        ),
+    ] = False,
 ) -> None:
     """Run the Kubernetes operator (all namespaces unless --namespace is given)."""
     import os
@@ -500,7 +508,7 @@ def operator(
 
     settings = kopf.OperatorSettings()
     settings.peering.lifetime = peering_lifetime
-    memo = kopf.Memo(peering=None)
+    memo = kopf.Memo(peering=None, timer_only=timer_only)
     identity = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     if peering is not None:
         if priority is None:

@@ -1,12 +1,22 @@
 """Operator at scale: N resources applied at once against the test control plane.
 
-    python bench/operator_scale.py [--resources 100]
+    python bench/operator_scale.py [--resources 100 1000] [--modes events timer]
 
 Starts the control plane from tests/cluster (no pod runner: only the operator's reaction is
-measured), the operator as its own process, then applies N tiny AmberCompressions in one
-`kubectl apply`. Prints the time from apply to each resource's first Job (median, p99, max),
-API requests per resource (from the apiserver's own `apiserver_request_total`), and the
-operator's peak RSS.
+measured) and, for each N and each mode, the operator as its own process in a namespace of
+its own, then applies N tiny AmberCompressions in one `kubectl apply`. Measured:
+
+- apply -> each resource's first Job (median, p99, max);
+- a stage ending -> the next stage's Job: for every resource at once, the first stage's
+  output is committed in storage and its Job deleted (as a pod that finished instantly
+  would leave it: the operator reads storage, never trusts a Job's word), and the time to
+  the second stage's Job is taken (median, p99);
+- API requests per resource until every first Job (the apiserver's own
+  `apiserver_request_total`, all clients), the operator's peak RSS and CPU seconds.
+
+Modes: `events` is the operator as shipped (Job watch, retries at their backoff, the 60 s
+safety-net timer); `timer` is the baseline, the operator reacting to its timer alone
+(`--timer-only`) at a 10 s interval, as it did before the Job watch.
 """
 
 from __future__ import annotations
@@ -31,7 +41,11 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 from kubernetes import client, watch
 
+from amber import commits
+from amber.plan import OUTPUT, plan
+from amber.resource import parse
 from amber.schema import crd
+from amber.storage import open_store
 from kube import Cluster, build, wait_for
 from trainer_helpers import free_port, tiny_resource
 
@@ -49,90 +63,140 @@ def api_requests(cluster: Cluster) -> float:
     return sum(float(m.group(1)) for line in text.splitlines() if (m := pattern.match(line)))
 
 
+MODES = {
+    "events": ([], "60"),  # as shipped: the timer is only the safety net
+    "timer": (["--timer-only"], "10"),  # the baseline: a 10 s timer and nothing else
+}
+
+
+def quantiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, max(0, round(0.99 * len(ordered)) - 1))]
+    return statistics.median(ordered), p99, ordered[-1]
+
+
+def measure(cluster: Cluster, work: Path, count: int, mode: str) -> dict:
+    namespace = f"scale-{mode}-{count}"
+    cluster.core.create_namespace({"metadata": {"name": namespace}})
+    flags, interval = MODES[mode]
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(cluster.kubeconfig),
+        "AMBER_RECONCILE_INTERVAL": interval,
+    }
+    log = (work / f"operator-{namespace}.log").open("w")
+    command = [sys.executable, "-m", "amber", "operator", "-n", namespace]
+    ports = ["--liveness-port", str(free_port()), "--metrics-port", str(free_port())]
+    operator = subprocess.Popen(
+        [*command, *ports, *flags], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    proc = psutil.Process(operator.pid)
+    time.sleep(5)  # let kopf start its watches
+
+    created: dict[tuple[str, str], float] = {}  # (resource, stage) -> when its Job appeared
+    batch = client.BatchV1Api(cluster.api)
+    stop = threading.Event()
+
+    def watch_jobs():
+        stream = watch.Watch().stream(batch.list_namespaced_job, namespace, timeout_seconds=1800)
+        for event in stream:
+            labels = event["object"].metadata.labels
+            key = (labels.get("amber.dev/resource"), labels.get("amber.dev/stage"))
+            created.setdefault(key, time.perf_counter())
+            if stop.is_set():
+                return
+
+    threading.Thread(target=watch_jobs, daemon=True).start()
+    store_uri = str(work / f"store-{namespace}")
+    docs = [tiny_resource(store_uri, name=f"r{i:04d}") for i in range(count)]
+    for doc in docs:
+        doc["metadata"]["namespace"] = namespace
+    (work / "resources.yaml").write_text(yaml.safe_dump_all(docs))
+    first, second = (plan(parse(docs[0]))[i].stage.name for i in (0, 1))
+    before = api_requests(cluster)
+    peak = 0.0
+
+    def sample():
+        nonlocal peak
+        peak = max(peak, proc.memory_info().rss / 2**20)
+
+    applied = time.perf_counter()
+    cluster.kubectl("apply", "-f", str(work / "resources.yaml"))
+
+    def started(stage):
+        sample()
+        return sum(k[1] == stage for k in created) >= count
+
+    wait_for(lambda: started(first), 1800, 0.2, "a Job for every resource")
+    after = api_requests(cluster)
+    first_delays = [t - applied for k, t in created.items() if k[1] == first]
+
+    # Every first stage ends at once: its output committed, its Job gone.
+    ended = {}
+    for doc in docs:
+        run = plan(parse(doc))[0]
+        store = open_store(run.run_uri)
+        commits.write_marker(store, f"{first}/{OUTPUT}", 1, {}, {}, run.spec_hash)
+    for job in batch.list_namespaced_job(namespace, label_selector="amber.dev/stage").items:
+        batch.delete_namespaced_job(job.metadata.name, namespace, propagation_policy="Background")
+        ended[job.metadata.labels["amber.dev/resource"]] = time.perf_counter()
+    wait_for(lambda: started(second), 1800, 0.2, "the second stage's Job for every resource")
+    stop.set()
+    next_delays = [t - ended[k[0]] for k, t in created.items() if k[1] == second]
+    cpu = proc.cpu_times()
+    operator.terminate()
+    operator.wait(timeout=60)
+    log.close()
+    return {
+        "first": quantiles(first_delays),
+        "next": quantiles(next_delays),
+        "requests": (after - before) / count,
+        "rss": peak,
+        "cpu": cpu.user + cpu.system,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resources", type=int, default=100)
+    parser.add_argument("--resources", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="amber-scale-"))
     cluster = Cluster(work / "cluster", build()["testcluster"])
     cluster.dir.mkdir()
     cluster.start()
     cluster.runner.stop()  # no pods are run: only the operator's reaction is measured
-    namespace = "scale"
-    cluster.core.create_namespace({"metadata": {"name": namespace}})
     (work / "crd.yaml").write_text(yaml.safe_dump(crd()))
     cluster.kubectl("apply", "-f", str(work / "crd.yaml"))
     cluster.kubectl("wait", "--for=condition=Established", "crd/ambercompressions.amber.dev")
-
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "AMBER_RECONCILE_INTERVAL": "10"}
-    log = (work / "operator.log").open("w")
-    log = (work / "operator.log").open("w")
-    operator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "amber",
-            "operator",
-            "-n",
-            namespace,
-            "--liveness-port",
-            str(free_port()),
-            "--metrics-port",
-            str(free_port()),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    proc = psutil.Process(operator.pid)
-    time.sleep(5)  # let kopf start its watches
-
-    first_job: dict[str, float] = {}
-    batch = client.BatchV1Api(cluster.api)
-    stop = threading.Event()
-
-    def watch_jobs():
-        stream = watch.Watch().stream(batch.list_namespaced_job, namespace, timeout_seconds=600)
-        for event in stream:
-            owner = event["object"].metadata.labels.get("amber.dev/resource")
-            first_job.setdefault(owner, time.perf_counter())
-            if stop.is_set():
-                return
-
-    threading.Thread(target=watch_jobs, daemon=True).start()
-    docs = [tiny_resource(str(work / "store"), name=f"r{i:03d}") for i in range(args.resources)]
-    for doc in docs:
-        doc["metadata"]["namespace"] = namespace
-    (work / "resources.yaml").write_text(yaml.safe_dump_all(docs))
-    before = api_requests(cluster)
-    peak = 0.0
-    applied = time.perf_counter()
-    cluster.kubectl("apply", "-f", str(work / "resources.yaml"))
-
-    def all_started():
-        nonlocal peak
-        peak = max(peak, proc.memory_info().rss / 2**20)
-        return len(first_job) >= args.resources
-
-    wait_for(all_started, 600, 0.2, "a Job for every resource")
-    stop.set()
-    after = api_requests(cluster)
-    delays = sorted(t - applied for t in first_job.values())
-    p99 = delays[min(len(delays) - 1, round(0.99 * len(delays)) - 1)]
-    print(f"{args.resources} resources applied at once; operator with reconcile interval 10 s")
+    try:
+        rows = [(n, m, measure(cluster, work, n, m)) for n in args.resources for m in args.modes]
+    finally:
+        cluster.stop()
+    print("mode: events = Job watch + retries at their time + 60 s timer (as shipped);")
+    print("      timer = the 10 s timer alone (the baseline)")
     print(
-        f"apply -> first Job: median {statistics.median(delays):.2f} s, p99 {p99:.2f} s, "
-        f"max {delays[-1]:.2f} s"
+        f"{'N':>5} {'mode':<7} {'apply->first Job s (median/p99/max)':>36} "
+        f"{'stage end->next Job s (median/p99/max)':>40} {'req/res':>8} {'RSS MiB':>8} "
+        f"{'CPU s':>6}"
     )
-    print(
-        f"API requests per resource (all clients, until every first Job): "
-        f"{(after - before) / args.resources:.1f}"
-    )
-    print(f"operator peak RSS: {peak:.0f} MiB")
-    operator.terminate()
-    operator.wait(timeout=30)
-    log.close()
-    cluster.stop()
+    for n, mode, r in rows:
+        first = "/".join(f"{x:.2f}" for x in r["first"])
+        after = "/".join(f"{x:.2f}" for x in r["next"])
+        print(
+            f"{n:>5} {mode:<7} {first:>36} {after:>40} {r['requests']:>8.1f} "
+            f"{r['rss']:>8.0f} {r['cpu']:>6.1f}"
+        )
+    for n in args.resources:
+        got = {mode: r for m, mode, r in ((x[0], x[1], x[2]) for x in rows) if m == n}
+        if {"events", "timer"} <= got.keys():
+            e, t = got["events"], got["timer"]
+            print(
+                f"N={n}: stage end->next Job p99 {e['next'][1]:.2f} s vs {t['next'][1]:.2f} s "
+                f"({e['next'][1] / t['next'][1]:.2f}x); apply->first Job p99 "
+                f"{e['first'][1]:.2f} s vs {t['first'][1]:.2f} s; requests per resource "
+                f"{e['requests']:.1f} vs {t['requests']:.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, logger) -> None:
             metrics.RECONCILE_ERRORS.inc()
             raise
     key = (body.metadata.namespace, body.metadata.name)
-    if again is None:
+    if again is None or memo.get("timer_only"):
         memo.requeue.cancel(key)
     else:
         memo.requeue.at(key, again)
@@ -196,6 +196,8 @@ def on_job(
 ) -> None:
     """A stage Job finished or went away: reconcile its resource now, so the next stage (or
     the retry) does not wait for the timer, which stays as the slow safety net."""
+    if memo.get("timer_only"):
+        return
     if event.get("type") != "DELETED" and observe.job_state(body).finished is None:
         return
     key = (body.metadata.namespace, body.metadata.labels[render.LABEL_RESOURCE])
