@@ -48,6 +48,54 @@ def test_chart_lints_clean_and_its_crd_is_the_generated_one(cluster):
     assert bad.returncode != 0 and "/replicas" in bad.stdout + bad.stderr
 
 
+def exported_series() -> set[str]:
+    """Every series name the operator's metrics endpoint can serve."""
+    from prometheus_client import REGISTRY
+
+    from amber_operator import metrics  # noqa: F401 - registers the operator's metrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {
+        family.name + suffix
+        for family in REGISTRY.collect()
+        if family.name.startswith("amber_")
+        for suffix in suffixes.get(family.type, ("",))
+    }
+
+
+def test_monitoring_values_render_alerts_and_a_dashboard_of_exported_series(cluster):
+    on = ["metrics.serviceMonitor.enabled", "metrics.prometheusRule.enabled",
+          "metrics.dashboard.enabled"]  # fmt: skip
+    values = [arg for key in on for arg in ("--set", f"{key}=true")]
+    assert "0 chart(s) failed" in helm(cluster, "lint", "--strict", str(CHART), *values).stdout
+
+    def render(*args):
+        out = helm(cluster, "template", RELEASE, str(CHART), "--namespace", SYSTEM, *args).stdout
+        return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+
+    assert not {k for k, _ in render()} & {"ServiceMonitor", "PrometheusRule"}  # opt-in
+    found = render(*values)
+    rule = found[("PrometheusRule", RELEASE)]
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(alerts) == {
+        "AmberCompressionStalled",
+        "AmberStageRestartsFrequent",
+        "AmberReconcileErrors",
+        "AmberStageNoProgress",
+    }
+    assert alerts["AmberCompressionStalled"]["for"] == "15m"
+    board = found[("ConfigMap", f"{RELEASE}-dashboard")]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(board["data"]["amber-operator.json"])
+    exprs = [r["expr"] for r in alerts.values()]
+    exprs += [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = set(re.findall(r"\bamber_[a-z_]+", " ".join(exprs)))
+    assert used and used <= exported_series(), used - exported_series()
+    titles = {panel["title"] for panel in dashboard["panels"]}
+    assert {"Resources by phase", "Time left per run (estimate)", "Reconcile latency"} <= titles
+    assert found[("ServiceMonitor", RELEASE)]["spec"]["endpoints"][0]["port"] == "metrics"
+
+
 def test_rendered_manifests_match_the_chart(cluster):
     rendered = helm(cluster, "template", RELEASE, str(CHART), "--namespace", SYSTEM).stdout
     committed = (ROOT / "manifests" / "install" / "amber-operator.yaml").read_text()

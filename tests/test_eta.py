@@ -54,7 +54,8 @@ def test_eta_column(seconds, shown):
     assert eta.human(seconds) == shown
 
 
-def test_gauges_follow_the_running_stage_and_go_with_it():
+def test_gauges_follow_the_resource_and_go_with_it():
+    from amber_operator import conditions as c
     from amber_operator import metrics
 
     def value(name, **labels):
@@ -75,12 +76,16 @@ def test_gauges_follow_the_running_stage_and_go_with_it():
         ],
         estimated_remaining_seconds=600,
     )
-    metrics.set_progress("ml", "gauged", status)
+    metrics.set_resource("ml", "gauged", status)
     assert value("amber_stage_progress_ratio", **run, type="finetune") == 0.25
     assert value("amber_stage_samples_per_second", **run, type="finetune") == 12.5
     assert value("amber_stage_eta_seconds", **run, type="finetune") == 60
     assert value("amber_pipeline_eta_seconds", **run) == 600
     status.stages[1].phase = "Succeeded"
-    metrics.set_progress("ml", "gauged", status)
+    status.conditions = c.set_condition([], c.STALLED, True, c.STORAGE_UNAVAILABLE, "", "t", 1)
+    metrics.set_resource("ml", "gauged", status)
     assert value("amber_stage_progress_ratio", **run, type="finetune") is None
     assert value("amber_pipeline_eta_seconds", **run) is None
+    assert value("amber_resource_stalled", **run, reason=c.STORAGE_UNAVAILABLE) == 1
+    metrics.forget("ml", "gauged")  # deleted
+    assert value("amber_resource_stalled", **run, reason=c.STORAGE_UNAVAILABLE) is None

@@ -168,7 +168,7 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> float | None:
             metrics.STAGE_SECONDS.labels(after.type).observe((now - started).total_seconds())
     _phases[body.metadata.uid] = decision.status.phase
     metrics.set_phases(_phases)
-    metrics.set_progress(ns, name, decision.status)
+    metrics.set_resource(ns, name, decision.status)
     return decision.requeue_after
 
 

@@ -32,7 +32,47 @@ STAGE_ETA = Gauge(
 PIPELINE_ETA = Gauge(
     "amber_pipeline_eta_seconds", "Estimated seconds left in the whole run (an estimate)", RUN
 )
-_shown: dict[tuple[str, str], str] = {}  # resource -> the stage type its gauges carry
+STALLED = Gauge(
+    "amber_resource_stalled",
+    "1 while a resource is Stalled, by the condition's reason",
+    [*RUN, "reason"],
+)
+# Per resource, the label values of the series it has now: removed when they no longer hold.
+_series: dict[tuple[str, str], list[tuple[Gauge, tuple[str, ...]]]] = {}
+
+
+def set_resource(namespace: str, resource: str, status) -> None:
+    """A resource's own series from its status: the running stage's progress, rate and time
+    left, the run's time left, and Stalled; each gone when it no longer holds."""
+    forget(namespace, resource)
+    shown = _series[(namespace, resource)] = []
+
+    def put(gauge: Gauge, labels: tuple[str, ...], value: float) -> None:
+        gauge.labels(*labels).set(value)
+        shown.append((gauge, labels))
+
+    stalled = next((c for c in status.conditions if c.type == "Stalled"), None)
+    if stalled is not None and stalled.status == "True":
+        put(STALLED, (namespace, resource, stalled.reason), 1)
+    running = next((s for s in status.stages if s.phase == "Running"), None)
+    if running is None or not running.progress:
+        return
+    labels = (namespace, resource, running.type)
+    step, total = (int(x) for x in running.progress.split("/"))
+    put(STAGE_PROGRESS, labels, step / total if total else 0.0)
+    if running.samples_per_second is not None:
+        put(STAGE_SAMPLES, labels, running.samples_per_second)
+    if running.estimated_remaining_seconds is not None:
+        put(STAGE_ETA, labels, running.estimated_remaining_seconds)
+    if status.estimated_remaining_seconds is not None:
+        put(PIPELINE_ETA, (namespace, resource), status.estimated_remaining_seconds)
+
+
+def forget(namespace: str, resource: str) -> None:
+    """Drop a resource's own series (a pass replaces them; a deleted resource has none)."""
+    for gauge, labels in _series.pop((namespace, resource), []):
+        with contextlib.suppress(KeyError):
+            gauge.remove(*labels)
 
 
 def serve(port: int) -> None:
@@ -44,33 +84,3 @@ def set_phases(phases: dict[str, str]) -> None:
     """Recount resources by phase from the operator's view (uid -> phase)."""
     for phase in PHASES:
         RESOURCES.labels(phase).set(sum(p == phase for p in phases.values()))
-
-
-def set_progress(namespace: str, resource: str, status) -> None:
-    """The running stage's gauges from a resource's status; none when nothing runs."""
-    key = (namespace, resource)
-    forget(namespace, resource)
-    running = next((s for s in status.stages if s.phase == "Running"), None)
-    if running is None or not running.progress:
-        return
-    labels = (namespace, resource, running.type)
-    step, total = (int(x) for x in running.progress.split("/"))
-    STAGE_PROGRESS.labels(*labels).set(step / total if total else 0.0)
-    if running.samples_per_second is not None:
-        STAGE_SAMPLES.labels(*labels).set(running.samples_per_second)
-    if running.estimated_remaining_seconds is not None:
-        STAGE_ETA.labels(*labels).set(running.estimated_remaining_seconds)
-    if status.estimated_remaining_seconds is not None:
-        PIPELINE_ETA.labels(namespace, resource).set(status.estimated_remaining_seconds)
-    _shown[key] = running.type
-
-
-def forget(namespace: str, resource: str) -> None:
-    """Drop a resource's progress series (its stage finished, or it was deleted)."""
-    stage_type = _shown.pop((namespace, resource), None)
-    if stage_type is not None:
-        for gauge in (STAGE_PROGRESS, STAGE_SAMPLES, STAGE_ETA):
-            with contextlib.suppress(KeyError):
-                gauge.remove(namespace, resource, stage_type)
-    with contextlib.suppress(KeyError):
-        PIPELINE_ETA.remove(namespace, resource)
