@@ -165,14 +165,14 @@ def train(
         state["step"] = step + 1
         state["losses"].append(step_loss)
         state["parts"].append(step_parts)
-        elapsed = time.perf_counter() - started
-        rate = (step + 1 - first_step) * samples_per_step / max(elapsed, 1e-9)
+        steps_per_second = (step + 1 - first_step) / max(time.perf_counter() - started, 1e-9)
         rt.progress(
             step_offset + step + 1,
             progress_total or step_offset + total_steps,
+            steps_per_second,
+            steps_per_second * samples_per_step,
             phase=label,
             loss=round(step_loss, 6),
-            samples_per_s=round(rate, 2),
         )
         done = step + 1 == total_steps
         if (step + 1) % params.checkpoint_every == 0 and not done:

@@ -45,7 +45,6 @@ class Runtime:
     # output files this rank uploaded itself; rank 0's commit marker lists them too
     output_parts: dict = field(default_factory=dict)
     _last_progress: float = field(default=0.0, repr=False)
-    _first_step: tuple[int, float] | None = field(default=None, repr=False)  # of this attempt
 
     @property
     def stage(self) -> str:
@@ -78,37 +77,26 @@ class Runtime:
         if self.is_main:
             print(json.dumps({"event": event, "stage": self.stage, **fields}), flush=True)
 
-    def progress(self, step: int, total: int, **metrics: Any) -> None:
-        self.log("progress", step=step, total=total, **metrics)
+    def progress(
+        self,
+        step: int,
+        total: int,
+        steps_per_second: float | None = None,
+        samples_per_second: float | None = None,
+        **metrics: Any,
+    ) -> None:
+        """One step done: an event line, and at a bounded rate the stage's progress record
+        in storage (the operator's progress, rates and time left). Rates are since the
+        attempt's (or the fusion phase's) first step."""
+        rates = {"steps_per_second": steps_per_second, "samples_per_second": samples_per_second}
+        shown = {k: round(v, 3) for k, v in rates.items() if v is not None}
+        self.log("progress", step=step, total=total, **shown, **metrics)
         now = time.monotonic()
-        if self._first_step is None:
-            self._first_step = (step, now)
-        # The operator shows progress from storage; write it at a bounded rate.
         if self.is_main and (now - self._last_progress > PROGRESS_EVERY_S or step == total):
             self._last_progress = now
-            first, since = self._first_step
-            rate = (step - first) / (now - since) if step > first and now > since else None
-            per_step = self.samples_per_step()
-            record = ProgressRecord(
-                step=step,
-                total=total,
-                time=time.time(),
-                steps_per_second=rate,
-                samples_per_second=rate * per_step if rate and per_step else None,
-                **metrics,
-            )
-            self.store.write_text(
-                f"{self.stage}/progress.json",
-                record.model_dump_json(by_alias=True, exclude_none=True),
-            )
-
-    def samples_per_step(self) -> int | None:
-        """Training samples one optimiser step reads, all processes; None for a stage that
-        does not train."""
-        stage = self.run.stage
-        if not isinstance(stage, TrainingParams):
-            return None
-        return stage.micro_batch_size * stage.gradient_accumulation * self.world
+            record = ProgressRecord(step=step, total=total, time=time.time(), **rates, **metrics)
+            text = record.model_dump_json(by_alias=True, exclude_none=True)
+            self.store.write_text(f"{self.stage}/progress.json", text)
 
     def output(self) -> commits.Manifest | None:
         """This stage's committed output for the current spec, if it exists."""
