@@ -267,8 +267,16 @@ def test_all_stages_done_publishes_once_and_is_ready():
 def test_storage_errors_stall_without_actions():
     obj = resource()
     d = step(obj, None, Observed(storage_error="storage s3://b: AccessDenied"))
-    assert d.actions == [] and d.status.phase == "Failed"
+    # Retried every 30 s: Pending and Stalled, never the terminal Failed.
+    assert d.actions == [] and d.status.phase == "Pending" and d.requeue_after == 30
     assert cond(d.status, c.STALLED).reason == c.STORAGE_UNAVAILABLE
+    assert [e.reason for e in d.events] == [c.STORAGE_UNAVAILABLE]
+    again = step(obj, d.status, Observed(storage_error="storage s3://b: AccessDenied"))
+    assert again.events == []  # said once
+    # A stage already running goes on: the resource is Running, still Stalled.
+    running = Observed(jobs=(job_for(obj, "score", 1),), storage_error="storage s3://b: timeout")
+    d = step(obj, d.status, running)
+    assert d.status.phase == "Running" and cond(d.status, c.STALLED).status == "True"
     assert d.requeue_after == 30
 
 

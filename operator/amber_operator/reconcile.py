@@ -173,13 +173,19 @@ def decide(
     out.progress = f"{done}/{len(stages)}"
 
     if observed.storage_error:
+        # Transient as far as anyone knows, and retried: not Failed (which is terminal), but
+        # whatever runs goes on running, Stalled=True saying why nothing new starts.
+        already = any(
+            x.type == c.STALLED and x.status == "True" and x.reason == c.STORAGE_UNAVAILABLE
+            for x in status.conditions
+        )
         condition(c.STALLED, True, c.STORAGE_UNAVAILABLE, observed.storage_error)
         condition(c.READY, False, c.STORAGE_UNAVAILABLE, observed.storage_error)
-        if status.phase != "Failed" or not any(
-            x.type == c.STALLED and x.reason == c.STORAGE_UNAVAILABLE for x in status.conditions
-        ):
+        if not already:
             event("Warning", c.STORAGE_UNAVAILABLE, observed.storage_error)
-        out.phase = "Failed"
+        live = {(r.stage.name, r.spec_hash) for r in runs}
+        running = any(j.finished is None and (j.stage, j.spec_hash) in live for j in observed.jobs)
+        out.phase = "Running" if running else "Pending"
         out.current_stage = current[0].stage.name if current else None
         decision.requeue_after = 30.0
         return decision
