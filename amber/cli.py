@@ -401,19 +401,24 @@ def report_command(
 @app.command()
 def generate(
     model: Annotated[Path, typer.Option(help="A final/ folder, or a diffusers pipeline folder.")],
-    prompt: Annotated[str, typer.Option(help="What to draw.")],
+    prompt: Annotated[list[str], typer.Option(help="What to draw (repeat for a grid's rows).")],
     out: Annotated[Path, typer.Option(help="Where to write the PNG.")] = Path("amber.png"),
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     size: Annotated[int, typer.Option(help="Image side (latent side for a bare model).")] = 16,
+    compare: Annotated[
+        Path | None,
+        typer.Option(help="Another model (the teacher): its images beside these, same noise."),
+    ] = None,
 ) -> None:
-    """Sample an image from a compressed model."""
+    """Sample an image from a compressed model, or a grid beside another model's."""
     from amber_trainer.generate import generate as run_generate
 
-    if not model.exists():
-        errors.print(f"--model: {model} does not exist")
-        raise typer.Exit(EXIT_INVALID)
-    console.print(f"wrote {run_generate(model, prompt, out, steps, seed, size)}")
+    for option, folder in (("--model", model), ("--compare", compare)):
+        if folder is not None and not folder.exists():
+            errors.print(f"{option}: {folder} does not exist")
+            raise typer.Exit(EXIT_INVALID)
+    console.print(f"wrote {run_generate(model, prompt, out, steps, seed, size, compare)}")
 
 
 @app.command()

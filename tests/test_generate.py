@@ -59,3 +59,35 @@ def test_sampling_follows_the_velocity_field():
     assert generate.hashed_prompt("A b", 4, 8)[0][0, 0].equal(
         generate.hashed_prompt("a", 4, 8)[0][0, 0]
     )
+
+
+def test_compare_puts_the_teachers_images_beside_the_models(tmp_path):
+    teacher = models.build(models.named_config("tiny"), seed=1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    fuse.convert(models.build(models.named_config("tiny"), seed=2), 3).save_pretrained(
+        tmp_path / "run" / "final"
+    )
+    prompts = ["a red square", "two blue circles"]
+    sheet = generate.generate(
+        tmp_path / "run" / "final",
+        prompts,
+        tmp_path / "grid.png",
+        4,
+        3,
+        compare=tmp_path / "teacher",
+    )
+    grid = np.asarray(Image.open(sheet))
+    alone = [
+        [np.asarray(generate.render(tmp_path / f, p, 4, 3, 16)) for f in ("teacher", "run/final")]
+        for p in prompts
+    ]
+    height, width = alone[0][0].shape[:2]
+    assert grid.shape == (generate.LABEL + 2 * height, 2 * width, 3)
+    for r, row in enumerate(alone):
+        for c, image in enumerate(row):
+            top = generate.LABEL + r * height
+            cell = grid[top : top + height, c * width : (c + 1) * width]
+            assert np.array_equal(cell, image), (r, c)  # same prompt, seed and noise
+    assert not np.array_equal(alone[0][0], alone[0][1])  # two models, two pictures
+    header = grid[: generate.LABEL]
+    assert (header < 128).any()  # the column captions are drawn

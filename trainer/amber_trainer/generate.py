@@ -75,28 +75,64 @@ def latents_to_image(latents: torch.Tensor, side: int, patch: int = 2) -> Image.
     )
 
 
-def generate(
-    model_dir: Path, prompt: str, out: Path, steps: int = 20, seed: int = 0, size: int = 16
-) -> Path:
+def render(model_dir: Path, prompt: str, steps: int, seed: int, size: int) -> Image.Image:
+    """One image for `prompt` from a pipeline folder or a bare transformer folder."""
     model_dir = Path(model_dir)
     if (model_dir / "model_index.json").exists():
         from diffusers import QwenImagePipeline
 
         transformer = models.load(model_dir / "transformer")
         pipe = QwenImagePipeline.from_pretrained(model_dir, transformer=transformer)
-        image = pipe(
+        return pipe(
             prompt=prompt,
             num_inference_steps=steps,
             height=size,
             width=size,
             generator=torch.Generator().manual_seed(seed),
         ).images[0]
+    model = models.load(model_dir).eval()
+    text, mask = hashed_prompt(prompt, 16, model.config.joint_attention_dim)
+    side = size // model.config.patch_size
+    latents = sample_latents(model, text, mask, side, steps, seed)
+    return latents_to_image(latents, side, model.config.patch_size)
+
+
+LABEL = 18  # pixels of the caption strip above each column of a comparison grid
+
+
+def grid(rows: list[list[Image.Image]], labels: list[str]) -> Image.Image:
+    """Images side by side (one row per prompt), each column captioned."""
+    from PIL import ImageDraw
+
+    width, height = rows[0][0].size
+    sheet = Image.new("RGB", (width * len(labels), LABEL + height * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for column, label in enumerate(labels):
+        draw.text((column * width + 4, 3), label, fill="black")
+    for r, row in enumerate(rows):
+        for column, image in enumerate(row):
+            sheet.paste(image.convert("RGB"), (column * width, LABEL + r * height))
+    return sheet
+
+
+def generate(
+    model_dir: Path,
+    prompts: list[str] | str,
+    out: Path,
+    steps: int = 20,
+    seed: int = 0,
+    size: int = 16,
+    compare: Path | None = None,
+) -> Path:
+    """The model's image for each prompt; with `compare` (the teacher, say), a grid of that
+    model's images beside this one's, same prompts, seed and noise."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    folders = [Path(compare), Path(model_dir)] if compare else [Path(model_dir)]
+    rows = [[render(f, prompt, steps, seed, size) for f in folders] for prompt in prompts]
+    if compare is None and len(prompts) == 1:
+        image = rows[0][0]
     else:
-        model = models.load(model_dir).eval()
-        text, mask = hashed_prompt(prompt, 16, model.config.joint_attention_dim)
-        side = size // model.config.patch_size
-        latents = sample_latents(model, text, mask, side, steps, seed)
-        image = latents_to_image(latents, side, model.config.patch_size)
+        image = grid(rows, [f.name if f.name != "final" else f.parent.name for f in folders])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
