@@ -5,6 +5,13 @@ local scratch and uploads them; rank 0 gathers their sizes and checksums and wri
 commit marker only after all of them are in the store. Data position and noise are pure
 functions of the step (see `data.Sampler`), so the step number is all the loop needs to
 continue exactly where it stopped.
+
+A checkpoint records the number of processes that wrote it. Resumed by another number (the
+resource's `pods` changed, or `amber run --nproc`), DeepSpeed's optimizer state cannot be
+read back: ZeRO partitions it per rank, and one process trains without ZeRO. The weights,
+the step (so the data position), the learning-rate schedule, the loss history and the
+moving average are restored all the same, and the optimizer's moments start afresh: the
+stage goes on, with a warning that says so, instead of failing on every attempt.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from amber_trainer.runtime import Runtime
 
 TAG = "state"
 KEEP = 2  # committed checkpoints kept per stage: the newest, and one in case it is bad
+WORLD = "world"  # in a checkpoint's marker: how many processes wrote it
 
 
 def save(rt: Runtime, engine, step: int, state: dict[str, Any], metrics: dict) -> None:
@@ -29,6 +37,7 @@ def save(rt: Runtime, engine, step: int, state: dict[str, Any], metrics: dict) -
     everyone = rt.gather(mine)
     if rt.is_main:
         files = {name: entry for part in everyone for name, entry in part.items()}
+        metrics = {**metrics, WORLD: rt.world}
         commits.write_marker(rt.store, folder, step, files, metrics, rt.run.spec_hash)
         commits.prune_checkpoints(rt.store, rt.stage, keep=KEEP)
     rt.barrier()
@@ -63,10 +72,18 @@ def resume(rt: Runtime, engine, accept=lambda manifest: True, **context):
                 )
             rt.barrier()
             continue
-        path, client = engine.load_checkpoint(str(local), tag=TAG)
+        written = manifest.metrics.get(WORLD, rt.world)
+        same = written == rt.world
+        path, client = engine.load_checkpoint(str(local), tag=TAG, load_optimizer_states=same)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {manifest.folder}")
         shutil.rmtree(local, ignore_errors=True)
-        rt.log("resumed", step=manifest.step, checkpoint=manifest.folder, **context)
+        if not same:
+            rt.warn(
+                f"checkpoint {manifest.folder} was written by {written} processes and this "
+                f"attempt has {rt.world}: weights, step, schedule and history restored, the "
+                "optimizer's moments start afresh"
+            )
+        rt.log("resumed", step=manifest.step, checkpoint=manifest.folder, world=written, **context)
         return manifest, client["amber"]
     return None
