@@ -176,36 +176,42 @@ def test_killed_stage_resumes_from_its_last_checkpoint_with_the_same_curve(bucke
     assert done["loss"] == pytest.approx(reference["loss"], rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
-def test_a_stage_resumes_with_another_number_of_processes(bucket, tmp_path, before, after):
+@pytest.mark.parametrize(("stage", "before", "after"), [("distill", 2, 1), ("finetune", 1, 2)])
+def test_a_stage_resumes_with_another_number_of_processes(bucket, tmp_path, stage, before, after):
     # Killed after a checkpoint written by `before` processes, resumed by `after`: the
     # weights, step, schedule and loss history go on; ZeRO's per-rank optimizer state cannot.
-    steps = {"distill": {**FAST["distill"], "steps": 24, "checkpointEvery": 8}}
+    steps = {stage: {**FAST[stage], "steps": 24, "checkpointEvery": 8}}
     runs = stage_runs(tiny_resource(f"s3://{bucket}/world-{before}-{after}", **steps))
-    for name in ("score", "prune"):
+    for name in ORDER[: ORDER.index(stage)]:
         assert finish(torchrun(runs[name], tmp_path, nproc=1))[0] == 0
-    store = open_store(runs["distill"].run_uri)
-    proc = torchrun(runs["distill"], tmp_path, nproc=before)
+    store = open_store(runs[stage].run_uri)
+    proc = torchrun(runs[stage], tmp_path, nproc=before)
     deadline = time.monotonic() + 300
-    while commits.latest_checkpoint(store, "distill") is None:
+    while commits.latest_checkpoint(store, stage) is None:
         assert proc.poll() is None, "finished before its first checkpoint"
         assert time.monotonic() < deadline
         time.sleep(0.2)
     kill_tree(proc)
-    first = commits.latest_checkpoint(store, "distill")
+    logged = [json.loads(line) for line in proc.stdout.read().splitlines() if '"progress"' in line]
+    first = commits.latest_checkpoint(store, stage)
     assert first.metrics["world"] == before
 
-    code, out, events = finish(torchrun(runs["distill"], tmp_path, nproc=after))
+    code, out, events = finish(torchrun(runs[stage], tmp_path, nproc=after))
     assert code == 0, out[-3000:]
     [resumed] = [e for e in events if e["event"] == "resumed"]
     assert resumed["step"] >= first.step and resumed["world"] == before
     warnings = [e["message"] for e in events if e["event"] == "warning"]
     assert any(f"written by {before} processes" in w for w in warnings), warnings
-    done = json.loads(store.read_text("distill/output/metrics.json"))
+    done = json.loads(store.read_text(f"{stage}/output/metrics.json"))
     assert len(done["loss"]) == 24  # the curve is whole, not restarted from step 0
-    # It continues from the trained weights: the loss of the first step after the resume
-    # (computed before that step's update) is below the untrained start's.
-    assert done["loss"][resumed["step"]] < done["loss"][0]
+    # The history up to the checkpoint is the killed attempt's own, step for step.
+    killed = {e["step"]: e["loss"] for e in logged if e["event"] == "progress"}
+    for step in range(1, resumed["step"] + 1):
+        assert done["loss"][step - 1] == pytest.approx(killed[step], abs=1e-6), step
+    if stage == "distill":  # feature losses fall steadily; flow matching's are too noisy
+        # From the trained weights: the first loss after the resume (taken before that
+        # step's update) is below the untrained start's.
+        assert done["loss"][resumed["step"]] < done["loss"][0]
 
 
 def test_killed_fuse_resumes_inside_its_phase_with_the_whole_history(bucket, tmp_path):
