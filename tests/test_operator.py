@@ -198,13 +198,26 @@ def test_retries_start_when_their_backoff_ends_not_at_the_timer(cluster, namespa
         doc["spec"]["stages"] = doc["spec"]["stages"][:1]
         doc["spec"]["failurePolicy"] = {"maxRestarts": 1, "backoffSeconds": 6}
         apply(cluster, namespace, doc)
-        wait_for(lambda: len(jobs_of(cluster, namespace, "score")) == 2, 180, 0.5, "attempt 2")
+        try:
+            wait_for(lambda: len(jobs_of(cluster, namespace, "score")) == 2, 90, 0.5, "attempt 2")
+        except TimeoutError:
+            status = get(cluster, namespace, "backoff").get("status")
+            raise AssertionError(f"no attempt 2; status: {json.dumps(status)}") from None
+
+        def started_twice():  # the requeued pass posts its events like any other
+            raw = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+            reasons = [e["message"] for e in json.loads(raw)["items"]]
+            return any("score attempt 2" in m for m in reasons)
+
+        wait_for(started_twice, 30, 0.5, "the StageStarted event of attempt 2")
     finally:
         op.kill()
     first, second = sorted(jobs_of(cluster, namespace, "score"), key=lambda j: j.metadata.name)
     failed = next(c for c in first.status.conditions if c.type == "Failed")
     waited = (second.metadata.creation_timestamp - failed.last_transition_time).total_seconds()
     assert 5 <= waited <= 15, waited  # the backoff (timestamps are whole seconds)
+    log = (tmp_path / "operator.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
 
 
 def test_standby_takes_over_when_the_active_operator_dies(cluster, namespace, tmp_path):

@@ -66,3 +66,22 @@ def test_a_requeued_pass_defers_to_a_live_peer_of_higher_priority():
     assert not outranked({"other": peer(200, 61)}, me, now)  # its lifetime ran out
     assert not outranked({"other": peer(200, 11, lifetime=10)}, me, now)
     assert not outranked({"other": peer(50, 1), "left": None}, me, now)  # lower; one gone
+
+
+def test_a_pass_runs_in_the_context_of_the_handler_that_asked_for_it():
+    import contextvars
+
+    var = contextvars.ContextVar("var")
+    seen = []
+    done = threading.Event()
+
+    def fire(key):
+        seen.append(var.get(None))
+        done.set()
+
+    requeue = Requeue(fire)
+    var.set("the handler's")  # as kopf sets its settings and event queue for a handler
+    requeue.at(("ns", "a"), 0.05)
+    var.set("changed later")
+    assert done.wait(5)
+    assert seen == ["the handler's"]

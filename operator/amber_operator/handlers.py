@@ -66,8 +66,9 @@ def requeued(key: tuple[str, str], memo: kopf.Memo) -> None:
     try:
         if not peering.active(memo.api, memo.get("peering"), key[0]):
             return
+        namespace, name = key
         raw = client.CustomObjectsApi(memo.api).get_namespaced_custom_object(
-            GROUP, VERSION, *key, PLURAL
+            GROUP, VERSION, namespace, PLURAL, name
         )
     except client.ApiException as err:
         if err.status != 404:  # gone: nothing to do
