@@ -150,6 +150,7 @@ def test_crd_is_generated_and_structural():
         "Phase",
         "Stage",
         "Progress",
+        "ETA",
         "Restarts",
         "Age",
     ]
