@@ -22,6 +22,7 @@ safety-net timer); `timer` is the baseline, the operator reacting to its timer a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -99,12 +100,13 @@ def measure(cluster: Cluster, work: Path, count: int, mode: str) -> dict:
 
     def watch_jobs():
         stream = watch.Watch().stream(batch.list_namespaced_job, namespace, timeout_seconds=1800)
-        for event in stream:
-            labels = event["object"].metadata.labels
-            key = (labels.get("amber.dev/resource"), labels.get("amber.dev/stage"))
-            created.setdefault(key, time.perf_counter())
-            if stop.is_set():
-                return
+        with contextlib.suppress(Exception):  # the stream ends with the cluster
+            for event in stream:
+                labels = event["object"].metadata.labels
+                key = (labels.get("amber.dev/resource"), labels.get("amber.dev/stage"))
+                created.setdefault(key, time.perf_counter())
+                if stop.is_set():
+                    return
 
     threading.Thread(target=watch_jobs, daemon=True).start()
     store_uri = str(work / f"store-{namespace}")
