@@ -197,7 +197,12 @@ def test_ctrl_c_stops_the_warm_worker_and_the_next_run_resumes(tmp_path):
     run_store = open_store(str(store_dir / "default" / "ctrl-c"))
     args = ["--stages", "score,prune,distill", "-o", "json"]
 
-    proc = amber_run(resource, *args)
+    # As from a terminal: a shell that starts the tests in the background (CI) hands its
+    # children SIGINT ignored, and Python then never turns it into KeyboardInterrupt.
+    def terminal():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = amber_run(resource, *args, preexec_fn=terminal)
     deadline = time.monotonic() + 400
     while commits.latest_checkpoint(run_store, "distill") is None:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
