@@ -74,7 +74,8 @@ class Operator:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
             self.proc.wait(timeout=60)
-        self.log.close()
+        if self.proc:  # started: its log is open
+            self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -238,27 +239,36 @@ def test_standby_takes_over_when_the_active_operator_dies(cluster, namespace, tm
                 cluster.kubectl("wait", "--for=condition=Established", name)
     lifetime = 10
     peering = ["--peering", "amber-operator", "--peering-lifetime", str(lifetime)]
-    active, standby = (
-        Operator(
-            cluster, namespace, tmp_path / f"{role}.log", peering=[*peering, "--priority", prio]
-        ).start()
-        for role, prio in (("active", "200"), ("standby", "100"))
-    )
-    try:
-        wait_for(
-            lambda: "Pausing operations in favour of" in standby.log_path.read_text(),
-            60,
-            0.5,
-            "the standby to stand by",
+
+    def replica(role, priority):
+        log = tmp_path / f"{role}.log"
+        return Operator(cluster, namespace, log, peering=[*peering, "--priority", priority])
+
+    def peers():
+        found = client.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
+            "kopf.dev", "v1", namespace, "kopfpeerings", "amber-operator"
         )
+        return [identity for identity, peer in (found.get("status") or {}).items() if peer]
+
+    resuming = "Resuming operations after the pause"
+    active, standby = replica("active", "200"), replica("standby", "100")
+    try:
+        # The active replica first, working; then the standby, which finds it there.
+        active.start()
+        wait_for(lambda: resuming in active.log_path.read_text(), 60, 0.5, "the active one")
+        standby.start()
+        wait_for(lambda: len(peers()) == 2, 60, 0.5, "the standby in the peering object")
+        time.sleep(2)  # its watch of the peering object has delivered the active replica
         doc = tiny_resource(str(tmp_path / "store"), name="standby")
         doc["spec"]["stages"] = doc["spec"]["stages"][:3]  # score, prune, the warm start
         apply(cluster, namespace, doc)
         wait_for(lambda: jobs_of(cluster, namespace, "score"), 60, 0.2, "the score Job")
+        before = standby.log_path.read_text()
+        assert resuming not in before, before[-2000:]  # it stood by while the active lived
         active.kill()  # SIGKILL: no goodbye in the peering object
         killed = time.monotonic()
         wait_for(
-            lambda: "Resuming operations after the pause" in standby.log_path.read_text(),
+            lambda: resuming in standby.log_path.read_text()[len(before) :],
             lifetime + 30,
             0.2,
             "the standby to take over",
