@@ -18,8 +18,8 @@ def planned_samples(run: StageRun) -> int | None:
     stage = run.stage
     if not isinstance(stage, TrainingParams):
         return None
-    world = run.resources.pods * max(1, run.resources.gpus_per_pod)
-    return stage.planned_steps() * stage.micro_batch_size * stage.gradient_accumulation * world
+    batch = stage.micro_batch_size * stage.gradient_accumulation * run.resources.processes
+    return stage.planned_steps() * batch
 
 
 def remaining(

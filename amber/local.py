@@ -100,7 +100,7 @@ def free_port() -> int:
 
 def default_processes(run: StageRun) -> int:
     """The resource's process count, capped to this machine (one per GPU, else one)."""
-    wanted = run.resources.pods * max(1, run.resources.gpus_per_pod)
+    wanted = run.resources.processes
     try:
         import torch
 

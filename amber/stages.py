@@ -50,6 +50,11 @@ class ResourceSpec(Model):
         description="tolerations: Kubernetes tolerations for the pods.",
     )
 
+    @property
+    def processes(self) -> int:
+        """The gang's trainer processes: one per GPU, one per pod without GPUs."""
+        return self.pods * max(1, self.gpus_per_pod)
+
 
 class StageBase(Model):
     name: str = Field(
