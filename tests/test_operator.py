@@ -4,6 +4,7 @@ processes: kubectl apply -> operator -> Jobs -> pods -> trainer -> storage -> ne
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -429,6 +430,33 @@ def test_disruption_is_retried_without_counting(cluster, namespace, operator, tm
     assert "StageDisrupted" in {e["reason"] for e in events["items"]}
     cluster.kubectl("delete", "amc", "preempt", "-n", namespace, "--wait=true")
     wait_for(lambda: not cluster.runner.running(), 120, 0.5, "the trainer to stop")
+
+
+def test_stale_body_pass_never_undoes_a_newer_status(cluster, namespace, tmp_path):
+    """Two passes can start from the same old body (a Job watch event reads the resource from
+    the index, the timer from its last event): the later must decide again on the resource as
+    it is now, not write back counts from before the earlier pass. In-process, so the test
+    chooses the bodies."""
+    import kopf
+
+    from amber_operator import handlers
+    from amber_operator.requeue import Requeue
+
+    doc = tiny_resource(str(tmp_path / "store"), name="stale")
+    doc["spec"]["suspend"] = True  # passes write a status and start nothing
+    apply(cluster, namespace, doc)
+    old = kopf.Body(get(cluster, namespace, "stale"))
+    memo = kopf.Memo(api=cluster.api, requeue=Requeue(lambda key: None))
+    handlers.reconcile(old, memo, logging.getLogger("test"))
+    status = get(cluster, namespace, "stale")["status"]
+    assert status["phase"] == "Suspended"
+    # Another pass counted a disruption meanwhile.
+    status["stages"][0]["disruptions"] = 1
+    client.CustomObjectsApi(cluster.api).patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "stale", {"status": {"stages": status["stages"]}}
+    )
+    handlers.reconcile(old, memo, logging.getLogger("test"))  # the body from before both
+    assert get(cluster, namespace, "stale")["status"]["stages"][0]["disruptions"] == 1
 
 
 def test_unreadable_storage_stalls_clearly_without_crashing(cluster, namespace, operator, tmp_path):

@@ -84,9 +84,32 @@ def requeued(key: tuple[str, str], memo: kopf.Memo) -> None:
         memo.requeue.at(key, 10)
 
 
-def _status_patch(old: dict, new: dict) -> dict:
-    """A merge patch that also clears fields the new status no longer has."""
-    return {**{k: None for k in old if k not in new}, **new}
+class _Stale(Exception):
+    """The status changed since the body this pass decided on was read."""
+
+
+def _write_status(api: client.ApiClient, body: kopf.Body, old: dict, new: dict) -> None:
+    """A merge patch that also clears fields the new status no longer has, made only if the
+    resource is still the version this pass read: two passes that both started from an old
+    body (a watch event's, the Job index's) must not let the later one undo the earlier's
+    counts."""
+    patch = {
+        "metadata": {"resourceVersion": body.metadata.get("resourceVersion")},
+        "status": {**{k: None for k in old if k not in new}, **new},
+    }
+    try:
+        client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+            GROUP, VERSION, body.metadata.namespace, PLURAL, body.metadata.name, patch
+        )
+    except client.ApiException as err:
+        if err.status == 409:
+            raise _Stale() from None
+        raise
+
+
+# A pass that lost the race decides again on the resource as it is now; more than this many
+# losses in a row means something else writes the status, and the next pass will see it.
+STALE_RETRIES = 3
 
 
 def reconcile(body: kopf.Body, memo: kopf.Memo, logger) -> None:
@@ -94,7 +117,16 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, logger) -> None:
     lock = _locks.setdefault(uid, threading.Lock())
     with lock, metrics.RECONCILE_SECONDS.time():
         try:
-            again = _reconcile(body, memo.api, logger)
+            for retry in range(STALE_RETRIES + 1):
+                try:
+                    again = _reconcile(body, memo.api, logger)
+                    break
+                except _Stale:
+                    if retry == STALE_RETRIES:
+                        raise
+                    body = _fresh(memo.api, body)
+                    if body is None:  # deleted meanwhile
+                        return
         except kopf.PermanentError:
             raise
         except Exception:
@@ -107,11 +139,22 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, logger) -> None:
         memo.requeue.at(key, again)
 
 
+def _fresh(api: client.ApiClient, body: kopf.Body) -> kopf.Body | None:
+    try:
+        raw = client.CustomObjectsApi(api).get_namespaced_custom_object(
+            GROUP, VERSION, body.metadata.namespace, PLURAL, body.metadata.name
+        )
+    except client.ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+    return kopf.Body(raw)
+
+
 def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> float | None:
     """One pass; when the resource asks to be looked at again, in how many seconds."""
     ns, name = body.metadata.namespace, body.metadata.name
     generation = body.metadata.get("generation")
-    objects = client.CustomObjectsApi(api)
     old_status = dict(body.get("status") or {})
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     try:
@@ -130,9 +173,7 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> float | None:
         status.conditions = c.set_condition(
             status.conditions, c.READY, False, c.INVALID_SPEC, why, stamp, generation
         )
-        objects.patch_namespaced_custom_object_status(
-            GROUP, VERSION, ns, PLURAL, name, {"status": _status_patch(old_status, status.dump())}
-        )
+        _write_status(api, body, old_status, status.dump())
         kopf.event(body, type="Warning", reason=c.INVALID_SPEC, message=why[:1000])
         raise kopf.PermanentError(why) from None
 
@@ -152,9 +193,7 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> float | None:
     # One status write per pass, and only when something changed; events after it.
     new_status = decision.status.dump()
     if new_status != old_status:
-        objects.patch_namespaced_custom_object_status(
-            GROUP, VERSION, ns, PLURAL, name, {"status": _status_patch(old_status, new_status)}
-        )
+        _write_status(api, body, old_status, new_status)
     types = {s.name: s.type for s in decision.status.stages}
     for event in decision.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
