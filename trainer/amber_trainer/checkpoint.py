@@ -7,11 +7,12 @@ functions of the step (see `data.Sampler`), so the step number is all the loop n
 continue exactly where it stopped.
 
 A checkpoint records the number of processes that wrote it. Resumed by another number (the
-resource's `pods` changed, or `amber run --nproc`), DeepSpeed's optimizer state cannot be
-read back: ZeRO partitions it per rank, and one process trains without ZeRO. The weights,
+resource's `pods` changed, or `amber run --nproc`), DeepSpeed cannot read its optimizer
+state back: ZeRO partitions it per rank, and one process trains without ZeRO. The weights,
 the step (so the data position), the learning-rate schedule, the loss history and the
-moving average are restored all the same, and the optimizer's moments start afresh: the
-stage goes on, with a warning that says so, instead of failing on every attempt.
+moving average are restored as always, and AdamW's moments are read from the files by
+parameter name and handed to the new engine's partitions (`moments`): the stage goes on
+as if it had never stopped, with a line that says the world changed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import shutil
 from typing import Any
 
 from amber import commits
+from amber_trainer import moments
 from amber_trainer.runtime import Runtime
 
 TAG = "state"
@@ -31,7 +33,8 @@ def save(rt: Runtime, engine, step: int, state: dict[str, Any], metrics: dict) -
     """Collective: every rank calls it at the same step."""
     local = rt.workdir / "checkpoint"
     shutil.rmtree(local, ignore_errors=True)
-    engine.save_checkpoint(str(local), tag=TAG, client_state={"amber": state})
+    client = {"amber": state, moments.NAMES: moments.trainable_names(engine.module)}
+    engine.save_checkpoint(str(local), tag=TAG, client_state=client)
     folder = f"{rt.stage}/{commits.checkpoint_folder(step)}"
     mine = commits.upload_files(rt.store, folder, local)
     everyone = rt.gather(mine)
@@ -77,13 +80,35 @@ def resume(rt: Runtime, engine, accept=lambda manifest: True, **context):
         path, client = engine.load_checkpoint(str(local), tag=TAG, load_optimizer_states=same)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {manifest.folder}")
-        shutil.rmtree(local, ignore_errors=True)
         if not same:
-            rt.warn(
-                f"checkpoint {manifest.folder} was written by {written} processes and this "
-                f"attempt has {rt.world}: weights, step, schedule and history restored, the "
-                "optimizer's moments start afresh"
-            )
+            _reshard(rt, engine, manifest.folder, local / TAG, client, written)
+        shutil.rmtree(local, ignore_errors=True)
         rt.log("resumed", step=manifest.step, checkpoint=manifest.folder, world=written, **context)
         return manifest, client["amber"]
     return None
+
+
+def _reshard(rt: Runtime, engine, folder: str, files, client: dict, written: int) -> None:
+    """The optimizer's moments of a checkpoint written by `written` processes, into this
+    attempt's engine; said either way."""
+    moments.sync_learning_rate(engine)
+    why = ""
+    try:
+        found = moments.read(files, client.get(moments.NAMES))
+        if found is None:
+            why = "the checkpoint does not name its parameters' moments"
+        else:
+            mismatched = moments.put(engine, *found)
+            if mismatched:
+                why = f"{len(mismatched)} parameters' moments have another shape ({mismatched[0]})"
+    except (KeyError, AttributeError, RuntimeError, ValueError) as err:
+        # A DeepSpeed whose files or optimizer changed shape: the stage still goes on.
+        why = f"{type(err).__name__}: {err}"
+    if not why:
+        rt.log("resharded", checkpoint=folder, written=written, world=rt.world)
+        return
+    rt.warn(
+        f"checkpoint {folder} was written by {written} processes and this attempt has "
+        f"{rt.world}: weights, step, schedule and history restored, the optimizer's moments "
+        f"start afresh ({why})"
+    )
