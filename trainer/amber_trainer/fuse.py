@@ -13,6 +13,15 @@ block's image tokens and the text branch's on its real text tokens, from the inp
 single block will actually see (text normalised and modulated as the image is): the
 covariance-weighted merge of the two branches (RegMean, Jin et al., ICLR 2023), solved
 once, in closed form.
+
+`sequential` fits each converted block on the inputs it sees in the converted model (the
+blocks before it already converted and fitted), block by block, as layer-wise pruning
+calibrates on the pruned model's own activations: from the first converted block on, the
+text tokens are updated with image-branch weights, so the text stream the next block reads
+drifts away from the dual model's, and a fit on the dual model's inputs is a fit to
+tokens the hybrid never produces. Its text targets are also the q and k the dual block
+attends with: a single block normalises them with the image branch's RMSNorm weights, so
+the targets are scaled by the ratio of the text branch's weights to the image branch's.
 """
 
 from __future__ import annotations
@@ -38,11 +47,14 @@ def phases(single_layers: int, blocks_per_phase: int, already: int = 0) -> list[
 
 @torch.no_grad()
 def convert(
-    model: torch.nn.Module, single_layers: int, calibration: Iterable[FlowInputs] = ()
+    model: torch.nn.Module,
+    single_layers: int,
+    calibration: Iterable[FlowInputs] = (),
+    sequential: bool = False,
 ) -> AmberHybridTransformer2DModel:
     """A hybrid model whose deepest `single_layers` blocks are single-stream: each new one
     a copy of its dual block's image branch, its q, k, v fitted to both streams when
-    `calibration` batches are given."""
+    `calibration` batches are given (on the hybrid's own inputs when `sequential`)."""
     config = {k: v for k, v in model.config.items() if not k.startswith("_")}
     total = config["num_layers"]
     already = config.get("num_single_layers", 0)
@@ -60,12 +72,23 @@ def convert(
             if int(index) >= first_single and local.startswith(TEXT_BRANCH_PREFIXES):
                 continue  # a converted block keeps only its image branch
         state[name] = tensor.clone()
-    for index, (weight, bias) in fit_projections(model, first_single, calibration).items():
-        for name, w, b in zip(FITTED, weight.chunk(3), bias.chunk(3), strict=True):
-            prefix = f"transformer_blocks.{index}.attn.{name}"
-            state[f"{prefix}.weight"], state[f"{prefix}.bias"] = w, b
+    if not sequential:
+        for index, solved in fit_projections(model, first_single, calibration).items():
+            state.update(_projection_state(index, *solved))
     hybrid.load_state_dict(state, assign=True, strict=True)
-    return hybrid.to(next(model.parameters()).device)
+    hybrid = hybrid.to(next(model.parameters()).device)
+    if sequential:
+        fit_sequential(model, hybrid, first_single, calibration)
+    return hybrid
+
+
+def _projection_state(index: int, weight: torch.Tensor, bias: torch.Tensor) -> dict:
+    """The state-dict entries of block `index`'s fitted q, k, v."""
+    state = {}
+    for name, w, b in zip(FITTED, weight.chunk(3), bias.chunk(3), strict=True):
+        prefix = f"transformer_blocks.{index}.attn.{name}"
+        state[f"{prefix}.weight"], state[f"{prefix}.bias"] = w, b
+    return state
 
 
 def _modulated(block, x: torch.Tensor, branch: str, temb: torch.Tensor, index=None):
@@ -76,16 +99,42 @@ def _modulated(block, x: torch.Tensor, branch: str, temb: torch.Tensor, index=No
     return block._modulate(normed, mod1, index)[0]
 
 
-def _projection_targets(block, img, txt, cond: Conditioning):
+def _norm_ratio(attn) -> torch.Tensor | None:
+    """Per output channel of [q; k; v]: the text branch's q/k RMSNorm weight over the image
+    branch's (1 for v). A single block's text q = ratio * the text branch's q leaves, after
+    the image branch's RMSNorm, the direction the dual block attended with in every head."""
+    if attn.norm_q is None or attn.norm_added_q is None or attn.norm_q.weight is None:
+        return None
+    parts = []
+    for image, text in ((attn.norm_q, attn.norm_added_q), (attn.norm_k, attn.norm_added_k)):
+        safe = image.weight.abs() > 1e-3
+        ratio = torch.where(safe, text.weight / torch.where(safe, image.weight, 1.0), 1.0)
+        parts.append(ratio.repeat(attn.heads))
+    parts.append(torch.ones_like(parts[0]))
+    return torch.cat(parts)
+
+
+def _projection_targets(block, img, txt, cond: Conditioning, seen=None, fold=False):
     """(inputs, targets) of the fit for one dual block, image tokens then real text tokens:
-    inputs as the single block will see them, targets the dual block's own q, k, v."""
+    targets the dual block's own q, k, v on its streams `img`, `txt`; inputs as the single
+    block will see them, from the streams `seen` (default: the same), `fold`: text q, k
+    scaled for the single block's RMSNorm (`_norm_ratio`)."""
     attn = block.attn
     text_temb = cond.temb.chunk(2, dim=0)[0] if block.zero_cond_t else cond.temb
-    image_in = _modulated(block, img, "img", cond.temb, cond.modulate_index)
+    image_read = _modulated(block, img, "img", cond.temb, cond.modulate_index)
     text_in = _modulated(block, txt, "txt", text_temb)  # what the text branch read
-    shared_in = _modulated(block, txt, "img", text_temb)  # what the single block reads
-    image_out = torch.cat([getattr(attn, n)(image_in) for n in FITTED], -1)
+    seen_img, seen_txt = seen or (img, txt)
+    image_in = (
+        image_read
+        if seen is None
+        else _modulated(block, seen_img, "img", cond.temb, cond.modulate_index)
+    )
+    shared_in = _modulated(block, seen_txt, "img", text_temb)  # what the single block reads
+    image_out = torch.cat([getattr(attn, n)(image_read) for n in FITTED], -1)
     text_out = torch.cat([getattr(attn, TEXT_OF[n])(text_in) for n in FITTED], -1)
+    ratio = _norm_ratio(attn) if fold else None
+    if ratio is not None:
+        text_out = text_out * ratio.to(text_out.dtype)
     real = (
         cond.mask.reshape(-1).bool()
         if cond.mask is not None
@@ -124,12 +173,57 @@ def fit_projections(
                 else:
                     grams[i] = [gram, cross]
             img, txt = run_block(block, img, txt, cond)
-    fitted = {}
-    for i, (gram, cross) in grams.items():
-        gram = gram + RIDGE * gram.diagonal().mean() * torch.eye(
-            len(gram), dtype=gram.dtype, device=gram.device
-        )
-        solution = torch.linalg.solve(gram, cross)  # (D + 1, 3D)
-        dtype = model.transformer_blocks[i].attn.to_q.weight.dtype
-        fitted[i] = (solution[:-1].T.to(dtype).contiguous(), solution[-1].to(dtype).contiguous())
-    return fitted
+    return {
+        i: _solve(gram, cross, model.transformer_blocks[i].attn.to_q.weight.dtype)
+        for i, (gram, cross) in grams.items()
+    }
+
+
+@torch.no_grad()
+def fit_sequential(
+    model: torch.nn.Module,
+    hybrid: AmberHybridTransformer2DModel,
+    first: int,
+    calibration: Iterable[FlowInputs],
+) -> None:
+    """Fit `hybrid`'s converted blocks (index >= `first`) in place, in order: each on the
+    streams the hybrid itself carries into it, against what `model`'s dual block computed
+    on its own streams (`_projection_targets` with `seen` and `fold`). The calibration
+    streams of both models are kept on the CPU between blocks."""
+    device = next(model.parameters()).device
+    streams = []  # per batch: (model's img, txt), (hybrid's img, txt), conditioning
+    for x in calibration:
+        img, txt, cond = embed(model, x)
+        streams.append([(img.cpu(), txt.cpu()), (img.cpu(), txt.cpu()), cond])
+    pairs = zip(model.transformer_blocks, hybrid.transformer_blocks, strict=True)
+    for i, (block, new) in enumerate(pairs):
+        if i >= first and hasattr(block, "txt_mod"):  # a dual block being converted
+            gram = cross = None
+            for own, seen, cond in streams:
+                own = tuple(t.to(device) for t in own)
+                seen = tuple(t.to(device) for t in seen)
+                inputs, targets = _projection_targets(block, *own, cond, seen, fold=True)
+                inputs = torch.cat([inputs, inputs.new_ones(len(inputs), 1)], -1).double()
+                g, c = inputs.T @ inputs, inputs.T @ targets.double()
+                gram, cross = (g, c) if gram is None else (gram + g, cross + c)
+            if gram is not None:
+                weight, bias = _solve(gram, cross, block.attn.to_q.weight.dtype)
+                for name, w, b in zip(FITTED, weight.chunk(3), bias.chunk(3), strict=True):
+                    getattr(new.attn, name).weight.copy_(w)
+                    getattr(new.attn, name).bias.copy_(b)
+        for entry in streams:
+            own, seen, cond = entry
+            own = run_block(block, *(t.to(device) for t in own), cond)
+            seen = run_block(new, *(t.to(device) for t in seen), cond)
+            entry[0] = tuple(t.cpu() for t in own)
+            entry[1] = tuple(t.cpu() for t in seen)
+
+
+def _solve(gram: torch.Tensor, cross: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ridge least-squares solution of the accumulated normal equations: the stacked
+    [q; k; v] weight (3D, D) and bias (3D,)."""
+    gram = gram + RIDGE * gram.diagonal().mean() * torch.eye(
+        len(gram), dtype=gram.dtype, device=gram.device
+    )
+    solution = torch.linalg.solve(gram, cross)  # (D + 1, 3D)
+    return solution[:-1].T.to(dtype).contiguous(), solution[-1].to(dtype).contiguous()

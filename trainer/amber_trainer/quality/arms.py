@@ -116,6 +116,26 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             full_run=False,
         )
 
+    def longer(factor: int) -> Arm:
+        """A probe of capacity against budget: the fuse stage with `factor` times the steps
+        (both parts), so a 6B-style model that keeps climbing is short of training, not of
+        weights."""
+        return Arm(
+            f"fusion-{factor}x",
+            f"fuse: {factor} x the steps ({factor * budget.fuse_steps} feature-distillation, "
+            f"{factor * budget.fuse_finetune_steps} fine-tune)",
+            {
+                "fuse": {
+                    "steps": factor * budget.fuse_steps,
+                    "finetuneSteps": factor * budget.fuse_finetune_steps,
+                }
+            },
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
+            full_run=False,
+        )
+
     v1_10b = {k: v for k, v in v1.items() if k != "fuse"}
     arms = [
         Arm(
@@ -224,6 +244,44 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
         ),
         split(budget.fuse_steps // 2, "fusion-kd-heavy", " on the teacher's output"),
         split(budget.fuse_steps + budget.fuse_finetune_steps // 2, "fusion-feature-heavy"),
+        longer(2),
+        longer(4),
+        Arm(
+            "fusion-first",
+            "no 10B-style stage: fuse the pruned model (one feature-distillation step), then "
+            f"its closing fine-tune on the teacher's output for the "
+            f"{budget.finetune_steps + fusion_steps - 1} steps the two stages had",
+            {
+                "fuse": {
+                    "steps": 1,
+                    "finetuneSteps": budget.finetune_steps + fusion_steps - 1,
+                }
+            },
+            drop=("finetune",),
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
+            full_run=False,
+        ),
+        Arm(
+            "sequential-fit",
+            "fuse.projectionInit: sequential (q, k, v fitted on the fused model's own inputs, "
+            "block by block, text q, k scaled for the single block's RMSNorm)",
+            {"fuse": {"projectionInit": "sequential"}},
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
+        ),
+        Arm(
+            "fusion-text-loss",
+            "fuse.textLossWeight: 1 (single-stream blocks' text output weighs as much as a "
+            "dual block's)",
+            {"fuse": {"textLossWeight": 1.0}},
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
+            full_run=False,
+        ),
         Arm(
             "chained-fusion",
             "fuse: progressive, each phase distils the previous phase's model with a fresh "

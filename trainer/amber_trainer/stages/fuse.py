@@ -94,7 +94,7 @@ def part_engine(rt: Runtime, objective, params, previous, offset: int, steps: in
 def calibration(rt: Runtime, train, params) -> list:
     """The batches a fitted conversion is computed on: `fitSamples` training rows at
     uniform times, drawn from the stage's seed (the same on every rank)."""
-    if params.projection_init != "fitted":
+    if params.projection_init == "image":
         return []
     gen = torch.Generator().manual_seed(params.seed)
     rows = torch.randperm(len(train), generator=gen)[: params.fit_samples].tolist()
@@ -127,7 +127,9 @@ def run(rt: Runtime) -> tuple[int, dict]:
     for p in range(done, len(counts)):
         target = fixed if params.target == "input" else model.requires_grad_(False).eval()
         inputs = [loop.cast(x, rt.device, model.dtype) for x in fit]
-        student = fusing.convert(model, counts[p], inputs).train().requires_grad_(True)
+        sequential = params.projection_init == "sequential"
+        student = fusing.convert(model, counts[p], inputs, sequential)
+        student = student.train().requires_grad_(True)
         depth = len(student.transformer_blocks)
         objective = LayerwiseDistillation(
             student,
