@@ -311,15 +311,18 @@ class FuseStage(StageBase, TrainingParams):
         0, ge=0, description="finetuneSteps: flow-matching steps after the last phase."
     )
     projection_init: Literal["sequential", "fitted", "image"] = Field(
-        "fitted",
-        description="projectionInit: a converted block's attention q, k, v are 'fitted' by least "
+        "sequential",
+        description="projectionInit: a converted block's attention q, k, v are fitted by least "
         "squares to reproduce its dual block's image-branch projections on image tokens and "
-        "text-branch ones on text tokens; 'sequential' fits them so on the converted model's "
-        "own inputs, block by block, with the text q, k scaled for the single block's "
-        "RMSNorm; or they are copied from the 'image' branch alone.",
+        "text-branch ones on text tokens: 'sequential' on the converted model's own inputs, "
+        "block by block, the text q, k scaled for the single block's RMSNorm; 'fitted' on "
+        "the unconverted model's inputs; or copied from the 'image' branch alone.",
     )
     fit_samples: int = Field(
-        256, ge=1, description="fitSamples: training rows the fitted init is computed on."
+        256,
+        ge=1,
+        description="fitSamples: training rows a fitted init is computed on ('sequential' "
+        "holds both models' streams for all of them in host memory).",
     )
     target: Literal["input", "previous"] = Field(
         "input",

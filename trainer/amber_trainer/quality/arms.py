@@ -227,6 +227,15 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             against="fuse",
         ),
         Arm(
+            "fitted-fusion",
+            "fuse.projectionInit: fitted (q, k, v fitted on the unfused model's inputs, "
+            "the preset until 2026-12-06)",
+            {"fuse": {"projectionInit": "fitted"}},
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
+        ),
+        Arm(
             "image-init-fusion",
             "fuse.projectionInit: image (q, k, v copied from the image branch, as the paper)",
             {"fuse": {"projectionInit": "image"}},
@@ -262,15 +271,6 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             judged="fuse",
             against="fuse",
             full_run=False,
-        ),
-        Arm(
-            "sequential-fit",
-            "fuse.projectionInit: sequential (q, k, v fitted on the fused model's own inputs, "
-            "block by block, text q, k scaled for the single block's RMSNorm)",
-            {"fuse": {"projectionInit": "sequential"}},
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
         ),
         Arm(
             "fusion-text-loss",

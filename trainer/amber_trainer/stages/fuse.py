@@ -1,7 +1,8 @@
 """Stage `fuse`: progressive hybrid-stream conversion, then a short fine-tune.
 
 Phase p converts the next `blocksPerPhase` dual-stream blocks (deepest first) into
-single-stream ones (`projectionInit: fitted`: their q, k, v fitted to both streams, `fuse.convert`)
+single-stream ones (`projectionInit: sequential`: their q, k, v fitted to both streams on
+the converted model's own inputs, `fuse.convert`)
 and distils the new model block by block and on the output against one
 fixed target, the stage's input model (`target: input`; `previous` distils against the
 last phase's model instead, so errors chain). With `phaseOptimizer: shared` the phases and
