@@ -275,6 +275,7 @@ def test_standby_takes_over_when_the_active_operator_dies(cluster, namespace, tm
             "the standby to take over",
         )
         takeover = time.monotonic() - killed
+        print(f"standby took over {takeover:.1f} s after SIGKILL (lifetime {lifetime} s)")
         wait_for(phase_is(cluster, namespace, "standby", "Succeeded"), 600, 0.5, "the pipeline")
     finally:
         active.kill()
