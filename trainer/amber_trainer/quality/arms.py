@@ -283,6 +283,16 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             full_run=False,
         ),
         Arm(
+            "fusion-no-text-loss",
+            "fuse.textLossWeight: 0 (single-stream blocks' text output is left free: only "
+            "what image tokens read from it is fitted)",
+            {"fuse": {"textLossWeight": 0.0}},
+            preset="amber-6b",
+            judged="fuse",
+            against="fuse",
+            full_run=False,
+        ),
+        Arm(
             "chained-fusion",
             "fuse: progressive, each phase distils the previous phase's model with a fresh "
             "optimiser, image-branch init, text loss on every block, no teacher in the "
