@@ -73,6 +73,13 @@ WORKER = textwrap.dedent(
     if rank == 0:
         torch.save({n: p.detach().clone() for n, p in objective.named_parameters()},
                    folder / f"{mode}-{world}.pt")
+    # Leave as the trainer does: a rank that exits with the process group (and DeepSpeed's
+    # shared-memory communicator) still up can abort in teardown ("terminate called
+    # without an active exception"), failing a run whose step was already saved.
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     """
 )
 
