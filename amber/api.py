@@ -152,6 +152,27 @@ class SyntheticData(Model):
     seed: int = Field(0, description="seed: generator seed.")
 
 
+class ShapesData(Model):
+    """The shapes task: scenes of coloured shapes rendered at 32x32, their captions encoded
+    with all-MiniLM-L6-v2 (the `quality` extra). It is what the committed demo teacher
+    (`bench/quality/teacher`) was trained on; training rows come from the task's training
+    combinations, held-out rows from combinations never trained on."""
+
+    samples: int = Field(2048, ge=16, description="samples: training pairs rendered.")
+    seed: int = Field(0, description="seed: which scenes and renderings are drawn.")
+    judge_uri: str | None = Field(
+        None,
+        description="judgeUri: a folder with the task's judge (judge.safetensors and "
+        "SHA256SUMS, as bench/quality holds them): the eval stage then draws every held-out "
+        "combination with the teacher and each model stage's output and scores the pictures.",
+    )
+
+    @field_validator("judge_uri")
+    @classmethod
+    def _uri(cls, uri: str | None) -> str | None:
+        return None if uri is None else check_uri(uri)
+
+
 class DataSpec(Model):
     uri: str | None = Field(
         None, description="uri: image-text pairs (WebDataset tar shards or parquet) to encode."
@@ -164,6 +185,9 @@ class DataSpec(Model):
     synthetic: SyntheticData | None = Field(
         None, description="synthetic: generate data instead of reading it."
     )
+    shapes: ShapesData | None = Field(
+        None, description="shapes: render the shapes task's pairs instead of reading data."
+    )
 
     @field_validator("uri", "cache_uri")
     @classmethod
@@ -172,8 +196,9 @@ class DataSpec(Model):
 
     @model_validator(mode="after")
     def _some_source(self):
-        if not (self.uri or self.cache_uri or self.synthetic):
-            raise ValueError("one of uri, cacheUri or synthetic must be set")
+        given = [self.uri or self.cache_uri, self.synthetic, self.shapes]
+        if sum(g is not None for g in given) != 1:
+            raise ValueError("exactly one of uri (or cacheUri), synthetic and shapes must be set")
         return self
 
 
@@ -290,7 +315,7 @@ class AmberCompressionSpec(Model):
                 "teacher.uri: the encode stage needs the teacher pipeline's VAE and "
                 "text encoder (a pipeline folder with vae/, text_encoder/, tokenizer/)"
             ]
-        if not encode and data.uri and not (data.cache_uri or data.synthetic):
+        if not encode and data.uri and not data.cache_uri:
             return ["data.uri: raw pairs need an encode stage first, or set data.cacheUri"]
         return []
 

@@ -45,6 +45,11 @@ class StageRun(Model):
     data_from: str | None = Field(
         None, description="dataFrom: encode stage whose shards are the training data."
     )
+    models_before: list[str] = Field(
+        default_factory=list,
+        description="modelsBefore: eval only: every model stage before it, in order (the "
+        "models it judges beside the teacher's).",
+    )
     spec_hash: str = Field("", description="specHash: changes when this stage must re-run.")
 
     @property
@@ -75,6 +80,7 @@ def plan(obj: AmberCompression) -> list[StageRun]:
     last_score: str | None = None
     encoded: str | None = None
     hashes: dict[str, str] = {}
+    models: list[str] = []
     for index, stage in enumerate(spec.pipeline()):
         model_from = last_model
         score_from = last_score if stage.type == "prune" else None
@@ -98,11 +104,13 @@ def plan(obj: AmberCompression) -> list[StageRun]:
                 model_from=model_from,
                 score_from=score_from,
                 data_from=data_from,
+                models_before=list(models) if stage.type == "eval" else [],
                 spec_hash=digest,
             )
         )
         if stage.type in MODEL_STAGES:
             last_model = stage.name
+            models.append(stage.name)
         if stage.type == "score":
             last_score = stage.name
         if stage.type == "encode":

@@ -16,6 +16,9 @@ from pydantic import TypeAdapter, ValidationError
 from amber.stages import Stage
 
 PRESETS = ("amber-10b", "amber-6b")
+# What the presets' model stages deliver, as the docs, the run summary and the benchmark name
+# them: prune's model before any training, amber-10b's result, amber-6b's result.
+MODEL_NAMES = {"prune": "pruned", "finetune": "10B-style", "fuse": "6B-style"}
 _STAGE = TypeAdapter(Stage)
 
 

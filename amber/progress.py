@@ -14,6 +14,7 @@ from rich.progress import (
 from rich.table import Table
 
 from amber.api import AmberCompression
+from amber.report import judged_rows
 
 
 def human(count: int | float | None) -> str:
@@ -118,6 +119,28 @@ def summary(console: Console, obj: AmberCompression, outcomes, final: str | None
         if o.type in ("prune", "fuse") and "parameters" in o.metrics:
             share = f" ({o.metrics['parameters'] / teacher:.0%})" if teacher else ""
             sizes.add_row(o.stage, human(o.metrics["parameters"]) + share)
-    console.print(sizes)
+    judged = next((o.metrics["judged"] for o in outcomes if "judged" in o.metrics), None)
+    if judged:
+        console.print(judged_table(judged))
+    else:
+        console.print(sizes)
     if final:
         console.print(f"final model: [bold]{final}[/]")
+
+
+def judged_table(judged: dict) -> Table:
+    """What each model draws on the held-out prompts, as the eval stage's judge scored it."""
+    rows = judged_rows(judged)
+    table = Table(title=f"{rows[0].prompts} held-out prompts, scored by the task's judge")
+    for column in ("model", "params", "score", *rows[0].attributes):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    teacher = rows[0].parameters
+    for r in rows:
+        share = f" {r.parameters / teacher:.0%}" if r.stage else ""
+        table.add_row(
+            r.model,
+            human(r.parameters) + share,
+            f"{r.score:.1%}",
+            *(f"{v:.0%}" for v in r.attributes.values()),
+        )
+    return table

@@ -22,6 +22,7 @@ from amber import commits, history
 from amber.api import AmberCompression
 from amber.errors import InvalidInput
 from amber.plan import FINAL, OUTPUT, REPORT, StageRun
+from amber.presets import MODEL_NAMES
 from amber.storage import Store
 
 RESOURCE = "resource.json"
@@ -42,6 +43,36 @@ class StageView:
     metrics: list[tuple[str, str]] = field(default_factory=list)
     figures: list[tuple[str, str]] = field(default_factory=list)  # (file, data URI)
     parameters: str = ""
+
+
+@dataclass
+class JudgedRow:
+    """One model of an eval stage's judged table (shapes task with its judge)."""
+
+    model: str  # teacher, or what the presets call the stage's model (10B-style, ...)
+    stage: str
+    parameters: int
+    prompts: int
+    score: float
+    attributes: dict[str, float]
+
+
+def judged_rows(judged: dict) -> list[JudgedRow]:
+    """An eval stage's `judged` metric as table rows, the teacher first."""
+    return [
+        JudgedRow(
+            "teacher" if stage == "teacher" else MODEL_NAMES.get(stage, stage),
+            "" if stage == "teacher" else stage,
+            entry["parameters"],
+            entry["prompts"],
+            entry["score"],
+            entry["attributes"],
+        )
+        for stage, entry in judged.items()
+    ]
+
+
+JUDGED_GRID = "judged.png"  # the eval stage's grid of what each model drew
 
 
 def _stamp(seconds: float) -> str:
@@ -99,9 +130,25 @@ def stage_view(run: StageRun, store: Store, past: list[dict]) -> StageView:
     view.figures = [
         (key, _png(store, f"{name}/{OUTPUT}/{key}"))
         for key in sorted(manifest.files)
-        if key.endswith(".png")
+        if key.endswith(".png") and key != JUDGED_GRID  # shown at the top of the page
     ]
     return view
+
+
+def judged(runs: list[StageRun], store: Store) -> dict | None:
+    """The last committed (current) eval stage's judged table and grid, if it has them."""
+    for run in reversed(runs):
+        if run.stage.type != "eval":
+            continue
+        folder = f"{run.stage.name}/{OUTPUT}"
+        manifest = commits.read_manifest(store, folder)
+        if manifest is None or manifest.spec_hash != run.spec_hash:
+            continue
+        if "judged" in manifest.metrics:
+            rows = judged_rows(manifest.metrics["judged"])
+            grid = _png(store, f"{folder}/{JUDGED_GRID}") if JUDGED_GRID in manifest.files else ""
+            return {"stage": run.stage.name, "rows": rows, "grid": grid}
+    return None
 
 
 def layer_map(runs: list[StageRun], store: Store) -> list[dict]:
@@ -128,6 +175,7 @@ def context(obj: AmberCompression, runs: list[StageRun], store: Store) -> dict:
         "recipe": obj.spec.preset or "spec.stages",
         "stages": stages,
         "layer_map": layer_map(runs, store),
+        "judged": judged(runs, store),
         "final": f"{store.uri}/{FINAL}" if final is not None else None,
         "final_source": final.metrics.get("source") if final is not None else None,
         "done": sum(s.state == "committed" for s in stages),

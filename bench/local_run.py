@@ -1,6 +1,6 @@
 """Where `amber run`'s time goes, stage by stage: the warm worker against torchrun per stage.
 
-    python bench/local_run.py [--resource manifests/examples/amber-tiny.yaml]
+    python bench/local_run.py [--resource manifests/examples/amber-random.yaml]
 
 Runs the resource's whole pipeline twice into fresh temporary stores, first with every stage
 under its own `torchrun` (the baseline: what `amber run` did before the warm worker), then as
@@ -73,7 +73,9 @@ def profile(obj, launcher: str) -> tuple[dict[str, dict[str, float]], float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--resource", type=Path, default=Path("manifests/examples/amber-tiny.yaml"))
+    parser.add_argument(
+        "--resource", type=Path, default=Path("manifests/examples/amber-random.yaml")
+    )
     args = parser.parse_args()
     obj = load(args.resource)
     import amber_trainer.entry  # noqa: F401 - warm: packages imported once before timing

@@ -25,7 +25,7 @@ def test_version():
 
 def test_invalid_resource_names_the_field_and_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
-    doc = yaml.safe_load((ROOT / "manifests/examples/amber-tiny.yaml").read_text())
+    doc = yaml.safe_load((ROOT / "manifests/examples/amber-random.yaml").read_text())
     doc["spec"]["overrides"]["fuse"]["singleLayers"] = 40
     bad.write_text(yaml.safe_dump(doc))
     out = amber("validate", str(bad))
@@ -38,7 +38,7 @@ def test_invalid_resource_names_the_field_and_exits_2(tmp_path):
 
 
 def test_validate_prints_the_resolved_stages():
-    out = amber("validate", str(ROOT / "manifests/examples/amber-tiny.yaml"), "-o", "json")
+    out = amber("validate", str(ROOT / "manifests/examples/amber-random.yaml"), "-o", "json")
     assert out.returncode == 0
     stages = json.loads(out.stdout)
     assert [s["type"] for s in stages] == ["score", "prune", "finetune", "fuse", "eval"]

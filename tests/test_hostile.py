@@ -31,7 +31,7 @@ from amber.errors import CorruptCommit, RunLocked, StorageError
 from amber.storage import LocalStore, open_store
 
 ROOT = Path(__file__).parent.parent
-TINY = ROOT / "manifests" / "examples" / "amber-tiny.yaml"
+TINY = ROOT / "manifests" / "examples" / "amber-random.yaml"
 
 
 def cli(*args):
@@ -413,7 +413,7 @@ def test_a_second_run_of_the_same_folder_is_refused_naming_the_holder(tmp_path):
     store_dir = tmp_path / "store"
     resource = tmp_path / "tiny.yaml"
     resource.write_text(TINY.read_text())
-    run_store = open_store(str(store_dir / "default" / "amber-tiny"))
+    run_store = open_store(str(store_dir / "default" / "amber-random"))
     held = lease.acquire(run_store, "operator")
     try:
         out = cli("run", resource, "--store", store_dir)

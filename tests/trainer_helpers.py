@@ -20,7 +20,7 @@ from amber.plan import StageRun, plan
 from amber.resource import parse
 
 ROOT = Path(__file__).parent.parent
-TINY_YAML = ROOT / "manifests" / "examples" / "amber-tiny.yaml"
+TINY_YAML = ROOT / "manifests" / "examples" / "amber-random.yaml"
 
 # Small enough for two CPU cores, large enough for the losses to move visibly.
 FAST = {

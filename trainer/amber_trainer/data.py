@@ -117,6 +117,24 @@ def synthetic_dataset(config: dict, samples: int, latent_size: int, text_tokens:
     return TensorDataset(b.latents, b.text, b.text_mask, b.img_shapes[0][0][1])
 
 
+def shapes_datasets(config: dict, samples: int, seed: int) -> tuple[TensorDataset, TensorDataset]:
+    """The shapes task's pairs (`data.shapes`): `samples` renderings of its training
+    combinations, and one rendering of every held-out combination (never trained on)."""
+    from amber_trainer.quality import task, text
+    from amber_trainer.quality.teacher import dataset
+
+    wanted = {"in_channels": task.CHANNELS, "joint_attention_dim": text.WIDTH}
+    wrong = {k: config.get(k) for k, v in wanted.items() if config.get(k) != v}
+    if wrong:
+        raise ValueError(
+            f"data.shapes: the task's tokens are {task.CHANNELS} values and its captions "
+            f"{text.WIDTH}-wide MiniLM states; the teacher has {wrong}"
+        )
+    train, held_out = task.split()
+    parts = [dataset(train, samples, seed), dataset(held_out, len(held_out), seed + 1)]
+    return tuple(TensorDataset(*part[:3], task.SIDE) for part in parts)
+
+
 def load_shards(paths: list) -> TensorDataset:
     """Encoded safetensors shards (from the encode stage) as one dataset."""
     from safetensors.torch import load_file

@@ -5,8 +5,13 @@ A diffusers pipeline folder (with `model_index.json`: VAE, text encoder, tokeniz
 `final/` holds) has no text encoder and no VAE: the prompt is then embedded by a seeded
 hash of its words (stable across runs; a stand-in, not a language model), the flow-matching
 ODE is integrated with Euler steps from noise to x0, and the packed latents are shown as an
-image (their first three channels). For the tiny example that gives a tiny picture whose
-pixels come from the real sampling loop of the compressed model.
+image (their first three channels). For the plumbing example that gives a tiny picture
+whose pixels come from the real sampling loop of the compressed model.
+
+A model of the shapes task (`data.shapes`: the embedded default and the quality benchmark)
+reads all-MiniLM-L6-v2's token states and draws 32x32 RGB pictures as 4x4-pixel tokens; such a
+folder carries no text encoder either, so it is recognised by those two widths in its config
+and prompted as it was trained: the caption through MiniLM, the picture shown as it is.
 """
 
 from __future__ import annotations
@@ -75,6 +80,33 @@ def latents_to_image(latents: torch.Tensor, side: int, patch: int = 2) -> Image.
     )
 
 
+def is_shapes_model(config) -> bool:
+    """Whether a transformer reads the shapes task's captions and draws its pictures."""
+    from amber_trainer.quality import task, text
+
+    return (
+        config.get("joint_attention_dim") == text.WIDTH
+        and config.get("in_channels") == task.CHANNELS
+        and config.get("patch_size", 2) == 2
+    )
+
+
+def render_shapes(model, prompt: str, steps: int, seed: int) -> Image.Image:
+    """A shapes-task picture for `prompt` (MiniLM-encoded), 4x enlarged."""
+    from amber_trainer.quality import task, text
+
+    emb, mask = text.encode([prompt])
+    noise = torch.randn(
+        1, task.SIDE * task.SIDE, task.CHANNELS, generator=torch.Generator().manual_seed(seed)
+    )
+    batch = Batch(noise, emb, mask, [[(1, task.SIDE, task.SIDE)]])
+    image = task.to_images(euler(model, batch, noise, steps, shift=1.0))[0].clamp(-1, 1)
+    pixels = ((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    return Image.fromarray(np.ascontiguousarray(pixels)).resize(
+        (task.IMAGE * 4, task.IMAGE * 4), Image.NEAREST
+    )
+
+
 def render(model_dir: Path, prompt: str, steps: int, seed: int, size: int) -> Image.Image:
     """One image for `prompt` from a pipeline folder or a bare transformer folder."""
     model_dir = Path(model_dir)
@@ -91,6 +123,8 @@ def render(model_dir: Path, prompt: str, steps: int, seed: int, size: int) -> Im
             generator=torch.Generator().manual_seed(seed),
         ).images[0]
     model = models.load(model_dir).eval()
+    if is_shapes_model(model.config):
+        return render_shapes(model, prompt, steps, seed)
     text, mask = hashed_prompt(prompt, 16, model.config.joint_attention_dim)
     side = size // model.config.patch_size
     latents = sample_latents(model, text, mask, side, steps, seed)

@@ -58,12 +58,7 @@ class Arm:
     full_run: bool = True  # False: run only when named (`--arms`), e.g. a probe measured once
 
 
-PRESET = "amber-6b"  # the arm every other arm is compared with, and its judged stages
-PRESET_STAGES = {
-    "prune": "pruned",
-    "finetune": "10B-style",
-    "fuse": "6B-style",
-}
+PRESET = "amber-6b"  # the arm every other arm is compared with; presets.MODEL_NAMES its models
 
 
 # The first method's choices, stage by stage: the arms that put them back, one at a time

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from amber import presets
 from amber_trainer import models
 from amber_trainer.quality import arms, measure, report, task, teacher
 
@@ -53,7 +54,7 @@ def figure(s: measure.Suite, teacher_model, outputs: dict, path: Path, rows: int
     for stage in ("finetune", "fuse"):
         if stage in outputs:
             model = models.load(outputs[stage] / "model")
-            columns[arms.PRESET_STAGES[stage]] = measure.generate(model, picks)
+            columns[presets.MODEL_NAMES[stage]] = measure.generate(model, picks)
     report.sample_grid(columns, [sc.caption for sc in picks.scenes], path)
 
 
@@ -196,7 +197,7 @@ def run_seed(
         clock = time.perf_counter()
         folders = arms.run_arm(obj, committed)
         trained = time.perf_counter() - clock
-        judged = list(arms.PRESET_STAGES) if name == arms.PRESET else ["prune", arm.judged]
+        judged = list(presets.MODEL_NAMES) if name == arms.PRESET else ["prune", arm.judged]
         for stage in dict.fromkeys(judged):
             if stage not in folders:
                 continue

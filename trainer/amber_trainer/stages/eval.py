@@ -1,4 +1,5 @@
-"""Stage `eval`: how far the compressed model's velocity is from the teacher's, per timestep."""
+"""Stage `eval`: how far the compressed model's velocity is from the teacher's, per timestep;
+on the shapes task with its judge, also what every model of the run draws."""
 
 from __future__ import annotations
 
@@ -47,14 +48,68 @@ def run(rt: Runtime) -> tuple[int, dict]:
     out = rt.workdir / "output"
     out.mkdir()
     if rt.is_main:
-        (out / "eval.json").write_text(json.dumps(metrics, indent=2))
         _plot(metrics, out / "velocity_error.png")
         vae = common.teacher_vae(rt)
         if vae is not None:  # a teacher pipeline with a VAE: pictures, not only numbers
             sample_grid(vae, teacher, student, held_out, params, out / "samples.png")
             metrics["sampleGrid"] = "samples.png"
-    summary = ("meanRelativeVelocityError", "samples", "sampleGrid")
+        shapes = rt.run.data.shapes
+        if shapes is not None and shapes.judge_uri is not None:
+            models_ = {"teacher": teacher.float().cpu()}
+            for name in rt.run.models_before:
+                if name == rt.run.model_from:
+                    models_[name] = student
+                else:
+                    models_[name] = models.load(rt.fetch_output(name) / common.MODEL_DIR)
+            metrics["judged"] = judged(fetch_judge(rt, shapes.judge_uri), models_, out)
+        (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    summary = ("meanRelativeVelocityError", "samples", "sampleGrid", "judged")
     return 0, {k: metrics[k] for k in summary if k in metrics}
+
+
+def fetch_judge(rt: Runtime, uri: str):
+    """The shapes task's judge from its folder (any store), checked against its SHA256SUMS."""
+    from amber.storage import open_store
+    from amber_trainer.quality import teacher as fixtures
+
+    store = open_store(uri, rt.run.storage.endpoint, rt.run.storage.region)
+    local = rt.workdir / "judge"
+    for key in (fixtures.JUDGE_FILE, fixtures.SUMS):
+        if not store.exists(key):
+            raise FileNotFoundError(f"data.shapes.judgeUri {uri}: no {key}")
+        store.download(key, local / key)
+    return fixtures.load_judge(local)
+
+
+GRID_ROWS = 8
+
+
+@torch.no_grad()
+def judged(judge, models_: dict[str, torch.nn.Module], out: Path) -> dict:
+    """Every held-out combination of the shapes task drawn once by each model (teacher
+    first) from the same noise, with the benchmark's sampler, and read by the judge: per
+    model, the share of prompts drawn with every attribute right, per-attribute accuracy and
+    parameters. A grid of a few prompts, real rendering first, goes to `out`."""
+    from amber.presets import MODEL_NAMES
+    from amber.report import JUDGED_GRID
+    from amber_trainer.quality import judge as judging
+    from amber_trainer.quality import measure, report, task
+
+    suite = measure.suite(per_combination=1, seed=0)
+    rows = suite.subset([round(i * len(suite) / GRID_ROWS) for i in range(GRID_ROWS)])
+    table, columns = {}, {"real": task.to_images(rows.batch.latents)}
+    for name, model in models_.items():
+        images = measure.generate(model.float().cpu(), suite)
+        grade = judging.grade(judge, images, suite.scenes)
+        table[name] = {
+            "prompts": len(suite),
+            "score": grade["score"],
+            "attributes": grade["attributes"],
+            "parameters": models.count_parameters(model),
+        }
+        columns[MODEL_NAMES.get(name, name)] = measure.generate(model, rows)
+    report.sample_grid(columns, [s.caption for s in rows.scenes], out / JUDGED_GRID)
+    return table
 
 
 @torch.no_grad()
