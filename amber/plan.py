@@ -4,7 +4,8 @@ operator, so both run the same stages with the same inputs and the same storage 
 Storage layout under `{storage.uri}/{namespace}/{name}/`:
   {stage}/output/       the stage's committed result (COMMIT.json written last)
   {stage}/checkpoints/  step-NNNNNNNNNN/ folders, newest committed one wins on restart
-  final/                the last model, diffusers format, with a model card
+  final/                the last model, diffusers format, with a model card (a whole
+                        pipeline folder when the teacher is one: amber/publish.py)
 """
 
 from __future__ import annotations

@@ -90,6 +90,23 @@ class Store(ABC):
     def replace(self, key: str, data: bytes, version: str) -> bool:
         """Overwrite `key` only if it is still at `version`; whether it was written."""
 
+    @abstractmethod
+    def sha256(self, key: str) -> str:
+        """The object's SHA-256, read in chunks (a 16 GB text encoder never whole in memory)."""
+
+    def copy_from(self, other: Store, source: str, key: str) -> None:
+        """Copy `other`'s object `source` to `key` here: by path from a local store, else
+        through a temporary file (S3 to S3 is server-side: `S3Store.copy_from`)."""
+        path = other.local_path(source)
+        if path is not None:
+            if not path.is_file():
+                raise StorageError(f"{other.uri}/{source} does not exist")
+            self.upload(path, key)
+            return
+        with tempfile.TemporaryDirectory(prefix="amber-copy-") as tmp:
+            other.download(source, Path(tmp) / "object")
+            self.upload(Path(tmp) / "object", key)
+
     def exists(self, key: str) -> bool:
         return key in self.list(key)
 
@@ -204,6 +221,16 @@ class LocalStore(Store):
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
+
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        try:
+            with open(self._path(key), "rb") as f:
+                while chunk := f.read(16 << 20):
+                    digest.update(chunk)
+        except OSError as err:
+            raise StorageError(f"reading {self.uri}/{key}: {err.strerror or err}") from None
+        return digest.hexdigest()
 
     def list(self, prefix: str = "") -> dict[str, int]:
         base = self._path(prefix) if prefix else self.root
@@ -385,6 +412,32 @@ class S3Store(Store):
             self.bucket,
             self._key(key),
         )
+
+    def copy_from(self, other: Store, source: str, key: str) -> None:
+        if not isinstance(other, S3Store):
+            super().copy_from(other, source, key)
+            return
+        # Server-side across buckets and prefixes of the same endpoint: nothing downloaded.
+        self._call(
+            f"copying {other.uri}/{source} to {self.uri}/{key}",
+            self.client.copy,
+            {"Bucket": other.bucket, "Key": other._key(source)},
+            self.bucket,
+            self._key(key),
+        )
+
+    def sha256(self, key: str) -> str:
+        def read() -> str:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            digest, size = hashlib.sha256(), 0
+            for chunk in response["Body"].iter_chunks(16 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            if size != response["ContentLength"]:
+                raise OSError(f"{size} of {response['ContentLength']} bytes")
+            return digest.hexdigest()
+
+        return self._call(f"reading {self.uri}/{key}", read)
 
     def child(self, prefix: str) -> Store:
         return S3Store(self.bucket, self._key(prefix), client=self.client)

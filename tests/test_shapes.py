@@ -36,7 +36,7 @@ def test_shapes_data_are_the_tasks_pairs_and_refuse_another_teacher():
 def test_a_resource_names_one_data_source():
     doc = yaml.safe_load(TINY.read_text())
     doc["spec"]["data"]["synthetic"] = {}
-    with pytest.raises(ValueError, match="exactly one of uri .*synthetic and shapes"):
+    with pytest.raises(ValueError, match=r"exactly one of uri .*synthetic and shapes"):
         AmberCompression.model_validate(doc)
 
 
@@ -52,7 +52,7 @@ def test_a_judge_that_does_not_match_its_checksum_is_refused(tmp_path):
     with pytest.raises(ValueError, match="checksum differs"):
         teacher.load_judge(folder)
     (folder / teacher.SUMS).write_text("")
-    with pytest.raises(ValueError, match="lists no judge.safetensors"):
+    with pytest.raises(ValueError, match=r"lists no judge\.safetensors"):
         teacher.load_judge(folder)
 
 

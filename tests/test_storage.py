@@ -171,3 +171,88 @@ def test_publishing_an_unchanged_final_model_writes_nothing(store, tmp_path):
     store.write_bytes(f"{FINAL}/w.bin", b"v" * 63)
     publish_final(obj, runs, store, log=lambda message: None)
     assert store.read_bytes(f"{FINAL}/w.bin") == b"v" * 64
+
+
+@pytest.mark.parametrize("teacher_on", ["same backend", "local disk"])
+def test_a_pipeline_teacher_is_published_as_a_whole_pipeline(store, tmp_path, teacher_on):
+    import hashlib
+    import json
+    import time
+
+    from amber.plan import FINAL, plan
+    from amber.publish import publish_final
+    from amber.resource import parse
+    from trainer_helpers import tiny_resource
+
+    parts = {
+        "model_index.json": json.dumps(
+            {
+                "_class_name": "QwenImagePipeline",
+                "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+                "vae": ["diffusers", "AutoencoderKLQwenImage"],
+                "tokenizer": ["transformers", "Qwen2Tokenizer"],
+                "feature_extractor": [None, None],
+            }
+        ).encode(),
+        "transformer/config.json": b"{}",
+        "transformer/w.bin": b"teacher" * 9,
+        "vae/config.json": b"{}",
+        "vae/w.bin": b"v" * 300,
+        "tokenizer/vocab.json": b"{}",
+        "notes/unrelated.txt": b"not a component",
+    }
+    if teacher_on == "local disk" or store.local_path("x") is not None:
+        teacher_uri = str(write_files(tmp_path / "teacher", parts))
+    else:
+        teacher_uri = store.uri.rsplit("/", 1)[0] + "/teachers/pipe"
+        teacher_store = open_store(teacher_uri)
+        for key, data in parts.items():
+            teacher_store.write_bytes(key, data)
+    doc = tiny_resource(store.uri)
+    doc["spec"]["teacher"] = {"uri": teacher_uri, "numLayers": 12}
+    obj = parse(doc)
+    runs = plan(obj)
+    last = next(r for r in reversed(runs) if r.stage.type == "fuse")
+    hybrid = {"auto_map": {"AutoModel": "amber_hybrid.AmberHybridTransformer2DModel"}}
+    model = write_files(
+        tmp_path / "out",
+        {
+            "model/config.json": json.dumps(hybrid).encode(),
+            "model/w.bin": b"s" * 64,
+            "model/amber_hybrid.py": b"# the class",
+        },
+    )
+    commits.commit(store, f"{last.stage.name}/output", model, 7, spec_hash=last.spec_hash)
+
+    first = publish_final(obj, runs, store)
+    files = sorted(store.list(FINAL))
+    assert files == sorted(
+        f"{FINAL}/{k}"
+        for k in (
+            "COMMIT.json",
+            "README.md",
+            "model_index.json",
+            "transformer/config.json",
+            "transformer/w.bin",
+            "transformer/amber_hybrid.py",
+            "vae/config.json",
+            "vae/w.bin",
+            "tokenizer/vocab.json",
+        )
+    )
+    index = json.loads(store.read_text(f"{FINAL}/model_index.json"))
+    assert index["transformer"] == ["amber_hybrid", "AmberHybridTransformer2DModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKLQwenImage"]
+    assert store.read_bytes(f"{FINAL}/vae/w.bin") == b"v" * 300
+    assert first.files["vae/w.bin"].sha256 == hashlib.sha256(b"v" * 300).hexdigest()
+    assert "DiffusionPipeline.from_pretrained" in store.read_text(f"{FINAL}/README.md")
+
+    before = _stamps(store, FINAL)
+    time.sleep(1.1)  # S3's LastModified has one-second resolution
+    assert publish_final(obj, runs, store).files == first.files
+    assert _stamps(store, FINAL) == before  # not one object rewritten
+
+    # A component copied short is caught by the marker and copied again.
+    store.write_bytes(f"{FINAL}/vae/w.bin", b"v" * 299)
+    publish_final(obj, runs, store, log=lambda message: None)
+    assert store.read_bytes(f"{FINAL}/vae/w.bin") == b"v" * 300

@@ -91,3 +91,72 @@ def test_a_saved_model_loads_and_runs_with_plain_diffusers(
     if single:  # the class came from the folder's own file, not from an installed package
         assert theirs["module"].endswith(CODE_FILE.removesuffix(".py"))
     torch.testing.assert_close(theirs["y"], mine)
+
+
+PIPELINE = """
+import importlib.util, json, sys, torch
+from diffusers import DiffusionPipeline, QwenImagePipeline
+assert all(importlib.util.find_spec(m) is None for m in ("amber", "amber_trainer"))
+folder, trust = sys.argv[1], sys.argv[2] == "1"
+seen = []
+for loader in (DiffusionPipeline, QwenImagePipeline):
+    pipe = loader.from_pretrained(folder, trust_remote_code=trust)
+    image = pipe(
+        prompt="a red circle on the left", num_inference_steps=2, height=32, width=32,
+        generator=torch.Generator().manual_seed(0), output_type="np",
+    ).images[0]
+    seen.append([type(pipe).__name__, type(pipe.transformer).__name__, list(image.shape),
+                 float(image.std())])
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [("amber-6b", "AmberHybridTransformer2DModel"), ("amber-10b", "QwenImageTransformer2DModel")],
+)
+def test_a_pipeline_teacher_gives_a_pipeline_that_plain_diffusers_runs(
+    python_without_amber, tmp_path, preset, expected
+):
+    import yaml
+
+    from amber_trainer import encoders
+    from trainer_helpers import ROOT, trainer_env
+
+    teacher = encoders.tiny_pipeline(tmp_path / "teacher")
+    doc = yaml.safe_load((ROOT / "manifests/examples/amber-random.yaml").read_text())
+    doc["spec"]["teacher"] = {"uri": str(teacher), "numLayers": 12}
+    doc["spec"]["storage"]["uri"] = str(tmp_path / "store")
+    doc["spec"]["preset"] = preset
+    if preset == "amber-10b":
+        del doc["spec"]["overrides"]["fuse"]
+    resource = tmp_path / "pipe.yaml"
+    resource.write_text(yaml.safe_dump(doc))
+    done = subprocess.run(
+        [sys.executable, "-m", "amber", "run", str(resource)],
+        capture_output=True, text=True, env=trainer_env(), timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    final = tmp_path / "store" / "default" / "amber-random" / "final"
+    index = json.loads((final / "model_index.json").read_text())
+    assert index["transformer"][1] == expected
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        assert sorted(p.name for p in (final / part).iterdir()) == sorted(
+            p.name for p in (teacher / part).iterdir()
+        )
+    marker = json.loads((final / "COMMIT.json").read_text())
+    assert (
+        "text_encoder/config.json" in marker["files"]
+        and "transformer/config.json" in (marker["files"])
+    )
+    assert not (final / "config.json").exists()  # the transformer lives in transformer/
+
+    ran = subprocess.run(
+        [str(python_without_amber), "-c", PIPELINE, str(final), "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    for pipeline, transformer, shape, spread in json.loads(ran.stdout.splitlines()[-1]):
+        assert pipeline == "QwenImagePipeline" and transformer == expected
+        assert shape == [32, 32, 3] and spread > 0  # an image came out of the sampling loop
