@@ -19,7 +19,7 @@ from importlib import resources
 import jinja2
 
 from amber import commits, history
-from amber.api import AmberCompression
+from amber.api import AmberCompression, StageStatus
 from amber.errors import InvalidInput
 from amber.plan import FINAL, OUTPUT, REPORT, StageRun
 from amber.presets import MODEL_NAMES
@@ -108,16 +108,32 @@ def _png(store: Store, key: str) -> str:
     return "data:image/png;base64," + base64.b64encode(store.read_bytes(key)).decode()
 
 
-def stage_view(run: StageRun, store: Store, past: list[dict]) -> StageView:
+def _span(status: StageStatus) -> float:
+    if not (status.start_time and status.completion_time):
+        return 0.0
+    start, end = (
+        datetime.strptime(t, "%Y-%m-%dT%H:%M:%SZ")
+        for t in (status.start_time, status.completion_time)
+    )
+    return (end - start).total_seconds()
+
+
+def stage_view(
+    run: StageRun, store: Store, past: list[dict], status: StageStatus | None = None
+) -> StageView:
+    """A stage's row and section; attempts and time from `amber run`'s history, or from the
+    operator's `status` of the stage (its Jobs) where there is no history."""
     name = run.stage.name
     params = {k: v for k, v in run.stage.dump().items() if k not in ("name", "type")}
     mine = [e for e in past if e.get("stage") == name and e.get("status") in ATTEMPTS]
+    attempts = len(mine) or (status.attempts if status else 0)
+    seconds = sum(e.get("seconds", 0.0) for e in mine) or (_span(status) if status else 0.0)
     view = StageView(
         name,
         run.stage.type,
         "not run",
-        attempts=len(mine),
-        seconds=sum(e.get("seconds", 0.0) for e in mine),
+        attempts=attempts,
+        seconds=seconds,
         resumed_from=[e["resumedFrom"] for e in mine if e.get("resumedFrom") is not None],
         parameters=json.dumps(params, indent=1, sort_keys=True),
     )
@@ -160,10 +176,21 @@ def layer_map(runs: list[StageRun], store: Store) -> list[dict]:
     return []
 
 
-def context(obj: AmberCompression, runs: list[StageRun], store: Store) -> dict:
-    """What the page shows, read from the run folder."""
+def context(
+    obj: AmberCompression,
+    runs: list[StageRun],
+    store: Store,
+    statuses: list[StageStatus] | None = None,
+) -> dict:
+    """What the page shows, read from the run folder (and the operator's stage statuses)."""
     past = history.entries(store)
-    stages = [stage_view(run, store, past) for run in runs]
+    known = {s.name: s for s in statuses or []}
+
+    def status_of(run: StageRun) -> StageStatus | None:  # only a status of this very spec
+        status = known.get(run.stage.name)
+        return status if status is not None and status.spec_hash in ("", run.spec_hash) else None
+
+    stages = [stage_view(run, store, past, status_of(run)) for run in runs]
     final = commits.read_manifest(store, FINAL)
     teacher = obj.spec.teacher
     return {
@@ -200,11 +227,16 @@ def _write_if_changed(store: Store, key: str, text: str) -> None:
         store.write_text(key, text)
 
 
-def write(obj: AmberCompression, runs: list[StageRun], store: Store) -> str:
+def write(
+    obj: AmberCompression,
+    runs: list[StageRun],
+    store: Store,
+    statuses: list[StageStatus] | None = None,
+) -> str:
     """Write `{run}/report.html`, and the resource it reports on beside it (`amber report`
     on the folder reads it back), unless they already say the same; the page's URI."""
     _write_if_changed(store, RESOURCE, obj.model_dump_json(by_alias=True, indent=1))
-    _write_if_changed(store, REPORT, render(context(obj, runs, store)))
+    _write_if_changed(store, REPORT, render(context(obj, runs, store, statuses)))
     return f"{store.uri}/{REPORT}"
 
 

@@ -165,6 +165,8 @@ def test_tiny_pipeline_runs_to_the_final_model(cluster, namespace, operator, s3_
     assert commits.read_manifest(store, "final") is not None
     page = store.read_text("report.html")  # written by the operator, from the bucket
     assert page.count('class="committed">committed') == 6 and "data:image/png;base64," in page
+    # Attempts from the status (the operator keeps no run history): one Job each.
+    assert len(re.findall(r'class="committed">committed</td>\s*<td class="num">1</td>', page)) == 6
     assert store.exists("final/config.json") and store.exists("final/README.md")
     # What a person sees.
     table = cluster.kubectl("get", "amc", "-n", namespace).stdout

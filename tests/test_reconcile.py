@@ -254,7 +254,8 @@ def test_all_stages_done_publishes_once_and_is_ready():
     obj = resource()
     everything = committed(obj, *[r.stage.name for r in plan(obj)])
     d = step(obj, None, Observed(committed=everything))
-    assert d.actions == [PublishFinal()] and d.status.phase == "Succeeded"
+    assert d.actions == [PublishFinal(tuple(d.status.stages))] and d.status.phase == "Succeeded"
+    assert [s.attempts for s in d.actions[0].stages] == [0] * len(plan(obj))  # all reused
     assert cond(d.status, c.READY).status == "True"
     again = step(obj, d.status, Observed(committed=everything, final_committed=True))
     assert again.actions == [] and again.events == []

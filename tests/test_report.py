@@ -102,6 +102,28 @@ def test_the_report_reads_states_attempts_metrics_and_pictures(run_folder):
     assert page.count("<section") == len(runs) and 'id="layer-map"' in page
 
 
+def test_an_operator_report_takes_attempts_from_the_stage_statuses(run_folder):
+    from amber.api import StageStatus
+
+    obj, runs, store = run_folder
+    store.delete(history.KEY)  # the operator keeps no history: its status has attempts
+    by = {r.stage.name: r for r in runs}
+    statuses = [
+        StageStatus(
+            name="finetune",
+            type="finetune",
+            spec_hash=by["finetune"].spec_hash,
+            attempts=3,
+            start_time="2026-12-06T10:00:00Z",
+            completion_time="2026-12-06T10:02:05Z",
+        ),
+        StageStatus(name="score", type="score", spec_hash="another-spec", attempts=7),
+    ]
+    stages = {s.name: s for s in report.context(obj, runs, store, statuses)["stages"]}
+    assert (stages["finetune"].attempts, stages["finetune"].seconds) == (3, 125.0)
+    assert stages["score"].attempts == 0  # a status of another spec says nothing of this one
+
+
 def test_the_report_is_written_once_for_the_same_run(run_folder):
     obj, runs, store = run_folder
     uri = report.write(obj, runs, store)

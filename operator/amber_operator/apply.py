@@ -84,4 +84,4 @@ def apply(
         elif isinstance(action, PublishFinal):
             runs, store = plan(obj), store_factory()
             publish_final(obj, runs, store)
-            report.write(obj, runs, store)
+            report.write(obj, runs, store, list(action.stages))

@@ -63,7 +63,9 @@ class DeleteJob:
 
 @dataclass(frozen=True)
 class PublishFinal:
-    pass
+    # What the report page says of each stage's attempts: the operator keeps them in the
+    # status (amber run, in the run folder's history).
+    stages: tuple[StageStatus, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,7 @@ def decide(
         out.final_uri = f"{runs[0].run_uri}/{FINAL}"
         out.report_uri = f"{runs[0].run_uri}/{REPORT}"
         if not observed.final_committed:
-            decision.actions.append(PublishFinal())
+            decision.actions.append(PublishFinal(tuple(out.stages)))
             message = f"final model published to {out.final_uri}; report {out.report_uri}"
             event("Normal", c.FINAL_PUBLISHED, message)
         out.phase = "Succeeded"
