@@ -163,10 +163,7 @@ def fit_projections(
         img, txt, cond = embed(model, x)
         for i, block in enumerate(model.transformer_blocks):
             if i >= first and hasattr(block, "txt_mod"):  # a dual block being converted
-                inputs, targets = _projection_targets(block, img, txt, cond)
-                ones = inputs.new_ones(len(inputs), 1)
-                inputs = torch.cat([inputs, ones], -1).double()
-                gram, cross = inputs.T @ inputs, inputs.T @ targets.double()
+                gram, cross = _normal_equations(*_projection_targets(block, img, txt, cond))
                 if i in grams:
                     grams[i][0] += gram
                     grams[i][1] += cross
@@ -202,21 +199,25 @@ def fit_sequential(
             for own, seen, cond in streams:
                 own = tuple(t.to(device) for t in own)
                 seen = tuple(t.to(device) for t in seen)
-                inputs, targets = _projection_targets(block, *own, cond, seen, fold=True)
-                inputs = torch.cat([inputs, inputs.new_ones(len(inputs), 1)], -1).double()
-                g, c = inputs.T @ inputs, inputs.T @ targets.double()
+                fit = _projection_targets(block, *own, cond, seen, fold=True)
+                g, c = _normal_equations(*fit)
                 gram, cross = (g, c) if gram is None else (gram + g, cross + c)
             if gram is not None:
-                weight, bias = _solve(gram, cross, block.attn.to_q.weight.dtype)
-                for name, w, b in zip(FITTED, weight.chunk(3), bias.chunk(3), strict=True):
-                    getattr(new.attn, name).weight.copy_(w)
-                    getattr(new.attn, name).bias.copy_(b)
+                solved = _solve(gram, cross, block.attn.to_q.weight.dtype)
+                hybrid.load_state_dict(_projection_state(i, *solved), strict=False)
         for entry in streams:
             own, seen, cond = entry
             own = run_block(block, *(t.to(device) for t in own), cond)
             seen = run_block(new, *(t.to(device) for t in seen), cond)
             entry[0] = tuple(t.cpu() for t in own)
             entry[1] = tuple(t.cpu() for t in seen)
+
+
+def _normal_equations(inputs: torch.Tensor, targets: torch.Tensor):
+    """One batch's terms of the least-squares fit of `targets` from `inputs` and a bias,
+    in float64: (XᵀX, XᵀY) with X = [inputs, 1]."""
+    inputs = torch.cat([inputs, inputs.new_ones(len(inputs), 1)], -1).double()
+    return inputs.T @ inputs, inputs.T @ targets.double()
 
 
 def _solve(gram: torch.Tensor, cross: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:

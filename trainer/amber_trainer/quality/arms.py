@@ -100,14 +100,11 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
     def split(steps: int, name: str, how: str = "") -> Arm:
         """A probe: the fuse stage's steps split otherwise between its feature-distillation
         phase and its closing fine-tune."""
-        return Arm(
+        return fusion(
             name,
             f"fuse: {steps} feature-distillation steps and {fusion_steps - steps} of the "
             f"closing fine-tune{how}, same total",
             {"fuse": {"steps": steps, "finetuneSteps": fusion_steps - steps}},
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
             full_run=False,
         )
 
@@ -115,7 +112,7 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
         """A probe of capacity against budget: the fuse stage with `factor` times the steps
         (both parts), so a 6B-style model that keeps climbing is short of training, not of
         weights."""
-        return Arm(
+        return fusion(
             f"fusion-{factor}x",
             f"fuse: {factor} x the steps ({factor * budget.fuse_steps} feature-distillation, "
             f"{factor * budget.fuse_finetune_steps} fine-tune)",
@@ -125,9 +122,6 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
                     "finetuneSteps": factor * budget.fuse_finetune_steps,
                 }
             },
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
             full_run=False,
         )
 
@@ -153,14 +147,11 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             v1_10b,
             warm_start=V1_WARM_START,
         ),
-        Arm(
+        fusion(
             "v1-recipe",
             "every choice of the first method, fusion included (the v2 baseline)",
             v1,
             warm_start=V1_WARM_START,
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
         ),
         Arm(
             "total-effect",
@@ -213,44 +204,32 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             warm_start=V1_WARM_START,
             full_run=False,
         ),
-        Arm(
+        fusion(
             "warm-start-6b",
             "warm-start, then the preset's fusion",
             warm_start={},
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
         ),
-        Arm(
+        fusion(
             "fitted-fusion",
             "fuse.projectionInit: fitted (q, k, v fitted on the unfused model's inputs, "
             "the preset until 2026-12-06)",
             {"fuse": {"projectionInit": "fitted"}},
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
         ),
-        Arm(
+        fusion(
             "image-init-fusion",
             "fuse.projectionInit: image (q, k, v copied from the image branch, as the paper)",
             {"fuse": {"projectionInit": "image"}},
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
         ),
-        Arm(
+        fusion(
             "progressive-fusion",
             f"fuse: {quarter} blocks per phase, deepest first, same total steps",
             {"fuse": progressive},
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
         ),
         split(budget.fuse_steps // 2, "fusion-kd-heavy", " on the teacher's output"),
         split(budget.fuse_steps + budget.fuse_finetune_steps // 2, "fusion-feature-heavy"),
         longer(2),
         longer(4),
-        Arm(
+        fusion(
             "fusion-first",
             "no 10B-style stage: fuse the pruned model (one feature-distillation step), then "
             f"its closing fine-tune on the teacher's output for the "
@@ -262,40 +241,28 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
                 }
             },
             drop=("finetune",),
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
             full_run=False,
         ),
-        Arm(
+        fusion(
             "fusion-text-loss",
             "fuse.textLossWeight: 1 (single-stream blocks' text output weighs as much as a "
             "dual block's)",
             {"fuse": {"textLossWeight": 1.0}},
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
             full_run=False,
         ),
-        Arm(
+        fusion(
             "fusion-no-text-loss",
             "fuse.textLossWeight: 0 (single-stream blocks' text output is left free: only "
             "what image tokens read from it is fitted)",
             {"fuse": {"textLossWeight": 0.0}},
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
             full_run=False,
         ),
-        Arm(
+        fusion(
             "chained-fusion",
             "fuse: progressive, each phase distils the previous phase's model with a fresh "
             "optimiser, image-branch init, text loss on every block, no teacher in the "
             "fine-tune (the first fusion)",
             {"fuse": v1["fuse"]},
-            preset="amber-6b",
-            judged="fuse",
-            against="fuse",
         ),
         Arm(
             "broken",
@@ -307,6 +274,13 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
         ),
     ]
     return {arm.name: arm for arm in arms}
+
+
+def fusion(name: str, description: str, changes: dict | None = None, **more) -> Arm:
+    """An arm that changes how the 10B-style model becomes the 6B-style one: amber-6b with
+    `changes`, judged on its fuse stage against the preset's."""
+    changes = changes or {}
+    return Arm(name, description, changes, preset="amber-6b", judged="fuse", against="fuse", **more)
 
 
 def _with_warm_start(raw: dict[str, dict], warm: dict, steps: int):
