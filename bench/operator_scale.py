@@ -51,8 +51,9 @@ from kube import Cluster, build, wait_for
 from trainer_helpers import free_port, tiny_resource
 
 
-def api_requests(cluster: Cluster) -> float:
-    """Total requests the apiserver has served (all verbs and resources)."""
+def api_requests(cluster: Cluster) -> dict[str, float]:
+    """Requests the apiserver has served, by verb and resource ("patch ambercompressions
+    /status"), all clients."""
     info = json.loads((cluster.dir / "ready").read_text())
     text = requests.get(
         f"{info['server']}/metrics",
@@ -60,8 +61,16 @@ def api_requests(cluster: Cluster) -> float:
         verify=False,
         timeout=10,
     ).text
-    pattern = re.compile(r'^apiserver_request_total\{[^}]*component="apiserver"[^}]*\} (\S+)$')
-    return sum(float(m.group(1)) for line in text.splitlines() if (m := pattern.match(line)))
+    pattern = re.compile(r'^apiserver_request_total\{([^}]*component="apiserver"[^}]*)\} (\S+)$')
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if m := pattern.match(line):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            sub = labels.get("subresource", "")
+            key = f"{labels.get('verb', '?').lower()} {labels.get('resource', '?')}"
+            key += f"/{sub}" if sub else ""
+            counts[key] = counts.get(key, 0.0) + float(m.group(2))
+    return counts
 
 
 MODES = {
@@ -95,6 +104,7 @@ def measure(cluster: Cluster, work: Path, count: int, mode: str) -> dict:
     time.sleep(5)  # let kopf start its watches
 
     created: dict[tuple[str, str], float] = {}  # (resource, stage) -> when its Job appeared
+    seen = threading.Lock()  # the watch thread adds to `created` while this one counts
     batch = client.BatchV1Api(cluster.api)
     stop = threading.Event()
 
@@ -104,7 +114,8 @@ def measure(cluster: Cluster, work: Path, count: int, mode: str) -> dict:
             for event in stream:
                 labels = event["object"].metadata.labels
                 key = (labels.get("amber.dev/resource"), labels.get("amber.dev/stage"))
-                created.setdefault(key, time.perf_counter())
+                with seen:
+                    created.setdefault(key, time.perf_counter())
                 if stop.is_set():
                     return
 
@@ -127,11 +138,13 @@ def measure(cluster: Cluster, work: Path, count: int, mode: str) -> dict:
 
     def started(stage):
         sample()
-        return sum(k[1] == stage for k in created) >= count
+        with seen:
+            return sum(k[1] == stage for k in created) >= count
 
     wait_for(lambda: started(first), 1800, 0.2, "a Job for every resource")
     after = api_requests(cluster)
-    first_delays = [t - applied for k, t in created.items() if k[1] == first]
+    with seen:
+        first_delays = [t - applied for k, t in created.items() if k[1] == first]
 
     # Every first stage ends at once: its output committed, its Job gone.
     ended = {}
@@ -144,7 +157,8 @@ def measure(cluster: Cluster, work: Path, count: int, mode: str) -> dict:
         ended[job.metadata.labels["amber.dev/resource"]] = time.perf_counter()
     wait_for(lambda: started(second), 1800, 0.2, "the second stage's Job for every resource")
     stop.set()
-    next_delays = [t - ended[k[0]] for k, t in created.items() if k[1] == second]
+    with seen:
+        next_delays = [t - ended[k[0]] for k, t in created.items() if k[1] == second]
     cpu = proc.cpu_times()
     operator.terminate()
     operator.wait(timeout=60)
@@ -152,7 +166,12 @@ def measure(cluster: Cluster, work: Path, count: int, mode: str) -> dict:
     return {
         "first": quantiles(first_delays),
         "next": quantiles(next_delays),
-        "requests": (after - before) / count,
+        "requests": (sum(after.values()) - sum(before.values())) / count,
+        "by_kind": {
+            k: (after[k] - before.get(k, 0.0)) / count
+            for k in sorted(after, key=lambda k: before.get(k, 0.0) - after[k])
+            if after[k] - before.get(k, 0.0) >= count / 10
+        },
         "rss": peak,
         "cpu": cpu.user + cpu.system,
     }
@@ -172,7 +191,11 @@ def main() -> None:
     cluster.kubectl("apply", "-f", str(work / "crd.yaml"))
     cluster.kubectl("wait", "--for=condition=Established", "crd/ambercompressions.amber.dev")
     try:
-        rows = [(n, m, measure(cluster, work, n, m)) for n in args.resources for m in args.modes]
+        rows = []
+        for n in args.resources:
+            for mode in args.modes:
+                rows.append((n, mode, measure(cluster, work, n, mode)))
+                print(f"measured N={n} {mode}: {rows[-1][2]}", flush=True)
     finally:
         cluster.stop()
     print("mode: events = Job watch + retries at their time + 60 s timer (as shipped);")
@@ -189,6 +212,9 @@ def main() -> None:
             f"{n:>5} {mode:<7} {first:>36} {after:>40} {r['requests']:>8.1f} "
             f"{r['rss']:>8.0f} {r['cpu']:>6.1f}"
         )
+    for n, mode, r in rows:
+        shown = ", ".join(f"{k} {v:.1f}" for k, v in r["by_kind"].items())
+        print(f"N={n} {mode}: requests per resource until every first Job: {shown}")
     for n in args.resources:
         got = {mode: r for m, mode, r in ((x[0], x[1], x[2]) for x in rows) if m == n}
         if {"events", "timer"} <= got.keys():

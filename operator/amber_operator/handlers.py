@@ -53,7 +53,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # Watches can stall silently behind some load balancers without these timeouts.
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
-    settings.posting.level = logging.INFO
+    # Our events are posted as such (kopf.event); kopf's echo of every INFO log line as an
+    # Event would double each of them and add a "handler succeeded" one to every pass.
+    settings.posting.level = logging.WARNING
     memo.api = api_client()
     memo.requeue = Requeue(lambda key: requeued(key, memo))
     metrics.serve(int(os.environ.get("AMBER_METRICS_PORT", "9090")))
@@ -219,7 +221,9 @@ def on_change(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
     reconcile(body, memo, logger)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL)
+# The safety net only: a resource's first pass is its create (or resume) handler's, so the
+# timer's first pass waits an interval instead of racing that one for the same status.
+@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, initial_delay=INTERVAL)
 def on_timer(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
     reconcile(body, memo, logger)
 

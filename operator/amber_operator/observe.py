@@ -71,8 +71,10 @@ def jobs(api: client.ApiClient, obj: AmberCompression) -> tuple[ObservedJob, ...
     ns, name = obj.metadata.namespace, obj.metadata.name
     selector = f"{render.LABEL_RESOURCE}={name}"
     found = []
-    pods = core.list_namespaced_pod(ns, label_selector=selector).items
-    for item in batch.list_namespaced_job(ns, label_selector=selector).items:
+    items = batch.list_namespaced_job(ns, label_selector=selector).items
+    # Pods only where there are Jobs: a resource's passes before its first Job cost one read.
+    pods = core.list_namespaced_pod(ns, label_selector=selector).items if items else []
+    for item in items:
         body = api.sanitize_for_serialization(item)
         termination = ""
         for pod in pods:

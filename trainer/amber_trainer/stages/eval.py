@@ -61,7 +61,8 @@ def run(rt: Runtime) -> tuple[int, dict]:
                     models_[name] = student
                 else:
                     models_[name] = models.load(rt.fetch_output(name) / common.MODEL_DIR)
-            metrics["judged"] = judged(fetch_judge(rt, shapes.judge_uri), models_, out)
+            judge = fetch_judge(rt, shapes.judge_uri)
+            metrics["judged"] = judged(judge, models_, out, params.seed)
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))
     summary = ("meanRelativeVelocityError", "samples", "sampleGrid", "judged")
     return 0, {k: metrics[k] for k in summary if k in metrics}
@@ -85,17 +86,18 @@ GRID_ROWS = 8
 
 
 @torch.no_grad()
-def judged(judge, models_: dict[str, torch.nn.Module], out: Path) -> dict:
+def judged(judge, models_: dict[str, torch.nn.Module], out: Path, seed: int = 0) -> dict:
     """Every held-out combination of the shapes task drawn once by each model (teacher
     first) from the same noise, with the benchmark's sampler, and read by the judge: per
     model, the share of prompts drawn with every attribute right, per-attribute accuracy and
-    parameters. A grid of a few prompts, real rendering first, goes to `out`."""
+    parameters. A grid of a few prompts, real rendering first, goes to `out`. `seed` picks
+    the renderings and the noise."""
     from amber.presets import MODEL_NAMES
     from amber.report import JUDGED_GRID
     from amber_trainer.quality import judge as judging
     from amber_trainer.quality import measure, report, task
 
-    suite = measure.suite(per_combination=1, seed=0)
+    suite = measure.suite(per_combination=1, seed=seed)
     rows = suite.subset([round(i * len(suite) / GRID_ROWS) for i in range(GRID_ROWS)])
     table, columns = {}, {"real": task.to_images(rows.batch.latents)}
     for name, model in models_.items():
