@@ -131,7 +131,7 @@ def test_images_install_the_package_dependency_groups():
     operator_extras, operator_others = _installs(ROOT / "images/operator/Dockerfile")
     assert operator_extras == {"operator"} and operator_others == []
     trainer_extras, trainer_others = _installs(ROOT / "images/trainer/Dockerfile")
-    assert trainer_extras == {"trainer"}
+    assert trainer_extras == {"trainer", "quality"}  # quality: data.shapes' text encoder
     # torch is installed first from the CUDA index; its pin must satisfy the trainer group.
     text = (ROOT / "images/trainer/Dockerfile").read_text()
     torch_pin = re.search(r"ARG TORCH=([\d.]+)", text).group(1)
