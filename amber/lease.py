@@ -172,9 +172,12 @@ def acquire(
 def hold(store: Store, holder_id: str, kind: str, ttl: float = TTL_SECONDS) -> Holder | None:
     """Take or renew the lease for a holder whose `holder_id` outlives its process (the
     operator: one id per resource, so a restarted operator keeps its leases). None when it
-    is ours now; else the other, live holder."""
+    is ours now; else the other, live holder. A lease of ours with more than two thirds of
+    `ttl` left is not written again: a burst of passes costs one read each."""
     current, version = read(store)
     ours = current is not None and current.id == holder_id
+    if ours and current.expires - time.time() > ttl * 2 / 3:
+        return None  # renewed within the last third of a ttl: nothing to write yet
     mine = _this_process(holder_id, kind, ttl, current.acquired if ours else None)
     if _claim(store, mine, current, version) is not None:
         return None

@@ -389,6 +389,19 @@ def test_one_holder_at_a_time_and_a_dead_holder_is_taken_over(store):
     lease.acquire(store, "amber-run").release()
 
 
+def test_the_operators_hold_writes_only_when_a_third_of_its_ttl_has_passed(store):
+    assert lease.hold(store, "operator/ns/r", "operator", ttl=0.6) is None
+    first, _ = lease.read(store)
+    assert lease.hold(store, "operator/ns/r", "operator", ttl=0.6) is None  # a burst of passes
+    assert lease.read(store)[0] == first  # not written again
+    time.sleep(0.25)  # past a third of the ttl: renewed, same holder, same acquisition
+    assert lease.hold(store, "operator/ns/r", "operator", ttl=0.6) is None
+    renewed, _ = lease.read(store)
+    assert renewed.expires > first.expires and renewed.acquired == first.acquired
+    # Another holder is refused while this one lives.
+    assert lease.hold(store, "operator/ns/other", "operator", ttl=0.6).id == "operator/ns/r"
+
+
 def test_racing_for_a_free_lease_has_one_winner(store):
     won, lost = [], []
     start = threading.Barrier(6)

@@ -15,6 +15,7 @@ import kopf
 from kubernetes import client
 from pydantic import ValidationError
 
+from amber import lease
 from amber.api import (
     GROUP,
     PLURAL,
@@ -29,6 +30,14 @@ from amber_operator.reconcile import decide
 from amber_operator.requeue import Requeue
 
 INTERVAL = float(os.environ.get("AMBER_RECONCILE_INTERVAL", "60"))
+# The run lease lives three timer intervals: a resource with nothing happening is passed
+# only by the timer, and must not lose its lease between two passes (`amber run` could
+# start on the folder the operator is running).
+LEASE_TTL = max(lease.TTL_SECONDS, 3 * INTERVAL)
+# Passes at once. A pass mostly waits on the API server and storage (six or so round trips),
+# so a pool sized by cores (Python's default, 6 on two) leaves a busy operator idle; this
+# bounds threads and connections, never one per resource.
+WORKERS = int(os.environ.get("AMBER_WORKERS", "32"))
 # The ServiceAccount of trainer pods (the chart creates one with no permissions).
 TRAINER_SERVICE_ACCOUNT = os.environ.get("AMBER_TRAINER_SERVICE_ACCOUNT", "")
 _locks: dict[str, threading.Lock] = {}
@@ -42,7 +51,11 @@ def api_client() -> client.ApiClient:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    # One kept-alive connection per worker: a smaller pool drops connections under load,
+    # and each new one costs a TLS handshake.
+    configuration.connection_pool_maxsize = WORKERS
+    return client.ApiClient(configuration)
 
 
 @kopf.on.startup()
@@ -56,6 +69,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # Our events are posted as such (kopf.event); kopf's echo of every INFO log line as an
     # Event would double each of them and add a "handler succeeded" one to every pass.
     settings.posting.level = logging.WARNING
+    settings.execution.max_workers = WORKERS
     memo.api = api_client()
     memo.requeue = Requeue(lambda key: requeued(key, memo))
     metrics.serve(int(os.environ.get("AMBER_METRICS_PORT", "9090")))
@@ -181,7 +195,7 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> float | None:
 
     status = AmberCompressionStatus.model_validate(old_status) if old_status else None
     status = status or AmberCompressionStatus()
-    observed = observe.observe(api, obj)
+    observed = observe.observe(api, obj, LEASE_TTL)
     decision = decide(obj, status, observed, now, generation)
     apply.apply(
         api,

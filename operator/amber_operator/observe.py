@@ -149,7 +149,9 @@ def storage(store: Store, obj: AmberCompression) -> dict:
     }
 
 
-def observe(api: client.ApiClient, obj: AmberCompression) -> Observed:
+def observe(api: client.ApiClient, obj: AmberCompression, lease_ttl: float) -> Observed:
+    """Jobs, storage and the run's lease; the lease is held for `lease_ttl` seconds, longer
+    than the gap between two passes of an idle resource (the safety-net timer's)."""
     found = jobs(api, obj)  # before storage: a Job seen Complete has committed by then
     try:
         store = store_for(api, obj)
@@ -159,7 +161,7 @@ def observe(api: client.ApiClient, obj: AmberCompression) -> Observed:
         holder = f"operator/{obj.metadata.namespace}/{obj.metadata.name}"
         other = None
         if seen["stage"] is not None or not seen["final_committed"]:
-            other = lease.hold(store, holder, "operator")
+            other = lease.hold(store, holder, "operator", lease_ttl)
         else:
             lease.let_go(store, holder)
     except (StorageError, ApiException, OSError, KeyError) as err:
