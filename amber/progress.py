@@ -109,21 +109,8 @@ def summary(console: Console, obj: AmberCompression, outcomes, final: str | None
         status = o.status if o.resumed_from is None else f"resumed@{o.resumed_from}"
         table.add_row(o.stage, o.type, status, f"{o.seconds:.1f}s", " ".join(shown))
     console.print(table)
-    sizes = Table(title="parameters")
-    sizes.add_column("model")
-    sizes.add_column("parameters", justify="right")
-    teacher = next((o.metrics.get("teacherParameters") for o in outcomes if o.type == "prune"), 0)
-    if teacher:
-        sizes.add_row("teacher", human(teacher))
-    for o in outcomes:
-        if o.type in ("prune", "fuse") and "parameters" in o.metrics:
-            share = f" ({o.metrics['parameters'] / teacher:.0%})" if teacher else ""
-            sizes.add_row(o.stage, human(o.metrics["parameters"]) + share)
     judged = next((o.metrics["judged"] for o in outcomes if "judged" in o.metrics), None)
-    if judged:
-        console.print(judged_table(judged))
-    else:
-        console.print(sizes)
+    console.print(judged_table(judged) if judged else parameters_table(outcomes))
     if final:
         console.print(f"final model: [bold]{final}[/]")
 
@@ -144,3 +131,18 @@ def judged_table(judged: dict) -> Table:
             *(f"{v:.0%}" for v in r.attributes.values()),
         )
     return table
+
+
+def parameters_table(outcomes) -> Table:
+    """The teacher's parameters and each pruned or fused model's, with its share."""
+    sizes = Table(title="parameters")
+    sizes.add_column("model")
+    sizes.add_column("parameters", justify="right")
+    teacher = next((o.metrics.get("teacherParameters") for o in outcomes if o.type == "prune"), 0)
+    if teacher:
+        sizes.add_row("teacher", human(teacher))
+    for o in outcomes:
+        if o.type in ("prune", "fuse") and "parameters" in o.metrics:
+            share = f" ({o.metrics['parameters'] / teacher:.0%})" if teacher else ""
+            sizes.add_row(o.stage, human(o.metrics["parameters"]) + share)
+    return sizes

@@ -123,8 +123,7 @@ def shapes_datasets(config: dict, samples: int, seed: int) -> tuple[TensorDatase
     from amber_trainer.quality import task, text
     from amber_trainer.quality.teacher import dataset
 
-    wanted = {"in_channels": task.CHANNELS, "joint_attention_dim": text.WIDTH}
-    wrong = {k: config.get(k) for k, v in wanted.items() if config.get(k) != v}
+    wrong = task.misfit(config)
     if wrong:
         raise ValueError(
             f"data.shapes: the task's tokens are {task.CHANNELS} values and its captions "

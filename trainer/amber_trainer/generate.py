@@ -82,13 +82,9 @@ def latents_to_image(latents: torch.Tensor, side: int, patch: int = 2) -> Image.
 
 def is_shapes_model(config) -> bool:
     """Whether a transformer reads the shapes task's captions and draws its pictures."""
-    from amber_trainer.quality import task, text
+    from amber_trainer.quality import task
 
-    return (
-        config.get("joint_attention_dim") == text.WIDTH
-        and config.get("in_channels") == task.CHANNELS
-        and config.get("patch_size", 2) == 2
-    )
+    return not task.misfit(dict(config))
 
 
 def render_shapes(model, prompt: str, steps: int, seed: int) -> Image.Image:

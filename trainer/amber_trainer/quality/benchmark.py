@@ -25,7 +25,7 @@ import torch
 
 from amber import presets
 from amber_trainer import models
-from amber_trainer.quality import arms, measure, report, task, teacher
+from amber_trainer.quality import arms, measure, teacher
 
 DATA_SAMPLES = 4096
 DATA_SEED = 100  # the training pairs and the target pool are the same for every seed
@@ -44,18 +44,13 @@ class Size:
 QUICK = Size(held_out=138, training=48, pool=2048)
 
 
-def figure(s: measure.Suite, teacher_model, outputs: dict, path: Path, rows: int = 8) -> None:
+def figure(s: measure.Suite, teacher_model, outputs: dict, path: Path) -> None:
     """Real rendering, teacher, 10B-style and 6B-style on the same prompts and noise."""
-    picks = s.subset([round(i * len(s) / rows) for i in range(rows)])
-    columns = {
-        "real": task.to_images(picks.batch.latents),
-        "teacher": measure.generate(teacher_model, picks),
-    }
+    drawn = {"teacher": teacher_model}
     for stage in ("finetune", "fuse"):
         if stage in outputs:
-            model = models.load(outputs[stage] / "model")
-            columns[presets.MODEL_NAMES[stage]] = measure.generate(model, picks)
-    report.sample_grid(columns, [sc.caption for sc in picks.scenes], path)
+            drawn[presets.MODEL_NAMES[stage]] = models.load(outputs[stage] / "model")
+    measure.grid(s, drawn, path)
 
 
 def _kept(folders: dict[str, Path]) -> list[int] | None:

@@ -136,6 +136,18 @@ def generate(model: torch.nn.Module, s: Suite, steps: int = SAMPLE_STEPS) -> tor
 
 
 @torch.no_grad()
+def grid(s: Suite, models: dict[str, torch.nn.Module], path, rows: int = 8) -> None:
+    """`rows` prompts spread over the suite, one row each: the real rendering, then each
+    model's picture from the same noise (columns named as `models` is keyed)."""
+    from amber_trainer.quality import report
+
+    picks = s.subset([round(i * len(s) / rows) for i in range(rows)])
+    columns = {"real": task.to_images(picks.batch.latents)}
+    columns.update({name: generate(model, picks) for name, model in models.items()})
+    report.sample_grid(columns, [scene.caption for scene in picks.scenes], path)
+
+
+@torch.no_grad()
 def velocity_error(model, e: Errors) -> list[float]:
     """Mean ||v - v_teacher|| / ||v_teacher|| per bucket."""
     out = []

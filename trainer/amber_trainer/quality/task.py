@@ -72,6 +72,17 @@ def combinations() -> list[Scene]:
     return singles + pairs
 
 
+def misfit(config: dict) -> dict:
+    """What keeps a transformer config from reading this task's captions (MiniLM states) and
+    drawing its pictures (4x4x3-pixel tokens in 2x2 patches): key -> its value; empty when
+    it fits."""
+    from amber_trainer.quality import text
+
+    wanted = {"in_channels": CHANNELS, "joint_attention_dim": text.WIDTH, "patch_size": 2}
+    given = {"patch_size": 2, **config}  # diffusers' default patch size
+    return {k: given.get(k) for k, v in wanted.items() if given.get(k) != v}
+
+
 def split() -> tuple[list[Scene], list[Scene]]:
     """(training combinations, held-out combinations): a fixed random fifth of the singles
     and of the pairs is held out, and every object and single attribute value still

@@ -82,9 +82,6 @@ def fetch_judge(rt: Runtime, uri: str):
     return fixtures.load_judge(local)
 
 
-GRID_ROWS = 8
-
-
 @torch.no_grad()
 def judged(judge, models_: dict[str, torch.nn.Module], out: Path, seed: int = 0) -> dict:
     """Every held-out combination of the shapes task drawn once by each model (teacher
@@ -95,11 +92,10 @@ def judged(judge, models_: dict[str, torch.nn.Module], out: Path, seed: int = 0)
     from amber.presets import MODEL_NAMES
     from amber.report import JUDGED_GRID
     from amber_trainer.quality import judge as judging
-    from amber_trainer.quality import measure, report, task
+    from amber_trainer.quality import measure
 
     suite = measure.suite(per_combination=1, seed=seed)
-    rows = suite.subset([round(i * len(suite) / GRID_ROWS) for i in range(GRID_ROWS)])
-    table, columns = {}, {"real": task.to_images(rows.batch.latents)}
+    table = {}
     for name, model in models_.items():
         images = measure.generate(model.float().cpu(), suite)
         grade = judging.grade(judge, images, suite.scenes)
@@ -109,8 +105,8 @@ def judged(judge, models_: dict[str, torch.nn.Module], out: Path, seed: int = 0)
             "attributes": grade["attributes"],
             "parameters": models.count_parameters(model),
         }
-        columns[MODEL_NAMES.get(name, name)] = measure.generate(model, rows)
-    report.sample_grid(columns, [s.caption for s in rows.scenes], out / JUDGED_GRID)
+    drawn = {MODEL_NAMES.get(name, name): model for name, model in models_.items()}
+    measure.grid(suite, drawn, out / JUDGED_GRID)
     return table
 
 
