@@ -12,7 +12,7 @@ from kubernetes.client.rest import ApiException
 
 from amber import report
 from amber.api import AmberCompression
-from amber.plan import plan
+from amber.plan import StageRun
 from amber.publish import publish_final
 from amber_operator import render
 from amber_operator.reconcile import CreateAttempt, DeleteJob, PublishFinal
@@ -70,7 +70,13 @@ def delete_job(api: client.ApiClient, namespace: str, name: str) -> None:
 
 
 def apply(
-    api, obj: AmberCompression, body: dict, actions: list, store_factory, service_account=""
+    api,
+    obj: AmberCompression,
+    runs: list[StageRun],
+    body: dict,
+    actions: list,
+    store_factory,
+    service_account="",
 ) -> None:
     ns = obj.metadata.namespace
     owner = owner_reference(body)
@@ -82,6 +88,6 @@ def apply(
         elif isinstance(action, DeleteJob):
             delete_job(api, ns, action.name)
         elif isinstance(action, PublishFinal):
-            runs, store = plan(obj), store_factory()
+            store = store_factory()
             publish_final(obj, runs, store)
             report.write(obj, runs, store, list(action.stages))

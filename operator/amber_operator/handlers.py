@@ -6,6 +6,7 @@ decision that asks to be looked at again at a time (a retry's backoff) is kept b
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ from amber.api import (
     AmberCompression,
     AmberCompressionStatus,
 )
+from amber.plan import StageRun, plan
 from amber.resource import format_errors
 from amber_operator import apply, metrics, observe, peering, render
 from amber_operator import conditions as c
@@ -42,6 +44,16 @@ WORKERS = int(os.environ.get("AMBER_WORKERS", "32"))
 TRAINER_SERVICE_ACCOUNT = os.environ.get("AMBER_TRAINER_SERVICE_ACCOUNT", "")
 _locks: dict[str, threading.Lock] = {}
 _phases: dict[str, str] = {}
+_plans: dict[str, tuple[str, list[StageRun]]] = {}  # by uid: the spec's digest, its plan
+
+
+def _plan(obj: AmberCompression, uid: str) -> list[StageRun]:
+    """The resource's plan, made once per spec: every pass of an unchanged resource reuses it."""
+    digest = hashlib.sha256(obj.model_dump_json(include={"metadata", "spec"}).encode()).hexdigest()
+    cached = _plans.get(uid)
+    if cached is None or cached[0] != digest:
+        cached = _plans[uid] = (digest, plan(obj))
+    return cached[1]
 
 
 def api_client() -> client.ApiClient:
@@ -195,11 +207,13 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> float | None:
 
     status = AmberCompressionStatus.model_validate(old_status) if old_status else None
     status = status or AmberCompressionStatus()
-    observed = observe.observe(api, obj, LEASE_TTL)
-    decision = decide(obj, status, observed, now, generation)
+    runs = _plan(obj, body.metadata.uid)
+    observed = observe.observe(api, obj, runs, LEASE_TTL, body.metadata.uid)
+    decision = decide(obj, status, observed, now, generation, runs=runs)
     apply.apply(
         api,
         obj,
+        runs,
         dict(body),
         decision.actions,
         lambda: observe.store_for(api, obj),
@@ -270,4 +284,6 @@ def on_delete(body: kopf.Body, memo: kopf.Memo, **_) -> None:
     metrics.forget(body.metadata.namespace, body.metadata.name)
     _phases.pop(body.metadata.uid, None)
     _locks.pop(body.metadata.uid, None)
+    _plans.pop(body.metadata.uid, None)
+    observe.forget(body.metadata.uid)
     metrics.set_phases(_phases)

@@ -1,5 +1,7 @@
 """Reading the world for one reconcile pass: the resource's Jobs (and their pods' termination
-messages) and what storage holds. `job_state` is pure; the rest is I/O at the edge."""
+messages) and what storage holds, read again only where it can have changed since the
+resource's last pass (`read_whole`). `job_state` and `read_whole` are pure; the rest is I/O at
+the edge."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import contextlib
 import json
 import logging
 import re
+import time
+from dataclasses import dataclass
 from datetime import datetime
 
 from kubernetes import client
@@ -15,7 +19,7 @@ from kubernetes.client.rest import ApiException
 
 from amber import commits, lease
 from amber.api import AmberCompression
-from amber.plan import FINAL, OUTPUT, plan, run_uri
+from amber.plan import FINAL, OUTPUT, StageRun, run_uri
 from amber.records import ProgressRecord
 from amber.storage import StorageError, Store, open_store, s3_client
 from amber_operator import render
@@ -114,23 +118,67 @@ def store_for(api: client.ApiClient, obj: AmberCompression) -> Store:
     return open_store(folder, client=_clients[key])
 
 
-def storage(store: Store, obj: AmberCompression) -> dict:
+# Storage is read whole at least this often, for what no Job of ours does (an output deleted or
+# copied by hand); between such reads only what can have changed is read again.
+FULL_READ_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A resource's storage as its last pass read it, and its Jobs at that moment."""
+
+    committed: dict[str, str]  # stage -> its committed output's spec hash
+    final_committed: bool
+    running: frozenset[str]  # names of the Jobs running then
+    finished: frozenset[str]  # and of those finished by then
+    whole_at: float  # time.monotonic() of the last read of every stage
+
+
+_seen: dict[str, Seen] = {}  # by resource uid
+
+
+def read_whole(before: Seen | None, jobs: tuple[ObservedJob, ...], now: float) -> bool:
+    """Whether this pass must read every stage's output. Only a Job of the resource's changes
+    storage behind the operator's back: one that ended (or went away) since the last read may
+    have committed its stage or quarantined a damaged input of it; one still running changes
+    only its own stage, which every pass reads."""
+    if before is None or now - before.whole_at >= FULL_READ_SECONDS:
+        return True
+    running = {j.name for j in jobs if j.finished is None}
+    finished = {j.name for j in jobs if j.finished is not None}
+    return bool(finished - before.finished or before.running - running)
+
+
+def storage(store: Store, runs: list[StageRun], before: Seen | None, whole: bool) -> dict:
     """Committed outputs per stage; progress and newest checkpoint of the first stage without
-    a committed output (the one `decide` will run)."""
-    committed, pending = {}, None
+    a committed output (the one `decide` will run). Unless `whole`, a stage `before` saw
+    committed with its current spec hash is not read again, nor any stage after the first
+    one still without its output (nothing runs it before that one is done)."""
+    committed = {} if whole or before is None else dict(before.committed)
+    pending = None
 
     def damaged(message: str) -> None:
-        log.warning("%s/%s: %s", obj.metadata.namespace, obj.metadata.name, message)
+        log.warning("%s: %s", store, message)
 
-    for run in plan(obj):
-        # Read-only and sizes only, every pass: a damaged output counts as not committed, and
-        # the stage's own trainer quarantines it when the operator runs the stage again.
-        folder = f"{run.stage.name}/{OUTPUT}"
-        manifest = commits.read_output(store, folder, damaged, checksums=False, repair=False)
-        if manifest is not None:
-            committed[run.stage.name] = manifest.spec_hash
-        if pending is None and committed.get(run.stage.name) != run.spec_hash:
-            pending = run.stage.name
+    for run in runs:
+        name = run.stage.name
+        if not whole and (pending is not None or committed.get(name) == run.spec_hash):
+            continue
+        # Read-only and sizes only: a damaged output counts as not committed, and the stage's
+        # own trainer quarantines it when the operator runs the stage again.
+        manifest = commits.read_output(
+            store, f"{name}/{OUTPUT}", damaged, checksums=False, repair=False
+        )
+        if manifest is None:
+            committed.pop(name, None)
+        else:
+            committed[name] = manifest.spec_hash
+        if pending is None and committed.get(name) != run.spec_hash:
+            pending = name
+    final = before.final_committed if before is not None else False
+    if whole or before is None or (pending is None and not final):
+        manifest = commits.read_output(store, FINAL, damaged, checksums=False, repair=False)
+        final = manifest is not None
     progress, checkpoint = None, None
     if pending:
         key = f"{pending}/progress.json"
@@ -144,18 +192,26 @@ def storage(store: Store, obj: AmberCompression) -> dict:
         "stage": pending,
         "progress": progress,
         "checkpoint": checkpoint,
-        "final_committed": commits.read_output(store, FINAL, damaged, checksums=False, repair=False)
-        is not None,
+        "final_committed": final,
     }
 
 
-def observe(api: client.ApiClient, obj: AmberCompression, lease_ttl: float) -> Observed:
+def forget(uid: str) -> None:
+    _seen.pop(uid, None)
+
+
+def observe(
+    api: client.ApiClient, obj: AmberCompression, runs: list[StageRun], lease_ttl: float, uid: str
+) -> Observed:
     """Jobs, storage and the run's lease; the lease is held for `lease_ttl` seconds, longer
     than the gap between two passes of an idle resource (the safety-net timer's)."""
     found = jobs(api, obj)  # before storage: a Job seen Complete has committed by then
+    now = time.monotonic()
+    before = _seen.pop(uid, None)  # kept again below only if this read succeeds
+    whole = read_whole(before, found, now)
     try:
         store = store_for(api, obj)
-        seen = storage(store, obj)
+        seen = storage(store, runs, before, whole)
         # The operator holds the run's lease while the run has work left, as `amber run`
         # does, so the two never write one folder at once.
         holder = f"operator/{obj.metadata.namespace}/{obj.metadata.name}"
@@ -166,4 +222,12 @@ def observe(api: client.ApiClient, obj: AmberCompression, lease_ttl: float) -> O
             lease.let_go(store, holder)
     except (StorageError, ApiException, OSError, KeyError) as err:
         return Observed(jobs=found, storage_error=f"storage {obj.spec.storage.uri}: {err}")
+    if other is None:  # while someone else holds the folder, anything in it may change
+        _seen[uid] = Seen(
+            committed=seen["committed"],
+            final_committed=seen["final_committed"],
+            running=frozenset(j.name for j in found if j.finished is None),
+            finished=frozenset(j.name for j in found if j.finished is not None),
+            whole_at=now if whole else before.whole_at,
+        )
     return Observed(jobs=found, held_by=other.describe() if other else None, **seen)

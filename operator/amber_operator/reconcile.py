@@ -112,9 +112,12 @@ def decide(
     observed: Observed,
     now: datetime,
     generation: int | None = None,
+    *,
+    runs: list[StageRun] | None = None,
 ) -> Decision:
+    """`runs`: the resource's plan, when the caller has made it already."""
     spec = obj.spec
-    runs = plan(obj)
+    runs = plan(obj) if runs is None else runs
     stamp = _iso(now)
     previous = {s.name: s for s in status.stages}
     stages: list[StageStatus] = []
