@@ -358,7 +358,8 @@ class AmberCompression(Model):
 
 # --- status -------------------------------------------------------------------------------
 
-Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+# Queued: the stage's Job waits for its queue (Kueue) to admit its whole gang.
+Phase = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
 
 
 class Condition(Model):
@@ -379,7 +380,9 @@ class StageStatus(Model):
     spec_hash: str = Field("", description="specHash: the stage spec this status is about.")
     attempts: int = Field(0, description="attempts: Jobs started for this stage.")
     restarts: int = Field(0, description="restarts: failed attempts counted against the budget.")
-    disruptions: int = Field(0, description="disruptions: preemptions and node losses.")
+    disruptions: int = Field(
+        0, description="disruptions: preemptions (a pod's, or the queue's) and node losses."
+    )
     last_failure: int = Field(0, description="lastFailure: the last attempt recorded as failed.")
     job: str | None = Field(None, description="job: the current attempt's Job.")
     start_time: str | None = Field(None, description="startTime: first attempt started.")

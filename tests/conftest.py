@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 import uuid
+import zlib
 
 import pytest
 
@@ -81,3 +82,35 @@ def cluster(tmp_path_factory):
 def _quiet_threads(monkeypatch):
     # Two cores: keep torch from oversubscribing them when tests run model code.
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+@pytest.fixture(scope="session")
+def crd_installed(cluster, tmp_path_factory):
+    import yaml
+
+    from amber.schema import crd
+
+    path = tmp_path_factory.mktemp("crd") / "crd.yaml"
+    path.write_text(yaml.safe_dump(crd()))
+    cluster.kubectl("apply", "-f", str(path))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/ambercompressions.amber.dev")
+    cluster.runner.extra_env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    return True
+
+
+@pytest.fixture
+def namespace(cluster, crd_installed, request):
+    digest = zlib.crc32(f"{request.node.nodeid}{os.getpid()}".encode()) % 100_000
+    name = f"e2e-{request.node.name.split('_')[1][:10]}-{digest}".lower()
+    cluster.core.create_namespace({"metadata": {"name": name}})
+    return name
+
+
+@pytest.fixture
+def operator(cluster, namespace, tmp_path):
+    """`amber operator` as its own process, watching the test's namespace."""
+    from kube import Operator
+
+    op = Operator(cluster, namespace, tmp_path / "operator.log").start()
+    yield op
+    op.kill()

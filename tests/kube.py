@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from trainer_helpers import kill_tree
+from trainer_helpers import free_port, kill_tree
 
 HERE = Path(__file__).parent
 # The control plane serves a self-signed certificate on loopback.
@@ -386,7 +388,15 @@ class PodRunner:
                 arg = arg.replace(mount.rstrip("/") + "/", f"{folder}/")
             return arg
 
-        argv = [local(a) for a in [*(container.command or []), *(container.args or [])]]
+        def expand(arg: str) -> str:
+            # $(VAR) from the container's environment, as the kubelet expands it; and no
+            # cluster DNS here: every pod of a gang is on this machine, so pod 0's stable
+            # hostname (torchrun's rendezvous host) is this machine's loopback address.
+            arg = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
+            return re.sub(r"^--master-addr=.*$", "--master-addr=127.0.0.1", arg)
+
+        command = [*(container.command or []), *(container.args or [])]
+        argv = [local(expand(a)) for a in command]
         if argv and argv[0] in ("python", "python3"):
             argv[0] = sys.executable  # the interpreter the tests run under
         self._status(pod, "Running")
@@ -494,3 +504,81 @@ def _kill(proc: subprocess.Popen | None) -> None:
 
 def dump(obj) -> str:
     return json.dumps(client.ApiClient().sanitize_for_serialization(obj), indent=2)
+
+
+# --- the operator against this cluster ----------------------------------------------------
+
+GROUP, VERSION, PLURAL = "amber.dev", "v1alpha1", "ambercompressions"
+
+
+class Operator:
+    """`amber operator` as a separate process, as its Deployment would run it."""
+
+    def __init__(self, cluster, namespace, log_path, interval=1, peering: list[str] = ()):
+        self.cluster, self.namespace, self.log_path = cluster, namespace, log_path
+        self.interval, self.peering = interval, list(peering)
+        self.metrics_port = free_port()
+        self.proc = None
+
+    def start(self):
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.cluster.kubeconfig),
+            "AMBER_RECONCILE_INTERVAL": str(self.interval),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.log = open(self.log_path, "a")  # noqa: SIM115 - closed in kill()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "amber",
+                "operator",
+                "-n",
+                self.namespace,
+                "--liveness-port",
+                str(free_port()),
+                "--metrics-port",
+                str(self.metrics_port),
+                *self.peering,
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def metrics(self) -> str:
+        """What the operator's Prometheus endpoint serves now."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as r:
+            return r.read().decode()
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=60)
+        if self.proc:  # started: its log is open
+            self.log.close()
+
+
+def get(cluster, namespace, name):
+    return client.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+
+
+def phase_is(cluster, namespace, name, phase):
+    return lambda: (get(cluster, namespace, name).get("status") or {}).get("phase") == phase
+
+
+def apply(cluster, namespace, doc):
+    doc = {**doc, "metadata": {**doc["metadata"], "namespace": namespace}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
+
+
+def jobs_of(cluster, namespace, stage=None):
+    selector = "amber.dev/resource" + (f",amber.dev/stage={stage}" if stage else "")
+    return (
+        client.BatchV1Api(cluster.api).list_namespaced_job(namespace, label_selector=selector).items
+    )

@@ -7,122 +7,19 @@ import json
 import logging
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 import yaml
 from kubernetes import client
 
 from amber import commits
-from amber.schema import crd
 from amber.storage import S3Store, open_store, s3_client
 from argocd import health
-from kube import wait_for
-from trainer_helpers import FAST, free_port, tiny_resource
+from kube import GROUP, PLURAL, VERSION, Operator, apply, get, jobs_of, phase_is, wait_for
+from trainer_helpers import FAST, tiny_resource
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-GROUP, VERSION, PLURAL = "amber.dev", "v1alpha1", "ambercompressions"
-
-
-class Operator:
-    """`amber operator` as a separate process, as its Deployment would run it."""
-
-    def __init__(self, cluster, namespace, log_path, interval=1, peering: list[str] = ()):
-        self.cluster, self.namespace, self.log_path = cluster, namespace, log_path
-        self.interval, self.peering = interval, list(peering)
-        self.metrics_port = free_port()
-        self.proc = None
-
-    def start(self):
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.cluster.kubeconfig),
-            "AMBER_RECONCILE_INTERVAL": str(self.interval),
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.log = open(self.log_path, "a")  # noqa: SIM115 - closed in kill()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "amber",
-                "operator",
-                "-n",
-                self.namespace,
-                "--liveness-port",
-                str(free_port()),
-                "--metrics-port",
-                str(self.metrics_port),
-                *self.peering,
-            ],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return self
-
-    def metrics(self) -> str:
-        """What the operator's Prometheus endpoint serves now."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as r:
-            return r.read().decode()
-
-    def kill(self, sig=signal.SIGKILL):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=60)
-        if self.proc:  # started: its log is open
-            self.log.close()
-
-
-@pytest.fixture(scope="module")
-def crd_installed(cluster, tmp_path_factory):
-    path = tmp_path_factory.mktemp("crd") / "crd.yaml"
-    path.write_text(yaml.safe_dump(crd()))
-    cluster.kubectl("apply", "-f", str(path))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/ambercompressions.amber.dev")
-    cluster.runner.extra_env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    return True
-
-
-@pytest.fixture
-def namespace(cluster, crd_installed, request):
-    name = f"e2e-{request.node.name.split('_')[1][:10]}-{os.getpid() % 1000}".lower()
-    cluster.core.create_namespace({"metadata": {"name": name}})
-    return name
-
-
-@pytest.fixture
-def operator(cluster, namespace, tmp_path):
-    op = Operator(cluster, namespace, tmp_path / "operator.log").start()
-    yield op
-    op.kill()
-
-
-def get(cluster, namespace, name):
-    return client.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name
-    )
-
-
-def phase_is(cluster, namespace, name, phase):
-    return lambda: (get(cluster, namespace, name).get("status") or {}).get("phase") == phase
-
-
-def apply(cluster, namespace, doc):
-    doc = {**doc, "metadata": {**doc["metadata"], "namespace": namespace}}
-    cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
-
-
-def jobs_of(cluster, namespace, stage=None):
-    selector = "amber.dev/resource" + (f",amber.dev/stage={stage}" if stage else "")
-    return (
-        client.BatchV1Api(cluster.api).list_namespaced_job(namespace, label_selector=selector).items
-    )
 
 
 def test_tiny_pipeline_runs_to_the_final_model(cluster, namespace, operator, s3_endpoint):

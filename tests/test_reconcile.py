@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from hypothesis import HealthCheck, given, settings
@@ -450,3 +451,40 @@ def test_a_job_whose_create_failed_is_created_again_under_the_same_name():
     # The API call failed, so no Job exists; the status already says attempt 1.
     again = step(obj, first.status, Observed())
     assert again.actions == [created] and again.status.stages[0].attempts == 1
+
+
+def test_a_kueue_gang_waits_for_admission_and_a_preemption_is_a_disruption():
+    obj = resource(scheduling={"gang": "kueue", "queueName": "gpus"})
+    created = step(obj)
+    assert [type(a) for a in created.actions] == [CreateAttempt]
+    assert created.status.phase == "Queued" and created.status.stages[0].phase == "Queued"
+    waiting = cond(created.status, c.RECONCILING)
+    assert waiting.reason == c.AWAITING_ADMISSION and "queue gpus" in waiting.message
+    assert "waiting for admission by queue gpus" in created.events[0].message
+
+    held = replace(job_for(obj, "score", 1), suspended=True)
+    still = step(obj, created.status, Observed(jobs=(held,)))
+    assert still.actions == [] and still.events == [] and still.status.phase == "Queued"
+    assert still.requeue_after == reconcile.PROGRESS_REFRESH_SECONDS
+
+    admitted = step(obj, still.status, Observed(jobs=(job_for(obj, "score", 1),)))
+    assert admitted.actions == [] and admitted.status.phase == "Running"
+    assert [e.reason for e in admitted.events] == [c.STAGE_ADMITTED]
+    assert cond(admitted.status, c.RECONCILING).reason == c.STAGE_RUNNING
+
+    # Kueue suspends the running Job to preempt it: a disruption, never a counted restart,
+    # and the same Job (no new attempt) waits to be admitted again.
+    preempted = step(obj, admitted.status, Observed(jobs=(held,), stage="score", checkpoint=20))
+    score = preempted.status.stages[0]
+    assert preempted.actions == [] and preempted.status.phase == "Queued"
+    assert (score.disruptions, score.restarts, score.attempts) == (1, 0, 1)
+    [event] = preempted.events
+    assert event.reason == c.STAGE_DISRUPTED and "from checkpoint 20" in event.message
+    again = step(obj, preempted.status, Observed(jobs=(held,)))
+    assert again.status.stages[0].disruptions == 1 and again.events == []
+
+
+def test_without_a_queue_a_new_attempt_runs_at_once():
+    d = step(resource(scheduling={"gang": "volcano", "queueName": "gpus"}))
+    assert d.status.phase == "Running"
+    assert cond(d.status, c.RECONCILING).reason == c.STAGE_STARTING

@@ -36,6 +36,8 @@ elseif is_true("Suspended") or status.phase == "Suspended" then
 elseif is_true("Ready") then
   hs.status = "Healthy"
   hs.message = message_of("Ready", "all stages succeeded")
+elseif status.phase == "Queued" then
+  hs.message = message_of("Reconciling", "waiting for admission by its queue")
 else
   local progress = status.progress or ""
   local stage = status.currentStage or "starting"

@@ -24,6 +24,7 @@ RESTARTS_EXHAUSTED = "RestartsExhausted"
 INVALID_SPEC = "InvalidSpec"
 STORAGE_UNAVAILABLE = "StorageUnavailable"
 FOLDER_HELD = "RunFolderHeld"  # another holder (an `amber run`) has the run's lease
+AWAITING_ADMISSION = "AwaitingAdmission"  # the stage's Job waits for its queue (Kueue)
 HEALTHY = "Healthy"
 
 # Event reasons
@@ -32,6 +33,7 @@ STAGE_SUCCEEDED = "StageSucceeded"
 STAGE_FAILED = "StageFailed"
 STAGE_DISRUPTED = "StageDisrupted"
 STAGE_RESTARTED = "StageRestarted"
+STAGE_ADMITTED = "StageAdmitted"
 JOB_DELETED = "JobDeleted"
 FINAL_PUBLISHED = "FinalPublished"
 

@@ -28,7 +28,7 @@ from amber.plan import StageRun, plan
 from amber.resource import format_errors
 from amber_operator import apply, metrics, observe, peering, render
 from amber_operator import conditions as c
-from amber_operator.reconcile import decide
+from amber_operator.reconcile import ObservedJob, decide
 from amber_operator.requeue import Requeue
 
 INTERVAL = float(os.environ.get("AMBER_RECONCILE_INTERVAL", "60"))
@@ -266,15 +266,26 @@ def resources(body: kopf.Body, **_) -> dict:
 def on_job(
     event: dict, body: kopf.Body, resources: kopf.Index, memo: kopf.Memo, logger, **_
 ) -> None:
-    """A stage Job finished or went away: reconcile its resource now, so the next stage (or
-    the retry) does not wait for the timer, which stays as the slow safety net."""
+    """A stage Job finished or went away, or its queue admitted or preempted it: reconcile
+    its resource now, so the next stage (or the retry) does not wait for the timer, which
+    stays as the slow safety net, and the status says at once whether the stage runs."""
     if memo.get("timer_only"):
         return
-    if event.get("type") != "DELETED" and observe.job_state(body).finished is None:
-        return
+    job = observe.job_state(body)
+    ended = event.get("type") == "DELETED" or job.finished is not None
     key = (body.metadata.namespace, body.metadata.labels[render.LABEL_RESOURCE])
     for owner in resources.get(key, []):
-        reconcile(owner, memo, logger)
+        if ended or _admission_changed(owner, job):
+            reconcile(owner, memo, logger)
+
+
+def _admission_changed(owner: kopf.Body, job: ObservedJob) -> bool:
+    """Whether a running Job's suspension disagrees with its stage's phase as last written:
+    Queued while the Job runs (admitted), or Running while it is suspended (preempted)."""
+    for stage in (owner.get("status") or {}).get("stages") or []:
+        if stage.get("name") == job.stage and stage.get("job") == job.name:
+            return stage.get("phase") == ("Running" if job.suspended else "Queued")
+    return False
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)

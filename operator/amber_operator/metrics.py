@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from typing import get_args
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from amber.api import Phase
 
 RESOURCES = Gauge("amber_resources", "AmberCompression resources by phase", ["phase"])
 STAGE_SECONDS = Histogram(
@@ -16,7 +19,7 @@ STAGE_SECONDS = Histogram(
 RESTARTS = Counter("amber_stage_restarts_total", "Failed stage attempts, by kind", ["type", "kind"])
 RECONCILE_SECONDS = Histogram("amber_reconcile_seconds", "Time of one reconcile pass")
 RECONCILE_ERRORS = Counter("amber_reconcile_errors_total", "Reconcile passes that raised")
-PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+PHASES = get_args(Phase)
 RUN = ["namespace", "resource"]
 STAGE_PROGRESS = Gauge(
     "amber_stage_progress_ratio", "Steps done of the running stage's total", [*RUN, "type"]

@@ -65,6 +65,7 @@ def job_state(job: dict, termination: str = "") -> ObservedJob:
         finished=finished,
         finished_at=finished_at.replace(tzinfo=None) if finished_at else None,
         disrupted=finished == "Failed" and bool(DISRUPTION_RULE.search(message)),
+        suspended=bool((job.get("spec") or {}).get("suspend")),
         message=message,
         result=result,
     )

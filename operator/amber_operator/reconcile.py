@@ -30,6 +30,7 @@ class ObservedJob:
     finished: str | None = None  # "Complete" | "Failed" | None (still going)
     finished_at: datetime | None = None
     disrupted: bool = False  # failed because a pod was preempted or its node lost
+    suspended: bool = False  # held by its queue: not admitted yet, or preempted (Kueue)
     message: str = ""  # failure message, or the trainer's termination message on success
     result: dict | None = None  # the trainer's parsed termination message (pod 0)
 
@@ -254,7 +255,34 @@ def decide(
         return decision
     condition(c.SUSPENDED, False, c.NOT_SUSPENDED, "")
 
-    # 6. An attempt is running: report its progress.
+    # 6. An attempt is held by its queue (Kueue admits a gang whole by unsuspending its Job,
+    #    and preempts it by suspending it again): queued, and a preemption is a disruption,
+    #    never counted; the same Job resumes from the last checkpoint once admitted again.
+    if running and latest.suspended:
+        queue = spec.scheduling.queue_name
+        if stage.phase == "Running":
+            stage.disruptions += 1
+            resumes = f" from checkpoint {checkpoint}" if checkpoint is not None else ""
+            event(
+                "Warning",
+                c.STAGE_DISRUPTED,
+                f"stage {run.stage.name} attempt {latest.attempt} preempted by queue {queue}; "
+                f"{latest.name} resumes{resumes} when admitted again",
+            )
+        why = f"stage {run.stage.name}: {latest.name} waits for admission by queue {queue}"
+        stage.phase = "Queued"
+        stage.message = why
+        out.phase = "Queued"
+        condition(c.RECONCILING, True, c.AWAITING_ADMISSION, why)
+        condition(c.READY, False, c.AWAITING_ADMISSION, why)
+        condition(c.STALLED, False, c.HEALTHY, "")
+        decision.requeue_after = PROGRESS_REFRESH_SECONDS
+        return decision
+    if running and stage.phase == "Queued":
+        stage.message = f"attempt {latest.attempt} admitted by queue {spec.scheduling.queue_name}"
+        event("Normal", c.STAGE_ADMITTED, f"stage {run.stage.name}: {stage.message}")
+
+    # 7. An attempt is running: report its progress.
     if running:
         stage.phase = "Running"
         if progress:
@@ -277,7 +305,7 @@ def decide(
         decision.requeue_after = PROGRESS_REFRESH_SECONDS
         return decision
 
-    # 7. The last attempt failed: count it (unless a disruption), give up or back off.
+    # 8. The last attempt failed: count it (unless a disruption), give up or back off.
     failed = latest is not None and latest.finished == "Failed"
     if failed and latest.attempt == stage.attempts:  # not an attempt a suspend deleted
         counted = not latest.disrupted or spec.failure_policy.count_disruptions
@@ -325,7 +353,7 @@ def decide(
             decision.requeue_after = (ready_at - now).total_seconds()
             return decision
 
-    # 8. Start the next attempt (the first, a retry, or after a resume). When the current
+    # 9. Start the next attempt (the first, a retry, or after a resume). When the current
     #    attempt's Job is missing because its create failed, create that same Job again.
     missing = latest is None or latest.attempt < stage.attempts
     again = missing and stage.attempts > 0 and stage.phase != "Suspended"
@@ -334,19 +362,21 @@ def decide(
     decision.actions.append(CreateAttempt(run, attempt, name))
     stage.attempts = attempt
     stage.job = name
-    stage.phase = "Running"
     stage.start_time = stage.start_time or stamp
     stage.retry_after = None
     resumed = f" from checkpoint {checkpoint}" if checkpoint else ""
-    stage.message = f"attempt {attempt} started{resumed}"
+    queued = spec.scheduling.gang == "kueue"  # created suspended: Kueue admits the gang whole
+    waits = f", waiting for admission by queue {spec.scheduling.queue_name}" if queued else ""
+    stage.message = f"attempt {attempt} started{resumed}{waits}"
+    stage.phase = out.phase = "Queued" if queued else "Running"
     event(
         "Normal",
         c.STAGE_STARTED if attempt == 1 or again else c.STAGE_RESTARTED,
-        f"stage {run.stage.name} attempt {attempt}: Job {name}{resumed}",
+        f"stage {run.stage.name} attempt {attempt}: Job {name}{resumed}{waits}",
     )
-    out.phase = "Running"
-    condition(c.RECONCILING, True, c.STAGE_STARTING, f"stage {run.stage.name} starting")
-    condition(c.READY, False, c.STAGE_STARTING, "")
+    reason = c.AWAITING_ADMISSION if queued else c.STAGE_STARTING
+    condition(c.RECONCILING, True, reason, f"stage {run.stage.name}: {stage.message}")
+    condition(c.READY, False, reason, "")
     condition(c.STALLED, False, c.HEALTHY, "")
     return decision
 
