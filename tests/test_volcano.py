@@ -1,4 +1,4 @@
-"""What Amber renders for Volcano against Volcano's own PodGroup schema (generated from its
+"""What Amber renders for Volcano against Volcano's own schemas (generated from its
 API types by tests/cluster/build.sh; Volcano's scheduler cannot be built here:
 docs/testing.md)."""
 
@@ -17,15 +17,24 @@ from trainer_helpers import tiny_resource
 
 pytestmark = [pytest.mark.e2e]
 GROUP, VERSION, PLURAL = "scheduling.volcano.sh", "v1beta1", "podgroups"
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
-def podgroups(cluster, tmp_path_factory):
-    path = cluster.binaries["podgroup_crd"]
-    cluster.kubectl("apply", "-f", path)
-    name = yaml.safe_load(Path(path).read_text())["metadata"]["name"]
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}")
+def podgroups(cluster):
+    """Volcano's CRDs in the test control plane; a client for its objects."""
+    for path in sorted(Path(cluster.binaries["volcano_crds"]).glob("*.yaml")):
+        cluster.kubectl("apply", "-f", str(path))
+        name = yaml.safe_load(path.read_text())["metadata"]["name"]
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}")
     return client.CustomObjectsApi(cluster.api)
+
+
+def test_the_documented_queue_is_one_volcano_accepts(cluster, podgroups):
+    path = ROOT / "manifests" / "scheduling" / "volcano.yaml"
+    cluster.kubectl("apply", "--validate=strict", "-f", str(path))
+    queue = podgroups.get_cluster_custom_object(GROUP, VERSION, "queues", "amber")
+    assert queue["spec"]["capability"] == {"nvidia.com/gpu": "64"}
 
 
 def test_the_rendered_pod_group_is_one_volcano_accepts(cluster, podgroups, tmp_path):
@@ -33,7 +42,7 @@ def test_the_rendered_pod_group_is_one_volcano_accepts(cluster, podgroups, tmp_p
     doc["spec"]["resources"] = {"pods": 3, "gpusPerPod": 1}
     doc["spec"]["scheduling"] = {
         "gang": "volcano",
-        "queueName": "research",
+        "queueName": "amber",
         "priorityClassName": "amber-high",
     }
     obj = parse(doc)
@@ -50,7 +59,7 @@ def test_the_rendered_pod_group_is_one_volcano_accepts(cluster, podgroups, tmp_p
     made = podgroups.create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, group, field_validation="Strict"
     )
-    assert made["spec"] == {"minMember": 3, "queue": "research", "priorityClassName": "amber-high"}
+    assert made["spec"] == {"minMember": 3, "queue": "amber", "priorityClassName": "amber-high"}
     podgroups.delete_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, made["metadata"]["name"]
     )
