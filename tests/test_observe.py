@@ -187,3 +187,17 @@ def test_a_finished_run_reads_final_once(run):
     store.reads.clear()
     storage(store, runs, before, False)
     assert store.reads == []
+
+
+def test_a_plan_is_made_once_per_spec(tmp_path):
+    from amber_operator import handlers
+
+    doc = tiny_resource(str(tmp_path), name="planned")
+    doc["metadata"].update(uid="u-1", resourceVersion="1", annotations={"kopf": "a"})
+    first = handlers._plan(parse(doc), "u-1")
+    # Every status write changes the resourceVersion (and kopf's annotations): same plan.
+    doc["metadata"].update(resourceVersion="2", annotations={"kopf": "b"})
+    assert handlers._plan(parse(doc), "u-1") is first
+    doc["spec"]["stages"][-1]["seed"] = 7
+    changed = handlers._plan(parse(doc), "u-1")
+    assert changed is not first and changed[-1].spec_hash != first[-1].spec_hash

@@ -48,8 +48,11 @@ _plans: dict[str, tuple[str, list[StageRun]]] = {}  # by uid: the spec's digest,
 
 
 def _plan(obj: AmberCompression, uid: str) -> list[StageRun]:
-    """The resource's plan, made once per spec: every pass of an unchanged resource reuses it."""
-    digest = hashlib.sha256(obj.model_dump_json(include={"metadata", "spec"}).encode()).hexdigest()
+    """The resource's plan, made once per spec: every pass of an unchanged resource reuses it.
+    A plan reads the spec, the name and the namespace (not the resourceVersion or the
+    annotations, which change with every status write)."""
+    text = obj.model_dump_json(include={"metadata": {"name", "namespace"}, "spec": True})
+    digest = hashlib.sha256(text.encode()).hexdigest()
     cached = _plans.get(uid)
     if cached is None or cached[0] != digest:
         cached = _plans[uid] = (digest, plan(obj))
