@@ -385,6 +385,11 @@ class StageStatus(Model):
     )
     last_failure: int = Field(0, description="lastFailure: the last attempt recorded as failed.")
     job: str | None = Field(None, description="job: the current attempt's Job.")
+    admitted: bool = Field(
+        False,
+        description="admitted: the current attempt's Job has been seen running, not held by a "
+        "queue (so a queue that suspends it again preempted it).",
+    )
     start_time: str | None = Field(None, description="startTime: first attempt started.")
     completion_time: str | None = Field(None, description="completionTime: stage finished.")
     retry_after: str | None = Field(None, description="retryAfter: earliest next attempt.")

@@ -484,6 +484,21 @@ def test_a_kueue_gang_waits_for_admission_and_a_preemption_is_a_disruption():
     assert again.status.stages[0].disruptions == 1 and again.events == []
 
 
+def test_a_job_held_by_a_queue_the_resource_does_not_name_is_queued_not_preempted():
+    # A Kueue that manages every Job of the namespace suspends this one as it is created.
+    obj = resource()
+    created = step(obj)
+    assert created.status.phase == "Running" and not created.status.stages[0].admitted
+    held = replace(job_for(obj, "score", 1), suspended=True)
+    queued = step(obj, created.status, Observed(jobs=(held,)))
+    assert queued.status.phase == "Queued" and queued.events == []
+    assert queued.status.stages[0].disruptions == 0
+    assert "waits for admission by its queue" in cond(queued.status, c.RECONCILING).message
+    admitted = step(obj, queued.status, Observed(jobs=(job_for(obj, "score", 1),)))
+    assert [e.message for e in admitted.events] == ["stage score: attempt 1 admitted by its queue"]
+    assert admitted.status.stages[0].admitted
+
+
 def test_without_a_queue_a_new_attempt_runs_at_once():
     d = step(resource(scheduling={"gang": "volcano", "queueName": "gpus"}))
     assert d.status.phase == "Running"

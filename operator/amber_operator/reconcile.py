@@ -258,19 +258,22 @@ def decide(
     # 6. An attempt is held by its queue (Kueue admits a gang whole by unsuspending its Job,
     #    and preempts it by suspending it again): queued, and a preemption is a disruption,
     #    never counted; the same Job resumes from the last checkpoint once admitted again.
+    #    A Job can be held without `gang: kueue` too (a Kueue that manages every Job of the
+    #    namespace): only one seen running before was preempted.
+    queue = f"queue {spec.scheduling.queue_name}" if spec.scheduling.queue_name else "its queue"
     if running and latest.suspended:
-        queue = spec.scheduling.queue_name
-        if stage.phase == "Running":
+        if stage.admitted:
             stage.disruptions += 1
             resumes = f" from checkpoint {checkpoint}" if checkpoint is not None else ""
             event(
                 "Warning",
                 c.STAGE_DISRUPTED,
-                f"stage {run.stage.name} attempt {latest.attempt} preempted by queue {queue}; "
+                f"stage {run.stage.name} attempt {latest.attempt} preempted by {queue}; "
                 f"{latest.name} resumes{resumes} when admitted again",
             )
-        why = f"stage {run.stage.name}: {latest.name} waits for admission by queue {queue}"
+        why = f"stage {run.stage.name}: {latest.name} waits for admission by {queue}"
         stage.phase = "Queued"
+        stage.admitted = False
         stage.message = why
         out.phase = "Queued"
         condition(c.RECONCILING, True, c.AWAITING_ADMISSION, why)
@@ -279,12 +282,13 @@ def decide(
         decision.requeue_after = PROGRESS_REFRESH_SECONDS
         return decision
     if running and stage.phase == "Queued":
-        stage.message = f"attempt {latest.attempt} admitted by queue {spec.scheduling.queue_name}"
+        stage.message = f"attempt {latest.attempt} admitted by {queue}"
         event("Normal", c.STAGE_ADMITTED, f"stage {run.stage.name}: {stage.message}")
 
     # 7. An attempt is running: report its progress.
     if running:
         stage.phase = "Running"
+        stage.admitted = True
         if progress:
             stage.progress = f"{progress.step}/{progress.total}"
             out.progress = f"{done}/{len(stages)} {run.stage.name} {stage.progress}"
@@ -362,11 +366,12 @@ def decide(
     decision.actions.append(CreateAttempt(run, attempt, name))
     stage.attempts = attempt
     stage.job = name
+    stage.admitted = False
     stage.start_time = stage.start_time or stamp
     stage.retry_after = None
     resumed = f" from checkpoint {checkpoint}" if checkpoint else ""
     queued = spec.scheduling.gang == "kueue"  # created suspended: Kueue admits the gang whole
-    waits = f", waiting for admission by queue {spec.scheduling.queue_name}" if queued else ""
+    waits = f", waiting for admission by {queue}" if queued else ""
     stage.message = f"attempt {attempt} started{resumed}{waits}"
     stage.phase = out.phase = "Queued" if queued else "Running"
     event(
