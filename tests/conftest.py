@@ -103,7 +103,20 @@ def namespace(cluster, crd_installed, request):
     digest = zlib.crc32(f"{request.node.nodeid}{os.getpid()}".encode()) % 100_000
     name = f"e2e-{request.node.name.split('_')[1][:10]}-{digest}".lower()
     cluster.core.create_namespace({"metadata": {"name": name}})
-    return name
+    yield name
+    # The test's operator has stopped by now (its fixture ends first), so nothing will remove
+    # kopf's finalizer from the resources left: lift it, so that the namespace goes with its
+    # Jobs and trainer processes, and a later test that deletes the CRD does not wait on them.
+    from kubernetes import client
+
+    from kube import GROUP, PLURAL, VERSION
+
+    objects = client.CustomObjectsApi(cluster.api)
+    for item in objects.list_namespaced_custom_object(GROUP, VERSION, name, PLURAL)["items"]:
+        objects.patch_namespaced_custom_object(
+            GROUP, VERSION, name, PLURAL, item["metadata"]["name"], {"metadata": {"finalizers": []}}
+        )
+    cluster.core.delete_namespace(name)
 
 
 @pytest.fixture
