@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -30,32 +28,14 @@ from amber.plan import OUTPUT, plan
 from amber.resource import parse
 from amber.storage import open_store
 from amber_operator.observe import Seen, storage
-from trainer_helpers import free_port, tiny_resource
-
-
-def moto() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(150):
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("moto server did not start")
+from trainer_helpers import moto_server, tiny_resource
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passes", type=int, default=50)
     args = parser.parse_args()
-    proc, url = moto()
+    proc, url = moto_server()
     os.environ.update(
         AWS_ENDPOINT_URL=url,
         AWS_ACCESS_KEY_ID="bench",

@@ -11,6 +11,7 @@ written there and not on the machine.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import json
@@ -91,8 +92,6 @@ def certificates(folder: Path) -> bytes:
 
 def webhooks(manifests: str, port: int, ca: bytes) -> list[dict]:
     """Kueue's webhook configurations for batch/v1 Jobs and its own kinds, by URL."""
-    import base64
-
     bundle = base64.b64encode(ca).decode()
     out = []
     for doc in yaml.safe_load_all(manifests):
