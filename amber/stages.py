@@ -318,6 +318,17 @@ class FuseStage(StageBase, TrainingParams):
         "block by block, the text q, k scaled for the single block's RMSNorm; 'fitted' on "
         "the unconverted model's inputs; or copied from the 'image' branch alone.",
     )
+    text_rank_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="textRankFraction: each single-stream block keeps a correction of the text "
+        "tokens' q, k, v of rank this fraction of the model's width (at least 1; about "
+        "4 x rank x width parameters a block), fitted as the text branch's best low-rank "
+        "difference from the image branch's projections, which then serve image tokens "
+        "exactly ('sequential' and 'fitted'; zero with 'image'); 0: none, one shared "
+        "projection for both streams as in the paper.",
+    )
     fit_samples: int = Field(
         256,
         ge=1,

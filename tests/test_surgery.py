@@ -184,7 +184,7 @@ def test_fitted_projections_beat_the_image_branch_on_both_streams(teacher, batch
     img, txt, cond = forward.embed(teacher, held)
     for i, block in enumerate(teacher.transformer_blocks):
         if i >= 8:
-            x, y = fuse._projection_targets(block, img, txt, cond)
+            x, y = fuse._fit_rows(block, *fuse._projection_targets(block, img, txt, cond), 0)
             errors = []
             for hybrid in (fitted, copied):
                 attn = hybrid.transformer_blocks[i].attn
@@ -268,7 +268,8 @@ def test_sequential_fit_is_closer_on_the_hybrids_own_streams(teacher):
             zip(teacher.transformer_blocks, hybrid.transformer_blocks, strict=True)
         ):
             if i >= 8:
-                x, y = fuse._projection_targets(block, *own, seen, fold=True)
+                parts = fuse._projection_targets(block, *own, seen, fold=True)
+                x, y = fuse._fit_rows(block, *parts, 0)
                 attn = new.attn
                 pred = torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], -1)
                 total += (pred - y).pow(2).mean().item()
@@ -279,6 +280,71 @@ def test_sequential_fit_is_closer_on_the_hybrids_own_streams(teacher):
     assert errors[0] < errors[1], errors
 
 
+def test_low_rank_solve_is_the_reduced_rank_regression():
+    # The rank-r map from the normal equations equals the brute force: the least-squares
+    # fitted values projected on their top r right singular vectors; error falls with r.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=gen)
+    y = x @ torch.randn(6, 9, generator=gen) + 1.0 + 0.3 * torch.randn(400, 9, generator=gen)
+    gram, cross = fuse._normal_equations(x, y)
+    weight, bias = fuse._solve(gram, cross, torch.float64)
+    fitted = x.double() @ weight.T + bias
+    errors = []
+    for rank in (1, 3, 7):
+        down, up, up_bias = fuse._solve_low_rank(gram, cross, rank, torch.float64)
+        got = x.double() @ down.T @ up.T + up_bias
+        top = torch.linalg.svd(fitted, full_matrices=False).Vh[:rank]
+        torch.testing.assert_close(got, fitted @ top.T @ top)
+        errors.append((got - y).pow(2).mean().item())
+    assert errors[0] > errors[1] > errors[2]
+    torch.testing.assert_close(got, fitted)  # 7 = the rank of [x, 1]: the full solution
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "fitted"])
+def test_full_rank_text_correction_reproduces_untied_branches(batches, sequential):
+    # Untied branches, every row at one t: what the text branch computes is an affine map of
+    # what the single block reads, so a full-rank correction reproduces the dual model's
+    # output, while image tokens keep the image branch's own projections. The shared fit
+    # alone cannot.
+    model = models.build(TINY, seed=5).eval()
+    calibration = [inputs(b, t=0.4, seed=7) for b in batches]
+    width = model.inner_dim
+    hybrid = fuse.convert(model, 1, calibration, sequential, text_rank=width)
+    shared = fuse.convert(model, 1, calibration, sequential)
+    dual, single = model.transformer_blocks[-1].attn, hybrid.transformer_blocks[-1].attn
+    for name in fuse.FITTED:
+        assert torch.equal(getattr(single, name).weight, getattr(dual, name).weight)
+    x = inputs(batches[1], t=0.4, seed=9)
+    want = diffusers_forward(model, x)
+    torch.testing.assert_close(diffusers_forward(hybrid, x), want, rtol=0, atol=5e-3)
+    corrected = (diffusers_forward(hybrid, x) - want).abs().max()
+    assert (diffusers_forward(shared, x) - want).abs().max() > 10 * corrected
+    assert hybrid.transformer_blocks[-1].text_down.weight.shape == (width, width)
+
+
+@torch.no_grad()
+def test_text_correction_ranks_trade_parameters_for_error(batches):
+    # The error right after conversion falls as the correction's rank grows, and a single
+    # block's correction costs (4 x rank + 3) x width parameters. A low rank can lose to the
+    # shared fit (which bends the image projections instead) on a random model; a full one
+    # cannot.
+    model = models.build(TINY, seed=0).eval()
+    calibration = [inputs(b, t=t, seed=7) for b in batches for t in (0.2, 0.5, 0.8)]
+    held = inputs(data.synthetic(TINY, samples=6, batch_size=6, seed=12)[0], t=0.5, seed=3)
+    want = diffusers_forward(model, held)
+    base = models.count_parameters(fuse.convert(model, 4))
+    errors = []
+    for rank in (0, 4, 16, 32):
+        hybrid = fuse.convert(model, 4, calibration, sequential=True, text_rank=rank)
+        extra = models.count_parameters(hybrid) - base
+        assert extra == (4 * (4 * rank + 3) * model.inner_dim if rank else 0)
+        errors.append(((diffusers_forward(hybrid, held) - want).norm() / want.norm()).item())
+    assert errors[1] > errors[2] > errors[3] and errors[0] > errors[3], errors
+    with pytest.raises(ValueError, match="exceeds the model's width"):
+        fuse.convert(model, 4, calibration, text_rank=model.inner_dim + 1)
+
+
 def test_progressive_phases_go_deepest_first():
     assert fuse.phases(5, 2) == [2, 4, 5]
     assert fuse.phases(24, 6) == [6, 12, 18, 24]
@@ -287,12 +353,15 @@ def test_progressive_phases_go_deepest_first():
 
 
 @torch.no_grad()
-def test_hybrid_round_trips_through_save_and_load(teacher, tmp_path, batches):
-    hybrid = fuse.convert(teacher, 5)
+@pytest.mark.parametrize("text_rank", [0, 4])
+def test_hybrid_round_trips_through_save_and_load(teacher, tmp_path, batches, text_rank):
+    calibration = [inputs(batches[0])] if text_rank else []
+    hybrid = fuse.convert(teacher, 5, calibration, sequential=True, text_rank=text_rank)
     hybrid.save_pretrained(tmp_path / "hybrid")
     loaded = models.load(tmp_path / "hybrid")
     assert type(loaded) is AmberHybridTransformer2DModel
     assert (loaded.config.num_layers, loaded.config.num_single_layers) == (12, 5)
+    assert loaded.config.single_text_rank == text_rank
     original, restored = hybrid.state_dict(), loaded.state_dict()
     assert original.keys() == restored.keys()
     assert all(torch.equal(original[k], restored[k]) for k in original)
@@ -372,8 +441,13 @@ def test_parameter_arithmetic_of_the_real_recipes():
     teacher, pruned, fused = (r["parameters"] for r in rows)
     assert 20.3e9 < teacher < 20.5e9  # Qwen-Image: 20.4B
     assert 10.1e9 < pruned < 10.3e9  # 30 layers: ~10.2B
-    assert 6.0e9 < fused < 6.2e9  # 24 of 30 single-stream: ~6.1B
-    assert (rows[2]["dual_blocks"], rows[2]["single_blocks"]) == (6, 24)
+    # 27 of 30 single-stream, each with a text correction of half the width: the paper's
+    # hybrid (24 of 30, no correction) is the same size, 6.16B.
+    assert 6.1e9 < fused < 6.2e9
+    assert (rows[2]["dual_blocks"], rows[2]["single_blocks"]) == (3, 27)
+    paper = {"singleLayers": 24, "blocksPerPhase": 24, "textRankFraction": 0.0}
+    paper_rows = recipe_sizes({}, presets.build("amber-6b", 60, {"fuse": paper}))
+    assert abs(paper_rows[2]["parameters"] - fused) < 0.01e9
 
 
 def test_a_bf16_teacher_scores_rows_written_in_another_precision(teacher):

@@ -64,9 +64,10 @@ def inputs(config, path):
 def test_a_saved_model_loads_and_runs_with_plain_diffusers(
     python_without_amber, tmp_path, single, expected
 ):
-    config = {**models.TINY, "num_layers": 4, "num_single_layers": single}
+    # The hybrid's single blocks carry a text correction: its code travels in the folder too.
+    config = {**models.TINY, "num_layers": 4, "num_single_layers": single, "single_text_rank": 4}
     if not single:
-        del config["num_single_layers"]
+        del config["num_single_layers"], config["single_text_rank"]
     model = models.build(config, seed=3).eval()
     save_model(model, tmp_path, None)
     folder = tmp_path / MODEL_DIR

@@ -22,6 +22,12 @@ drifts away from the dual model's, and a fit on the dual model's inputs is a fit
 tokens the hybrid never produces. Its text targets are also the q and k the dual block
 attends with: a single block normalises them with the image branch's RMSNorm weights, so
 the targets are scaled by the ratio of the text branch's weights to the image branch's.
+
+With `text_rank` r > 0 the converted blocks keep a rank-r text correction of q, k, v
+(`hybrid.AmberSingleStreamBlock`): the image tokens keep the image branch's projections
+exactly, and the correction is the reduced-rank regression of what the text branch computed
+minus what the shared projections give on the same text inputs: the least-squares map,
+projected on the r output directions that carry most of its fitted values.
 """
 
 from __future__ import annotations
@@ -45,16 +51,31 @@ def phases(single_layers: int, blocks_per_phase: int, already: int = 0) -> list[
     return [*counts, single_layers] if single_layers > already else []
 
 
+def text_rank(width: int, fraction: float) -> int:
+    """The text correction's rank: `fraction` of the model's `width` (0 when 0)."""
+    return max(1, round(fraction * width)) if fraction > 0 else 0
+
+
+def fused_config(config: dict, stage) -> dict:
+    """The config of the model a fuse `stage` makes from a model of `config`."""
+    width = models.build_empty(config).inner_dim
+    rank = text_rank(width, stage.text_rank_fraction)
+    return {**config, "num_single_layers": stage.single_layers, "single_text_rank": rank}
+
+
 @torch.no_grad()
 def convert(
     model: torch.nn.Module,
     single_layers: int,
     calibration: Iterable[FlowInputs] = (),
     sequential: bool = False,
+    text_rank: int = 0,
 ) -> AmberHybridTransformer2DModel:
     """A hybrid model whose deepest `single_layers` blocks are single-stream: each new one
     a copy of its dual block's image branch, its q, k, v fitted to both streams when
-    `calibration` batches are given (on the hybrid's own inputs when `sequential`)."""
+    `calibration` batches are given (on the hybrid's own inputs when `sequential`), or,
+    with `text_rank` > 0, its rank-`text_rank` text correction fitted (zero without
+    calibration: text tokens start on the image branch's projections)."""
     config = {k: v for k, v in model.config.items() if not k.startswith("_")}
     total = config["num_layers"]
     already = config.get("num_single_layers", 0)
@@ -64,7 +85,13 @@ def convert(
             f"{already} single-stream blocks and its {total} blocks"
         )
     first_single = total - single_layers
-    hybrid = models.build_empty({**config, "num_single_layers": single_layers})
+    rank = config.get("single_text_rank", 0)
+    if already and text_rank != rank:
+        raise ValueError(f"text_rank={text_rank}: the model's single blocks have rank {rank}")
+    if text_rank > (width := config["num_attention_heads"] * config["attention_head_dim"]):
+        raise ValueError(f"text_rank={text_rank} exceeds the model's width {width}")
+    config = {**config, "num_single_layers": single_layers, "single_text_rank": text_rank}
+    hybrid = models.build_empty(config)
     state = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("transformer_blocks."):
@@ -72,13 +99,17 @@ def convert(
             if int(index) >= first_single and local.startswith(TEXT_BRANCH_PREFIXES):
                 continue  # a converted block keeps only its image branch
         state[name] = tensor.clone()
+    if text_rank:
+        for index in range(first_single, total - already):
+            state.update(_text_state(index, *_zero_correction(width, text_rank)))
     if not sequential:
-        for index, solved in fit_projections(model, first_single, calibration).items():
-            state.update(_projection_state(index, *solved))
+        fits = fit_projections(model, first_single, calibration, text_rank)
+        for index, gram, cross in fits:
+            state.update(_fitted_state(index, model, gram, cross, text_rank))
     hybrid.load_state_dict(state, assign=True, strict=True)
     hybrid = hybrid.to(next(model.parameters()).device)
     if sequential:
-        fit_sequential(model, hybrid, first_single, calibration)
+        fit_sequential(model, hybrid, first_single, calibration, text_rank)
     return hybrid
 
 
@@ -89,6 +120,39 @@ def _projection_state(index: int, weight: torch.Tensor, bias: torch.Tensor) -> d
         prefix = f"transformer_blocks.{index}.attn.{name}"
         state[f"{prefix}.weight"], state[f"{prefix}.bias"] = w, b
     return state
+
+
+def _text_state(index: int, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor) -> dict:
+    """The state-dict entries of block `index`'s text correction."""
+    prefix = f"transformer_blocks.{index}"
+    return {
+        f"{prefix}.text_down.weight": down,
+        f"{prefix}.text_up.weight": up,
+        f"{prefix}.text_up.bias": bias,
+    }
+
+
+def _zero_correction(width: int, rank: int):
+    return torch.zeros(rank, width), torch.zeros(3 * width, rank), torch.zeros(3 * width)
+
+
+def _fitted_state(index: int, model, gram, cross, text_rank: int) -> dict:
+    """Block `index`'s fitted entries from its accumulated normal equations."""
+    dtype = model.transformer_blocks[index].attn.to_q.weight.dtype
+    if text_rank:
+        return _text_state(index, *_solve_low_rank(gram, cross, text_rank, dtype))
+    return _projection_state(index, *_solve(gram, cross, dtype))
+
+
+def _fit_rows(block, image: tuple, text: tuple, text_rank: int):
+    """(inputs, targets) of one batch in a block's fit: both streams for the shared
+    projections; with a text correction, the text rows and what the image branch's
+    projections leave of their targets."""
+    if text_rank:
+        attn = block.attn
+        shared = torch.cat([getattr(attn, n)(text[0]) for n in FITTED], -1)
+        return text[0], text[1] - shared
+    return torch.cat([image[0], text[0]]), torch.cat([image[1], text[1]])
 
 
 def _modulated(block, x: torch.Tensor, branch: str, temb: torch.Tensor, index=None):
@@ -115,10 +179,10 @@ def _norm_ratio(attn) -> torch.Tensor | None:
 
 
 def _projection_targets(block, img, txt, cond: Conditioning, seen=None, fold=False):
-    """(inputs, targets) of the fit for one dual block, image tokens then real text tokens:
-    targets the dual block's own q, k, v on its streams `img`, `txt`; inputs as the single
-    block will see them, from the streams `seen` (default: the same), `fold`: text q, k
-    scaled for the single block's RMSNorm (`_norm_ratio`)."""
+    """(inputs, targets) rows of the fit for one dual block, of the image tokens and of the
+    real text tokens: targets the dual block's own q, k, v on its streams `img`, `txt`;
+    inputs as the single block will see them, from the streams `seen` (default: the same),
+    `fold`: text q, k scaled for the single block's RMSNorm (`_norm_ratio`)."""
     attn = block.attn
     text_temb = cond.temb.chunk(2, dim=0)[0] if block.zero_cond_t else cond.temb
     image_read = _modulated(block, img, "img", cond.temb, cond.modulate_index)
@@ -140,40 +204,32 @@ def _projection_targets(block, img, txt, cond: Conditioning, seen=None, fold=Fal
         if cond.mask is not None
         else torch.ones(shared_in.shape[:2], dtype=torch.bool, device=txt.device).reshape(-1)
     )
-    width = image_in.shape[-1]
-    inputs = torch.cat([image_in.reshape(-1, width), shared_in.reshape(-1, width)[real]])
-    targets = torch.cat(
-        [
-            image_out.reshape(-1, image_out.shape[-1]),
-            text_out.reshape(-1, image_out.shape[-1])[real],
-        ]
-    )
-    return inputs, targets
+    width, out = image_in.shape[-1], image_out.shape[-1]
+    image = (image_in.reshape(-1, width), image_out.reshape(-1, out))
+    return image, (shared_in.reshape(-1, width)[real], text_out.reshape(-1, out)[real])
 
 
 @torch.no_grad()
 def fit_projections(
-    model: torch.nn.Module, first: int, calibration: Iterable[FlowInputs]
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per dual block at index >= `first`: the fitted stacked [q; k; v] weight (3D, D) and
-    bias (3D,), accumulated over the `calibration` batches (normal equations in float64,
-    so any number of batches costs one Gram matrix per block)."""
+    model: torch.nn.Module, first: int, calibration: Iterable[FlowInputs], text_rank: int = 0
+) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Per dual block at index >= `first`: its normal equations (XᵀX, XᵀY) accumulated over
+    the `calibration` batches (in float64, so any number of batches costs one Gram matrix
+    per block) for the shared projections, or with `text_rank` > 0 the text correction."""
     grams: dict[int, list[torch.Tensor]] = {}
     for x in calibration:
         img, txt, cond = embed(model, x)
         for i, block in enumerate(model.transformer_blocks):
             if i >= first and hasattr(block, "txt_mod"):  # a dual block being converted
-                gram, cross = _normal_equations(*_projection_targets(block, img, txt, cond))
+                parts = _projection_targets(block, img, txt, cond)
+                gram, cross = _normal_equations(*_fit_rows(block, *parts, text_rank))
                 if i in grams:
                     grams[i][0] += gram
                     grams[i][1] += cross
                 else:
                     grams[i] = [gram, cross]
             img, txt = run_block(block, img, txt, cond)
-    return {
-        i: _solve(gram, cross, model.transformer_blocks[i].attn.to_q.weight.dtype)
-        for i, (gram, cross) in grams.items()
-    }
+    return [(i, gram, cross) for i, (gram, cross) in grams.items()]
 
 
 @torch.no_grad()
@@ -182,11 +238,13 @@ def fit_sequential(
     hybrid: AmberHybridTransformer2DModel,
     first: int,
     calibration: Iterable[FlowInputs],
+    text_rank: int = 0,
 ) -> None:
     """Fit `hybrid`'s converted blocks (index >= `first`) in place, in order: each on the
     streams the hybrid itself carries into it, against what `model`'s dual block computed
-    on its own streams (`_projection_targets` with `seen` and `fold`). The calibration
-    streams of both models are kept on the CPU between blocks."""
+    on its own streams (`_projection_targets` with `seen` and `fold`); their shared
+    projections, or with `text_rank` > 0 their text correction. The calibration streams of
+    both models are kept on the CPU between blocks."""
     device = next(model.parameters()).device
     streams = []  # per batch: (model's img, txt), (hybrid's img, txt), conditioning
     for x in calibration:
@@ -199,12 +257,12 @@ def fit_sequential(
             for own, seen, cond in streams:
                 own = tuple(t.to(device) for t in own)
                 seen = tuple(t.to(device) for t in seen)
-                fit = _projection_targets(block, *own, cond, seen, fold=True)
-                g, c = _normal_equations(*fit)
+                parts = _projection_targets(block, *own, cond, seen, fold=True)
+                g, c = _normal_equations(*_fit_rows(block, *parts, text_rank))
                 gram, cross = (g, c) if gram is None else (gram + g, cross + c)
             if gram is not None:
-                solved = _solve(gram, cross, block.attn.to_q.weight.dtype)
-                hybrid.load_state_dict(_projection_state(i, *solved), strict=False)
+                fitted = _fitted_state(i, model, gram, cross, text_rank)
+                hybrid.load_state_dict(fitted, strict=False)
         for entry in streams:
             own, seen, cond = entry
             own = run_block(block, *(t.to(device) for t in own), cond)
@@ -220,11 +278,26 @@ def _normal_equations(inputs: torch.Tensor, targets: torch.Tensor):
     return inputs.T @ inputs, inputs.T @ targets.double()
 
 
+def _least_squares(gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """The ridge least-squares solution of accumulated normal equations, (D + 1, 3D)."""
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + RIDGE * gram.diagonal().mean() * eye, cross)
+
+
 def _solve(gram: torch.Tensor, cross: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ridge least-squares solution of the accumulated normal equations: the stacked
-    [q; k; v] weight (3D, D) and bias (3D,)."""
-    gram = gram + RIDGE * gram.diagonal().mean() * torch.eye(
-        len(gram), dtype=gram.dtype, device=gram.device
-    )
-    solution = torch.linalg.solve(gram, cross)  # (D + 1, 3D)
+    """The stacked [q; k; v] weight (3D, D) and bias (3D,) that solve the normal equations."""
+    solution = _least_squares(gram, cross)
     return solution[:-1].T.to(dtype).contiguous(), solution[-1].to(dtype).contiguous()
+
+
+def _solve_low_rank(gram: torch.Tensor, cross: torch.Tensor, rank: int, dtype):
+    """The rank-`rank` least-squares map (reduced-rank regression): the full solution M
+    projected on the top eigenvectors V of its fitted values' Gram matrix MᵀXᵀXM, so
+    x -> ([x, 1] M V) Vᵀ: `text_down` = (M_x V)ᵀ (r, D), `text_up` = V (3D, r) with bias
+    V Vᵀ m_1 (3D,)."""
+    solution = _least_squares(gram, cross)
+    fitted = solution.T @ gram @ solution  # (3D, 3D)
+    basis = torch.linalg.eigh(fitted).eigenvectors[:, -rank:]  # the largest eigenvalues
+    down = (solution[:-1] @ basis).T
+    bias = basis @ (basis.T @ solution[-1])
+    return (t.to(dtype).contiguous() for t in (down, basis, bias))

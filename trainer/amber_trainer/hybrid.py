@@ -5,6 +5,12 @@ branch's weights of the dual-stream block it came from (modulation, norms, q/k/v
 output projection, MLP); the text branch is gone, which roughly halves the block's parameters
 but not its FLOPs per token (attention and MLP still run on every token).
 
+With `single_text_rank` r > 0 a single block also keeps a rank-r correction of q, k and v
+for text tokens only (`text_down`: D -> r, `text_up`: r -> 3D, added to the shared
+projections of the text positions): how the image tokens read the prompt is what one shared
+projection cannot serve for both streams, and r(4D + 3) parameters restore most of it
+(docs/design.md, "fuse"). r = 0 is the paper's single stream.
+
 To stay a drop-in for `QwenImagePipeline`, the model subclasses diffusers'
 `QwenImageTransformer2DModel` and keeps every block in `transformer_blocks`: the deepest
 `num_single_layers` entries are `AmberSingleStreamBlock`s with the dual block's call signature,
@@ -58,11 +64,17 @@ class AmberSingleStreamAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,  # (B, T+N) bool, True = attend
         image_rotary_emb: torch.Tensor | None = None,  # (T+N, head_dim/2) complex
+        text_qkv: torch.Tensor | None = None,  # (B, T, 3D): added to the text tokens' q, k, v
     ) -> torch.Tensor:
         head_dim = attn.inner_dim // attn.heads
-        query = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))  # (B, S, H, hd)
-        key = attn.to_k(hidden_states).unflatten(-1, (-1, head_dim))
-        value = attn.to_v(hidden_states).unflatten(-1, (-1, head_dim))
+        query, key, value = (p(hidden_states) for p in (attn.to_q, attn.to_k, attn.to_v))
+        if text_qkv is not None:  # text positions come first
+            text_len = text_qkv.shape[1]
+            query, key, value = (
+                torch.cat([p[:, :text_len] + delta, p[:, text_len:]], 1)
+                for p, delta in zip((query, key, value), text_qkv.chunk(3, -1), strict=True)
+            )
+        query, key, value = (p.unflatten(-1, (-1, head_dim)) for p in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -96,6 +108,7 @@ class AmberSingleStreamBlock(nn.Module):
         attention_head_dim (`int`): width of one head.
         qk_norm (`str`, defaults to `"rms_norm"`): normalisation of queries and keys.
         eps (`float`, defaults to `1e-6`): norm epsilon.
+        text_rank (`int`, defaults to `0`): rank of the text tokens' own q, k, v correction.
     """
 
     def __init__(
@@ -105,8 +118,13 @@ class AmberSingleStreamBlock(nn.Module):
         attention_head_dim: int,
         qk_norm: str = "rms_norm",
         eps: float = 1e-6,
+        text_rank: int = 0,
     ):
         super().__init__()
+        self.text_rank = text_rank
+        if text_rank:
+            self.text_down = nn.Linear(dim, text_rank, bias=False)
+            self.text_up = nn.Linear(text_rank, 3 * dim, bias=True)
         self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True))
         self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
         self.attn = Attention(
@@ -166,10 +184,12 @@ class AmberSingleStreamBlock(nn.Module):
 
         mod1, mod2 = self.img_mod(temb).chunk(2, dim=-1)  # each (B, 3D)
         normed, gate1 = self._modulate(self.img_norm1(x), mod1, index)
+        text_qkv = self.text_up(self.text_down(normed[:, :text_len])) if self.text_rank else None
         attn_out = self.attn(
             hidden_states=normed,
             attention_mask=mask,
             image_rotary_emb=rotary,
+            text_qkv=text_qkv,
             **(joint_attention_kwargs or {}),
         )
         x = x + gate1 * attn_out
@@ -186,6 +206,8 @@ class AmberHybridTransformer2DModel(QwenImageTransformer2DModel):
     Args:
         num_layers (`int`, defaults to `60`): all blocks, dual and single.
         num_single_layers (`int`, defaults to `0`): the deepest blocks that are single-stream.
+        single_text_rank (`int`, defaults to `0`): rank of each single block's text q, k, v
+            correction (0: none).
         Other arguments: as `QwenImageTransformer2DModel`.
     """
 
@@ -210,6 +232,7 @@ class AmberHybridTransformer2DModel(QwenImageTransformer2DModel):
         use_additional_t_cond: bool = False,
         use_layer3d_rope: bool = False,
         num_single_layers: int = 0,
+        single_text_rank: int = 0,
     ):
         if not 0 <= num_single_layers <= num_layers:
             raise ValueError(f"num_single_layers={num_single_layers} not in [0, {num_layers}]")
@@ -230,7 +253,9 @@ class AmberHybridTransformer2DModel(QwenImageTransformer2DModel):
         # The parent's own @register_to_config recorded only its dual count.
         self.register_to_config(num_layers=num_layers)
         self.transformer_blocks.extend(
-            AmberSingleStreamBlock(self.inner_dim, num_attention_heads, attention_head_dim)
+            AmberSingleStreamBlock(
+                self.inner_dim, num_attention_heads, attention_head_dim, text_rank=single_text_rank
+            )
             for _ in range(num_single_layers)
         )
 

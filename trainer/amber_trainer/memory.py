@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from amber.plan import StageRun
+from amber_trainer import fuse as fusing
 from amber_trainer import models
 
 GIB = 2**30
@@ -103,7 +104,7 @@ def stage_models(run: StageRun, teacher: dict, student: dict) -> tuple[dict | No
     if stage.type == "finetune":
         return (teacher if stage.distill_weight > 0 else None), student
     # fuse: each phase distils from the previous phase's model, of the student's size
-    return student, {**student, "num_single_layers": stage.single_layers}
+    return student, fusing.fused_config(student, stage)
 
 
 def predict(

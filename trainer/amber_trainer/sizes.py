@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from amber.stages import FuseStage, ScoreStage, StageBase
+from amber_trainer import fuse as fusing
 from amber_trainer import models
 
 
@@ -39,6 +40,6 @@ def recipe_sizes(teacher: dict[str, Any], stages: Sequence[StageBase]) -> list[d
             config = {**config, "num_layers": target}
             rows.append(_row(f"{stage.name} ({target} layers)", config))
         elif isinstance(stage, FuseStage):
-            config = {**config, "num_single_layers": stage.single_layers}
+            config = fusing.fused_config(config, stage)
             rows.append(_row(f"{stage.name} ({stage.single_layers} single-stream)", config))
     return rows

@@ -79,7 +79,8 @@ V1 = {
         "distillWeight": 0.0,
         "flowWeight": 1.0,
         "ema": 0.0,
-        "projectionInit": "image",  # and progressive: `catalogue` adds the phases
+        "projectionInit": "image",
+        "textRankFraction": 0.0,  # and the paper's 80% single-stream, progressive: `catalogue`
     },
 }
 V1_WARM_START = {"featureLoss": "relative", "outlierSigma": 0.0}  # and it had one
@@ -90,10 +91,18 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
     others change one thing each (budgets and the rest of the recipe stay), but v1-recipe,
     which puts back every choice of the first method."""
     student = max(1, layers // 2)
-    single = presets.build("amber-6b", layers, {})[-2].single_layers
-    quarter = max(1, round(single / 4))
-    progressive = {"blocksPerPhase": quarter, "steps": budget.fuse_steps // -(-single // quarter)}
-    v1 = {**V1, "fuse": {**V1["fuse"], **progressive}}
+
+    def progressive(single: int) -> dict:
+        """A quarter of `single` blocks per phase, the fusion steps shared out."""
+        quarter = max(1, round(single / 4))
+        phases = -(-single // quarter)
+        return {"blocksPerPhase": quarter, "steps": budget.fuse_steps // phases}
+
+    single = presets.single_layers(layers)
+    paper_single = presets.single_layers(layers, presets.PAPER_SINGLE_SHARE)
+    paper = {"singleLayers": paper_single, "blocksPerPhase": paper_single}
+    v1_fuse = {**V1["fuse"], **paper, **progressive(paper_single)}
+    v1 = {**V1, "fuse": v1_fuse}
     late = [0, *range(layers - student + 1, layers)]  # block 0 and the deepest ones
     fusion_steps = budget.fuse_steps + budget.fuse_finetune_steps
 
@@ -210,20 +219,42 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             warm_start={},
         ),
         fusion(
+            "paper-hybrid",
+            f"fuse: the paper's layout, {paper_single} of {student} blocks single-stream with one "
+            "projection for both streams (textRankFraction 0; the preset until 2026-12-06)",
+            {"fuse": {**paper, "textRankFraction": 0.0}},
+        ),
+        fusion(
+            "no-text-correction",
+            f"fuse.textRankFraction: 0 ({single} single-stream blocks, one projection for both "
+            "streams: fewer parameters than the preset)",
+            {"fuse": {"textRankFraction": 0.0}},
+            full_run=False,
+        ),
+        fusion(
+            "wider-hybrid",
+            f"fuse: the paper's {paper_single} single-stream blocks, each with the preset's "
+            "text correction (more parameters than the preset)",
+            {"fuse": paper},
+            full_run=False,
+        ),
+        fusion(
             "fitted-fusion",
-            "fuse.projectionInit: fitted (q, k, v fitted on the unfused model's inputs, "
-            "the preset until 2026-12-06)",
+            "fuse.projectionInit: fitted (the text correction fitted on the unfused model's "
+            "inputs, not the converted model's own)",
             {"fuse": {"projectionInit": "fitted"}},
         ),
         fusion(
             "image-init-fusion",
-            "fuse.projectionInit: image (q, k, v copied from the image branch, as the paper)",
+            "fuse.projectionInit: image (q, k, v copied from the image branch, as the paper; "
+            "the text correction starts at zero)",
             {"fuse": {"projectionInit": "image"}},
         ),
         fusion(
             "progressive-fusion",
-            f"fuse: {quarter} blocks per phase, deepest first, same total steps",
-            {"fuse": progressive},
+            f"fuse: {progressive(single)['blocksPerPhase']} blocks per phase, deepest first, "
+            "same total steps",
+            {"fuse": progressive(single)},
         ),
         split(budget.fuse_steps // 2, "fusion-kd-heavy", " on the teacher's output"),
         split(budget.fuse_steps + budget.fuse_finetune_steps // 2, "fusion-feature-heavy"),

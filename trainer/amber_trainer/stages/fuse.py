@@ -129,7 +129,8 @@ def run(rt: Runtime) -> tuple[int, dict]:
         target = fixed if params.target == "input" else model.requires_grad_(False).eval()
         inputs = [loop.cast(x, rt.device, model.dtype) for x in fit]
         sequential = params.projection_init == "sequential"
-        student = fusing.convert(model, counts[p], inputs, sequential)
+        rank = fusing.text_rank(model.inner_dim, params.text_rank_fraction)
+        student = fusing.convert(model, counts[p], inputs, sequential, rank)
         student = student.train().requires_grad_(True)
         depth = len(student.transformer_blocks)
         objective = LayerwiseDistillation(
