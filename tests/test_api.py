@@ -43,12 +43,13 @@ def test_examples_are_valid(path):
 
 
 @pytest.mark.parametrize(
-    ("layers", "student", "single"), [(60, 30, 24), (12, 6, 5), (24, 12, 10), (4, 2, 2)]
+    ("layers", "student", "single"), [(60, 30, 27), (12, 6, 5), (24, 12, 11), (4, 2, 2)]
 )
 def test_presets_scale_with_the_teacher(layers, student, single):
     stages = {s.name: s for s in presets.build("amber-6b", layers, {})}
     assert stages["score"].target_layers == student
-    assert stages["fuse"].single_layers == single
+    assert stages["fuse"].single_layers == single  # 90% of the student
+    assert stages["fuse"].text_rank_fraction == 0.5
     assert [s.name for s in presets.build("amber-10b", layers, {})] == [
         "score",
         "prune",
