@@ -8,7 +8,7 @@ but not its FLOPs per token (attention and MLP still run on every token).
 With `single_text_rank` r > 0 a single block also keeps a rank-r correction of q, k and v
 for text tokens only (`text_down`: D -> r, `text_up`: r -> 3D, added to the shared
 projections of the text positions): how the image tokens read the prompt is what one shared
-projection cannot serve for both streams, and r(4D + 3) parameters restore most of it
+projection cannot serve for both streams, and (4r + 3)D parameters restore most of it
 (docs/design.md, "fuse"). r = 0 is the paper's single stream.
 
 To stay a drop-in for `QwenImagePipeline`, the model subclasses diffusers'
