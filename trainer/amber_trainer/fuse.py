@@ -88,7 +88,7 @@ def convert(
     rank = config.get("single_text_rank", 0)
     if already and text_rank != rank:
         raise ValueError(f"text_rank={text_rank}: the model's single blocks have rank {rank}")
-    if text_rank > (width := config["num_attention_heads"] * config["attention_head_dim"]):
+    if text_rank > (width := model.inner_dim):
         raise ValueError(f"text_rank={text_rank} exceeds the model's width {width}")
     config = {**config, "num_single_layers": single_layers, "single_text_rank": text_rank}
     hybrid = models.build_empty(config)
