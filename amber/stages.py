@@ -245,6 +245,16 @@ class PruneStage(StageBase):
         "(uniformly or by importance), or copy the kept block as scored (ablation). The "
         "teacher's last block, which feeds the output head, is never averaged.",
     )
+    refit_mlp: bool = Field(
+        True,
+        description="refitMlp: refit each student block's MLP output layers in closed form, "
+        "in order, so that the block maps the student's own streams to the teacher's after "
+        "its span.",
+    )
+    fit_samples: int = Field(
+        256, ge=1, description="fitSamples: training rows the MLP refit is computed on."
+    )
+    seed: int = Field(0, description="seed: picks the refit's rows and their noise.")
 
 
 class DistillStage(StageBase, TrainingParams):
@@ -329,6 +339,12 @@ class FuseStage(StageBase, TrainingParams):
         "exactly ('sequential' and 'fitted'; zero with 'image'); 0: none, one shared "
         "projection for both streams as in the paper.",
     )
+    refit_mlp: bool = Field(
+        False,
+        description="refitMlp: after its q, k, v, refit each converted block's MLP output "
+        "layer in closed form so that it maps the converted model's own streams to the dual "
+        "block's output (needs projectionInit sequential).",
+    )
     fit_samples: int = Field(
         256,
         ge=1,
@@ -361,6 +377,15 @@ class FuseStage(StageBase, TrainingParams):
     flow_weight: float = Field(
         1.0, ge=0, description="flowWeight: in that fine-tune, weight of the flow-matching term."
     )
+
+    @model_validator(mode="after")
+    def _refit_needs_sequential(self):
+        if self.refit_mlp and self.projection_init != "sequential":
+            raise ValueError(
+                f"refitMlp needs projectionInit sequential (got {self.projection_init!r}): the "
+                "refit reads the converted model's own streams"
+            )
+        return self
 
     def planned_steps(self) -> int:
         # Phases from a dual-stream input; one that is partly fused already has fewer.

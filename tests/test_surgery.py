@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from amber.stages import ScoreStage
-from amber_trainer import data, forward, fuse, models, prune, score
+from amber_trainer import data, forward, fuse, models, prune, score, spanfit
 from amber_trainer.forward import diffusers_forward
 from amber_trainer.hybrid import AmberHybridTransformer2DModel, AmberSingleStreamBlock
 
@@ -605,6 +605,130 @@ def test_representative_init_copies_the_right_block_and_never_mixes_the_last(tea
     assert averaged[-1].span == (8, 11) and averaged[-1].sources == [11]
     with pytest.raises(ValueError, match="cover"):
         prune.layer_map([0, 5], 12, "representative", importance, [[0, 3], [4, 10]])
+
+
+@torch.no_grad()
+def test_mlp_inputs_rebuild_the_blocks_output(teacher, batches):
+    img, txt, cond = forward.embed(teacher, inputs(batches[0]))
+    block = teacher.transformer_blocks[5]
+    parts = spanfit.mlp_inputs(block, img, txt, cond)
+    for branch, out in zip(spanfit.BRANCHES, forward.run_block(block, img, txt, cond), strict=True):
+        residual, hidden, gate = parts[branch]
+        mlp = getattr(block, f"{branch}_mlp")
+        torch.testing.assert_close(residual + gate * mlp.net[-1](hidden), out)
+
+
+@torch.no_grad()
+def test_mlp_inputs_rebuild_a_single_stream_blocks_output(teacher, batches):
+    hybrid = fuse.convert(teacher, 3, text_rank=4)
+    img, txt, cond = forward.embed(hybrid, inputs(batches[0]))
+    img, txt = forward.run_blocks(hybrid.transformer_blocks[:10], img, txt, cond)
+    block = hybrid.transformer_blocks[10]
+    parts = spanfit.mlp_inputs(block, img, txt, cond)
+    for branch, out in zip(spanfit.BRANCHES, forward.run_block(block, img, txt, cond), strict=True):
+        residual, hidden, gate = parts[branch]
+        torch.testing.assert_close(residual + gate * block.img_mlp.net[-1](hidden), out)
+
+
+@torch.no_grad()
+def test_fusion_mlp_refit_brings_the_hybrid_closer_to_the_dual_model(teacher, batches):
+    calibration = _refit_calibration(batches)
+    rank = 8
+
+    def error(hybrid):
+        total = power = 0.0
+        for x in calibration:
+            reference = forward.velocity(teacher, x)
+            total += float((forward.velocity(hybrid, x) - reference).pow(2).sum())
+            power += float(reference.pow(2).sum())
+        return (total / power) ** 0.5
+
+    plain = fuse.convert(teacher, 4, calibration, sequential=True, text_rank=rank)
+    refitted = fuse.convert(teacher, 4, calibration, True, rank, refit_mlp=True)
+    assert error(refitted) < 0.9 * error(plain)
+    # The converted blocks' MLP output layers move, and so do the later blocks' text
+    # corrections, fitted on the streams the refitted blocks now produce; nothing else.
+    changed = {
+        name
+        for name, value in refitted.state_dict().items()
+        if not torch.equal(value, plain.state_dict()[name])
+    }
+    mlps = {
+        f"transformer_blocks.{i}.img_mlp.net.2.{p}"
+        for i in range(8, 12)
+        for p in ("weight", "bias")
+    }
+    corrections = {
+        f"transformer_blocks.{i}.{p}"
+        for i in range(9, 12)
+        for p in ("text_down.weight", "text_up.weight", "text_up.bias")
+    }
+    assert mlps <= changed <= mlps | corrections
+    with pytest.raises(ValueError, match="sequential"):
+        fuse.convert(teacher, 4, calibration, sequential=False, refit_mlp=True)
+
+
+def _refit_calibration(batches, times=(0.2, 0.7)):
+    return [inputs(b, t, seed=i) for i, t in enumerate(times) for b in batches]
+
+
+@torch.no_grad()
+def test_span_refit_solves_each_channels_gated_least_squares(teacher, batches):
+    """The refit of a block, brute force: per output channel, the least squares of
+    gate * ([a, 1] w) against what the block must add, stacked over every calibration
+    token, with the ridge towards the copied block's weights, solved with lstsq on the
+    design matrix itself (no Grams, no time keys)."""
+    spans = [(0, 0), (1, 3), (4, 7), (8, 10), (11, 11)]
+    entries = prune.layer_map([0, 2, 5, 9, 11], 12, "representative", None, spans)
+    student = prune.prune(teacher, entries)
+    calibration = _refit_calibration(batches)
+    spanfit.refit(teacher, student, spans, calibration)
+    j, last = 2, spans[2][1]
+    block = student.transformer_blocks[j]
+    for branch_index, branch in enumerate(spanfit.BRANCHES):
+        rows, wants, gates = [], [], []
+        for x in calibration:
+            img, txt, cond = forward.embed(teacher, x)
+            target = forward.run_blocks(teacher.transformer_blocks[: last + 1], img, txt, cond)
+            seen = forward.run_blocks(student.transformer_blocks[:j], img, txt, cond)
+            residual, hidden, gate = spanfit.mlp_inputs(block, *seen, cond)[branch]
+            real = torch.ones(hidden.shape[:2], dtype=torch.bool)
+            if branch == "txt" and cond.mask is not None:
+                real = cond.mask.bool()
+            rows.append(hidden[real])
+            wants.append((target[branch_index] - residual)[real])
+            gates.append(gate.expand_as(residual)[real])
+        a = torch.cat(rows).double()
+        a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], -1)
+        want, gate = torch.cat(wants).double(), torch.cat(gates).double()
+        layer = getattr(block, f"{branch}_mlp").net[-1]
+        for c in range(want.shape[1]):
+            design = gate[:, c : c + 1] * a
+            ridge = spanfit.RIDGE * (design.T @ design).diagonal().mean()
+            padded = torch.cat([design, ridge.sqrt() * torch.eye(a.shape[1], dtype=a.dtype)])
+            copied = teacher.transformer_blocks[5].get_submodule(f"{branch}_mlp").net[-1]
+            prior = torch.cat([copied.weight[c], copied.bias[c : c + 1]]).double()
+            target = torch.cat([want[:, c], ridge.sqrt() * prior])  # the ridge pulls to the copy
+            best = torch.linalg.lstsq(padded, target[:, None]).solution[:, 0]
+            fitted = torch.cat([layer.weight[c], layer.bias[c : c + 1]]).double()
+            torch.testing.assert_close(fitted, best, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_span_refit_keeps_a_student_that_is_the_teacher_and_helps_a_pruned_one(teacher, batches):
+    calibration = _refit_calibration(batches)
+    whole = prune.prune(teacher, prune.layer_map(list(range(12)), 12, "keep"))
+    errors = spanfit.refit(teacher, whole, [(i, i) for i in range(12)], calibration)
+    assert max(after for _, after in errors) < 1e-3
+    x = inputs(batches[0], 0.5, seed=9)
+    reference = forward.velocity(teacher, x)
+    drift = (forward.velocity(whole, x) - reference).norm() / reference.norm()
+    assert drift < 1e-3  # the copied weights were the solution already
+    spans = [(0, 0), (1, 3), (4, 7), (8, 10), (11, 11)]
+    student = prune.prune(teacher, prune.layer_map([0, 2, 5, 9, 11], 12, "keep", None, spans))
+    errors = spanfit.refit(teacher, student, spans, calibration)
+    assert all(after <= before + 1e-6 for before, after in errors[:2])
+    assert errors[-1][1] < errors[-1][0]
 
 
 def test_sampler_weights_are_each_timestep_share_of_the_sampler():

@@ -64,6 +64,16 @@ def test_every_stage_commits_its_output(pipeline):
     assert len(json.loads(store.read_text("score/output/importance.json"))["keep"]) == 6
 
 
+def test_prune_refits_every_block_towards_its_span(pipeline):
+    _, _, store = pipeline
+    errors = json.loads(store.read_text("prune/output/metrics.json"))["spanError"]
+    assert len(errors) == 6
+    # A least-squares refit starting from the copied weights never ends further away on
+    # its own rows, and the blocks that stand for several teacher blocks move a lot.
+    assert all(after <= before + 1e-4 for before, after in errors), errors
+    assert any(after < 0.8 * before for before, after in errors), errors
+
+
 def test_distill_lowers_the_per_block_feature_loss(pipeline):
     _, _, store = pipeline
     metrics = json.loads(store.read_text("distill/output/metrics.json"))

@@ -18,7 +18,8 @@ THROUGHPUT = {
     "distill+ckpt": 302.0,
     "forward": 375.0,  # full 60-block teacher forward, measured on an H200
 }
-FORWARD_ONLY = ("score", "eval")
+FORWARD_ONLY = ("score", "prune", "eval")
+FP64_TFLOPS = 60.0  # an H100's or H200's float64 tensor-core rate, near its peak of 67
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,22 @@ def score_flops(stage, layers: int, f: float) -> float:
     return samples * sum(rounds) * f
 
 
-def stage_flops(run: StageRun, teacher_layers: int, student_layers: int, f: float, world: int):
+def refit_flops(stage, teacher_layers: int, student_layers: int, f: float, width: int) -> float:
+    """The MLP refit's cost, as forward FLOPs at the forward rate: one teacher pass and about
+    three passes of each student block over `fitSamples` rows, and per block and stream one
+    float64 Cholesky solve of the MLP's hidden width (4·width + 1) per output channel,
+    scaled from the float64 rate to the forward one."""
+    if not stage.refit_mlp:
+        return 0.0
+    passes = stage.fit_samples * (teacher_layers + 3 * student_layers) * f
+    hidden = 4 * width + 1
+    solves = 2 * student_layers * width * hidden**3 / 3
+    return passes + solves * THROUGHPUT["forward"] / FP64_TFLOPS
+
+
+def stage_flops(
+    run: StageRun, teacher_layers: int, student_layers: int, f: float, world: int, width: int
+):
     """Model FLOPs of a whole stage, `f` being one block's forward on one sample."""
     stage = run.stage
     if stage.type == "encode":
@@ -72,6 +88,8 @@ def stage_flops(run: StageRun, teacher_layers: int, student_layers: int, f: floa
         return score_flops(stage, teacher_layers, f)
     if stage.type == "eval":
         return stage.samples * stage.timestep_buckets * (teacher_layers + student_layers) * f
+    if stage.type == "prune":
+        return refit_flops(stage, teacher_layers, student_layers, f, width)
     if stage.type not in ("distill", "finetune", "fuse"):
         return 0.0
     batch = stage.micro_batch_size * stage.gradient_accumulation * world
@@ -119,7 +137,7 @@ def costs(
             mode = "compiled" if compiled else "eager"
             mem = memory.predict(run, teacher, student, micro, world, mode)
         flops = stage_flops(
-            run, teacher.get("num_layers", 60), student.get("num_layers", 60), f, world
+            run, teacher.get("num_layers", 60), student.get("num_layers", 60), f, world, width
         )
         hours = None if flops is None else flops / (throughput(run) * 1e12) / 3600
         out.append(StageCost(run, world, mem, flops, hours))

@@ -36,7 +36,7 @@ from collections.abc import Iterable
 
 import torch
 
-from amber_trainer import models
+from amber_trainer import models, spanfit
 from amber_trainer.forward import Conditioning, FlowInputs, embed, run_block
 from amber_trainer.hybrid import TEXT_BRANCH_PREFIXES, AmberHybridTransformer2DModel
 
@@ -70,12 +70,14 @@ def convert(
     calibration: Iterable[FlowInputs] = (),
     sequential: bool = False,
     text_rank: int = 0,
+    refit_mlp: bool = False,
 ) -> AmberHybridTransformer2DModel:
     """A hybrid model whose deepest `single_layers` blocks are single-stream: each new one
     a copy of its dual block's image branch, its q, k, v fitted to both streams when
     `calibration` batches are given (on the hybrid's own inputs when `sequential`), or,
     with `text_rank` > 0, its rank-`text_rank` text correction fitted (zero without
-    calibration: text tokens start on the image branch's projections)."""
+    calibration: text tokens start on the image branch's projections); with `refit_mlp`
+    (sequential only) each converted block's MLP output layer refitted after them."""
     config = {k: v for k, v in model.config.items() if not k.startswith("_")}
     total = config["num_layers"]
     already = config.get("num_single_layers", 0)
@@ -102,6 +104,8 @@ def convert(
     if text_rank:
         for index in range(first_single, total - already):
             state.update(_text_state(index, *_zero_correction(width, text_rank)))
+    if refit_mlp and not sequential:
+        raise ValueError("refit_mlp needs the sequential fit (the hybrid's own streams)")
     if not sequential:
         fits = fit_projections(model, first_single, calibration, text_rank)
         for index, gram, cross in fits:
@@ -109,7 +113,7 @@ def convert(
     hybrid.load_state_dict(state, assign=True, strict=True)
     hybrid = hybrid.to(next(model.parameters()).device)
     if sequential:
-        fit_sequential(model, hybrid, first_single, calibration, text_rank)
+        fit_sequential(model, hybrid, first_single, calibration, text_rank, refit_mlp)
     return hybrid
 
 
@@ -239,22 +243,25 @@ def fit_sequential(
     first: int,
     calibration: Iterable[FlowInputs],
     text_rank: int = 0,
+    refit_mlp: bool = False,
 ) -> None:
     """Fit `hybrid`'s converted blocks (index >= `first`) in place, in order: each on the
     streams the hybrid itself carries into it, against what `model`'s dual block computed
     on its own streams (`_projection_targets` with `seen` and `fold`); their shared
-    projections, or with `text_rank` > 0 their text correction. The calibration streams of
-    both models are kept on the CPU between blocks."""
+    projections, or with `text_rank` > 0 their text correction; then, with `refit_mlp`,
+    their MLP output layer (`spanfit.refit_block`) to the dual block's output streams.
+    The calibration streams of both models are kept on the CPU between blocks."""
     device = next(model.parameters()).device
-    streams = []  # per batch: (model's img, txt), (hybrid's img, txt), conditioning
+    streams = []  # per batch: (model's img, txt), (hybrid's img, txt), conditioning, times
     for x in calibration:
         img, txt, cond = embed(model, x)
-        streams.append([(img.cpu(), txt.cpu()), (img.cpu(), txt.cpu()), cond])
-    pairs = zip(model.transformer_blocks, hybrid.transformer_blocks, strict=True)
+        streams.append([(img.cpu(), txt.cpu()), (img.cpu(), txt.cpu()), cond, x.timestep])
+    pairs = list(zip(model.transformer_blocks, hybrid.transformer_blocks, strict=True))
     for i, (block, new) in enumerate(pairs):
-        if i >= first and hasattr(block, "txt_mod"):  # a dual block being converted
+        converted = i >= first and hasattr(block, "txt_mod")  # a dual block being converted
+        if converted:
             gram = cross = None
-            for own, seen, cond in streams:
+            for own, seen, cond, _ in streams:
                 own = tuple(t.to(device) for t in own)
                 seen = tuple(t.to(device) for t in seen)
                 parts = _projection_targets(block, *own, cond, seen, fold=True)
@@ -264,10 +271,14 @@ def fit_sequential(
                 fitted = _fitted_state(i, model, gram, cross, text_rank)
                 hybrid.load_state_dict(fitted, strict=False)
         for entry in streams:
-            own, seen, cond = entry
+            own, _, cond, _ = entry
             own = run_block(block, *(t.to(device) for t in own), cond)
-            seen = run_block(new, *(t.to(device) for t in seen), cond)
             entry[0] = tuple(t.cpu() for t in own)
+        if converted and refit_mlp:  # against the dual block's output on its own streams
+            batches = [(times, cond, seen, own) for own, seen, cond, times in streams]
+            spanfit.refit_block(new, batches, last=i == len(pairs) - 1)
+        for entry in streams:
+            seen = run_block(new, *(t.to(device) for t in entry[1]), entry[2])
             entry[1] = tuple(t.cpu() for t in seen)
 
 

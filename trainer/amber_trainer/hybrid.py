@@ -165,6 +165,34 @@ class AmberSingleStreamBlock(nn.Module):
         joint_attention_kwargs: dict[str, Any] | None = None,
         modulate_index: torch.Tensor | None = None,  # (B, N) with zero_cond_t
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, normed2, gate2 = self.attend(
+            hidden_states,
+            encoder_hidden_states,
+            encoder_hidden_states_mask,
+            temb,
+            image_rotary_emb,
+            joint_attention_kwargs,
+            modulate_index,
+        )
+        x = x + gate2 * self.img_mlp(normed2)
+        if x.dtype == torch.float16:
+            x = x.clip(-65504, 65504)
+        text_len = encoder_hidden_states.shape[1]
+        return x[:, :text_len], x[:, text_len:]
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,  # (B, N, D) image tokens
+        encoder_hidden_states: torch.Tensor,  # (B, T, D) text tokens
+        encoder_hidden_states_mask: torch.Tensor | None,  # (B, T) bool
+        temb: torch.Tensor,  # (B, D), or (2B, D) with zero_cond_t
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        modulate_index: torch.Tensor | None = None,  # (B, N) with zero_cond_t
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block up to its MLP, on the joint sequence (text first): the residual stream
+        x after attention, the MLP's input and its gate; the block returns x + gate *
+        img_mlp(input), split back into text and image."""
         text_len = encoder_hidden_states.shape[1]
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # (B, T+N, D)
 
@@ -194,10 +222,7 @@ class AmberSingleStreamBlock(nn.Module):
         )
         x = x + gate1 * attn_out
         normed2, gate2 = self._modulate(self.img_norm2(x), mod2, index)
-        x = x + gate2 * self.img_mlp(normed2)
-        if x.dtype == torch.float16:
-            x = x.clip(-65504, 65504)
-        return x[:, :text_len], x[:, text_len:]
+        return x, normed2, gate2
 
 
 class AmberHybridTransformer2DModel(QwenImageTransformer2DModel):

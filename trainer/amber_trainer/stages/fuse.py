@@ -22,7 +22,7 @@ import json
 import torch
 
 from amber import commits
-from amber_trainer import checkpoint, loop, models
+from amber_trainer import checkpoint, loop, models, spanfit
 from amber_trainer import fuse as fusing
 from amber_trainer.data import Sampler
 from amber_trainer.objectives import FlowMatching, LayerwiseDistillation, teacher_states
@@ -93,20 +93,13 @@ def part_engine(rt: Runtime, objective, params, previous, offset: int, steps: in
 
 
 def calibration(rt: Runtime, train, params) -> list:
-    """The batches a fitted conversion is computed on: `fitSamples` training rows at
-    uniform times, drawn from the stage's seed (the same on every rank)."""
+    """The batches a fitted conversion is computed on: `fitSamples` training rows at the
+    fits' fixed times, drawn from the stage's seed (the same on every rank)."""
     if params.projection_init == "image":
         return []
-    gen = torch.Generator().manual_seed(params.seed)
-    rows = torch.randperm(len(train), generator=gen)[: params.fit_samples].tolist()
-    batches = []
-    for start in range(0, len(rows), params.micro_batch_size):
-        chunk = rows[start : start + params.micro_batch_size]
-        x, _ = common.noised(
-            train.rows(chunk, rt.device), torch.rand(len(chunk), generator=gen), gen
-        )
-        batches.append(x)
-    return batches
+    return spanfit.calibration(
+        train, params.fit_samples, params.seed, params.micro_batch_size, rt.device, None
+    )
 
 
 def run(rt: Runtime) -> tuple[int, dict]:
@@ -130,7 +123,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
         inputs = [loop.cast(x, rt.device, model.dtype) for x in fit]
         sequential = params.projection_init == "sequential"
         rank = fusing.text_rank(model.inner_dim, params.text_rank_fraction)
-        student = fusing.convert(model, counts[p], inputs, sequential, rank)
+        student = fusing.convert(model, counts[p], inputs, sequential, rank, params.refit_mlp)
         student = student.train().requires_grad_(True)
         depth = len(student.transformer_blocks)
         objective = LayerwiseDistillation(
