@@ -70,7 +70,7 @@ V1 = {
         "normalize": "max",
         "aggregate": "max",
     },
-    "prune": {"init": "average"},
+    "prune": {"init": "average", "refitMlp": False},
     "finetune": {"distillWeight": 0.5, "flowWeight": 1.0, "ema": 0.0},
     "fuse": {
         "target": "previous",
@@ -196,6 +196,12 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             {"prune": {"init": "average"}},
         ),
         Arm(
+            "no-span-fit",
+            "prune.refitMlp: false (the copied blocks as they are: no refit of their MLP "
+            "outputs to their spans)",
+            {"prune": {"refitMlp": False}},
+        ),
+        Arm(
             "flow-dominant",
             "finetune: flowWeight 1, distillWeight 0.5 (the first weights), no EMA",
             {"finetune": V1["finetune"]},
@@ -236,6 +242,13 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             f"fuse: the paper's {paper_single} single-stream blocks, each with the preset's "
             "text correction (more parameters than the preset)",
             {"fuse": paper},
+            full_run=False,
+        ),
+        fusion(
+            "fusion-mlp-refit",
+            "fuse.refitMlp: true (each converted block's MLP output layer refitted to its "
+            "dual block's output after its q, k, v)",
+            {"fuse": {"refitMlp": True}},
             full_run=False,
         ),
         fusion(
@@ -298,7 +311,7 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
         Arm(
             "broken",
             "random layers, no averaging, no training (a pipeline that learns nothing)",
-            {"score": {"criterion": "random"}, "prune": {"init": "keep"}},
+            {"score": {"criterion": "random"}, "prune": {"init": "keep", "refitMlp": False}},
             drop=("finetune",),
             judged="prune",
             against=None,
@@ -348,6 +361,7 @@ def overrides(budget: Budget, seed: int) -> dict[str, dict]:
     }
     return {
         # The benchmark samples with a uniform Euler schedule: timesteps weigh alike.
+        "prune": {"seed": seed},
         "score": {
             "calibrationSamples": budget.calibration_samples,
             "batchSize": 16,
