@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from amber.stages import ScoreStage
-from amber_trainer import data, forward, fuse, models, prune, score, spanfit
+from amber_trainer import data, forward, fuse, loop, models, prune, score, spanfit
 from amber_trainer.forward import diffusers_forward
 from amber_trainer.hybrid import AmberHybridTransformer2DModel, AmberSingleStreamBlock
 
@@ -729,6 +729,39 @@ def test_span_refit_keeps_a_student_that_is_the_teacher_and_helps_a_pruned_one(t
     errors = spanfit.refit(teacher, student, spans, calibration)
     assert all(after <= before + 1e-6 for before, after in errors[:2])
     assert errors[-1][1] < errors[-1][0]
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("device", DEVICES)
+def test_span_refit_streams_blocks_through_the_device_and_leaves_models_on_the_host(
+    teacher, batches, device
+):
+    """The prune stage keeps both models on the host (a 20B teacher in float32 does not fit
+    an accelerator) and the refit takes one block at a time to the device: the same
+    weights as a refit run where the models live, and between blocks and after, every
+    parameter on the host (the cuda case runs where there is one)."""
+    spans = [(0, 0), (1, 3), (4, 7), (8, 10), (11, 11)]
+    entries = prune.layer_map([0, 2, 5, 9, 11], 12, "representative", None, spans)
+    calibration = _refit_calibration(batches)
+    reference = prune.prune(teacher, entries)
+    expected = spanfit.refit(teacher, reference, spans, calibration)
+    student = prune.prune(teacher, entries)
+    on_device = [loop.cast(x, torch.device(device), torch.float32) for x in calibration]
+    homes = []
+
+    def on_block(j):
+        homes.append({p.device.type for m in (teacher, student) for p in m.parameters()})
+
+    errors = spanfit.refit(teacher, student, spans, on_device, torch.device(device), on_block)
+    assert homes == [{"cpu"}] * len(spans)
+    assert {p.device.type for m in (teacher, student) for p in m.parameters()} == {"cpu"}
+    for (b, a), (b_ref, a_ref) in zip(errors, expected, strict=True):
+        assert b == pytest.approx(b_ref, rel=1e-3) and a == pytest.approx(a_ref, rel=1e-3)
+    for name, weight in student.state_dict().items():
+        torch.testing.assert_close(weight, reference.state_dict()[name], rtol=1e-3, atol=1e-4)
 
 
 def test_sampler_weights_are_each_timestep_share_of_the_sampler():

@@ -27,6 +27,7 @@ profile over time, and a fit that assumed one made the pruned model worse than n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -199,24 +200,43 @@ def _error(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
     return float((ours - theirs).pow(2).sum()), float(theirs.pow(2).sum())
 
 
+@contextmanager
+def on_device(modules: Sequence[torch.nn.Module], device: torch.device):
+    """`modules` moved to `device` for the block, then back where each was: a full-size
+    model waits on the host and only the blocks in use occupy the accelerator."""
+    homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
+    try:
+        yield [m.to(device) for m in modules]
+    finally:
+        for module, home in zip(modules, homes, strict=True):
+            module.to(home)
+
+
 @torch.no_grad()
 def refit(
     teacher: torch.nn.Module,
     student: torch.nn.Module,
     spans: Sequence[tuple[int, int]],
     calibration: Sequence[FlowInputs],
+    device: torch.device | None = None,
     on_block=None,
 ) -> list[tuple[float, float]]:
     """Refit each block of a pruned `student` in place, in order, to map its own incoming
     streams to the teacher's streams after its span (`spans[j]` = first and last teacher
     block of student block j). Returns per student block the relative error of its image
     stream against the teacher's on the calibration rows, before and after its refit;
-    `on_block(j)` is called after each block (a progress bar)."""
-    device = next(teacher.parameters()).device
+    `on_block(j)` is called after each block (a progress bar).
+
+    The computation runs on `device` (default: the teacher's), one block at a time: both
+    models may stay on the host (a 20B teacher in float32 is 80 GB), and each block visits
+    the device once, with every calibration batch; the streams wait on the host."""
+    device = device or next(teacher.parameters()).device
+    shell = [m for name, m in teacher.named_children() if name != "transformer_blocks"]
     streams = []  # per batch: times, conditioning, teacher's (img, txt), student's (img, txt)
-    for x in calibration:  # the streams wait on the host between blocks, as in fuse
-        img, txt, cond = embed(teacher, x)
-        streams.append([x.timestep, cond, (img.cpu(), txt.cpu()), (img.cpu(), txt.cpu())])
+    with on_device(shell, device):
+        for x in calibration:
+            img, txt, cond = embed(teacher, x)
+            streams.append([x.timestep, cond, (img.cpu(), txt.cpu()), (img.cpu(), txt.cpu())])
 
     def on(pair):
         return tuple(s.to(device) for s in pair)
@@ -224,22 +244,22 @@ def refit(
     blocks = teacher.transformer_blocks
     errors = []
     for j, (first, last) in enumerate(spans):
-        block = student.transformer_blocks[j]
-        before = [0.0, 0.0]
-        for entry in streams:
-            _, cond, own, seen = entry
-            own = on(own)
-            for k in range(first, last + 1):
-                own = run_block(blocks[k], *own, cond)
-            entry[2] = tuple(s.cpu() for s in own)
-            out = run_block(block, *on(seen), cond)
-            before = [a + b for a, b in zip(before, _error(out[0], own[0]), strict=True)]
-        refit_block(block, [(t, c, seen, own) for t, c, own, seen in streams], j == len(spans) - 1)
-        after = 0.0
-        for entry in streams:
-            seen = run_block(block, *on(entry[3]), entry[1])
-            after += _error(seen[0], entry[2][0].to(device))[0]
-            entry[3] = tuple(s.cpu() for s in seen)
+        for k in range(first, last + 1):
+            with on_device([blocks[k]], device):
+                for entry in streams:
+                    entry[2] = tuple(s.cpu() for s in run_block(blocks[k], *on(entry[2]), entry[1]))
+        with on_device([student.transformer_blocks[j]], device) as (block,):
+            before = [0.0, 0.0]
+            for _, cond, own, seen in streams:
+                out = run_block(block, *on(seen), cond)
+                before = [a + b for a, b in zip(before, _error(out[0], on(own)[0]), strict=True)]
+            batches = [(t, c, seen, own) for t, c, own, seen in streams]
+            refit_block(block, batches, j == len(spans) - 1)
+            after = 0.0
+            for entry in streams:
+                seen = run_block(block, *on(entry[3]), entry[1])
+                after += _error(seen[0], entry[2][0].to(device))[0]
+                entry[3] = tuple(s.cpu() for s in seen)
         power = max(before[1], 1e-30)
         errors.append(((before[0] / power) ** 0.5, (after / power) ** 0.5))
         if on_block is not None:

@@ -15,8 +15,11 @@ MODEL_DIR = "model"
 LAYER_MAP = "layer_map.json"
 
 
-def teacher(rt: Runtime, frozen: bool = True) -> torch.nn.Module:
-    """The resource's teacher on this process's device; frozen teachers never get gradients."""
+def teacher(
+    rt: Runtime, frozen: bool = True, device: torch.device | None = None
+) -> torch.nn.Module:
+    """The resource's teacher on `device` (default: this process's); frozen teachers never
+    get gradients."""
     storage = rt.run.storage
     model = models.load_teacher(rt.run.teacher, rt.workdir, storage.endpoint, storage.region)
     if frozen:
@@ -25,7 +28,7 @@ def teacher(rt: Runtime, frozen: bool = True) -> torch.nn.Module:
             model = model.to(torch.bfloat16)
         if speed.should_compile(rt.run.deepspeed, rt.device, zero_stage=0):  # never sharded
             speed.compile_blocks(model)
-    return model.to(rt.device)
+    return model.to(device or rt.device)
 
 
 def input_model(rt: Runtime) -> tuple[torch.nn.Module, list[dict] | None]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from amber_trainer import models, spanfit
 from amber_trainer import prune as pruning
 from amber_trainer.runtime import Runtime
@@ -20,7 +22,8 @@ def run(rt: Runtime) -> tuple[int, dict]:
     out.mkdir()
     metrics: dict = {}
     if rt.is_main:  # tensor arithmetic and a few forwards: one process does it, others wait
-        teacher = common.teacher(rt, frozen=False)
+        # Both models stay on the host; the refit takes one block at a time to the device.
+        teacher = common.teacher(rt, frozen=False, device=torch.device("cpu"))
         scored = ScoreResult.from_json(
             (rt.fetch_output(rt.run.score_from) / "importance.json").read_text()
         )
@@ -45,6 +48,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
                 student.eval(),
                 spans,
                 batches,
+                rt.device,
                 on_block=lambda j: rt.progress(j + 1, len(spans)),
             )
             # Per student block, its image stream's relative error against the teacher's
