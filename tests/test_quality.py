@@ -8,6 +8,7 @@ deliberately broken one through `amber run`'s code path and judges their samples
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,16 @@ def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tm
     assert [a["arm"] for a in state["armSeconds"]] == ["amber-10b", "broken"]
     state["measured"]["teacher"]["score"] = -1.0
     part.write_text(json.dumps(state))
+    again = benchmark.run([0], tmp_path, ["broken"], FIXTURES, size, budget)
+    scores = {(r["arm"], r["stage"]): r["score"] for r in again["runs"]}
+    assert scores == {("teacher", "teacher"): -1.0, ("broken", "prune"): broken["score"]}
+    # A stage committed again at the same place (its output deleted, a code change) is a
+    # new model: it is measured again, not read back.
+    state = json.loads(part.read_text())
+    for row in state["measured"].values():
+        row["score"] = -2.0 if row is not state["measured"]["teacher"] else row["score"]
+    part.write_text(json.dumps(state))
+    shutil.rmtree(tmp_path / "seed-0" / "store" / "default" / "broken-s0" / "prune" / "output")
     again = benchmark.run([0], tmp_path, ["broken"], FIXTURES, size, budget)
     scores = {(r["arm"], r["stage"]): r["score"] for r in again["runs"]}
     assert scores == {("teacher", "teacher"): -1.0, ("broken", "prune"): broken["score"]}

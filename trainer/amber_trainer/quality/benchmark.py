@@ -13,6 +13,7 @@ short keeps what it measured, and a run started again on the same folder goes on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from amber import presets
+from amber import commits, presets
 from amber_trainer import models
 from amber_trainer.quality import arms, measure, teacher
 
@@ -57,6 +58,13 @@ def _kept(folders: dict[str, Path]) -> list[int] | None:
     if "score" not in folders:
         return None
     return json.loads((folders["score"] / "importance.json").read_text())["keep"]
+
+
+def _identity(folder: Path) -> str:
+    """What a measurement is kept under: the committed folder and its commit marker's digest,
+    so a stage committed again at the same place (after a code change) is measured again."""
+    marker = hashlib.sha256((folder / commits.MARKER).read_bytes()).hexdigest()[:16]
+    return f"{folder.resolve()}@{marker}"
 
 
 def run(
@@ -199,7 +207,7 @@ def run_seed(
             # Every table row is measured in full; an arm's pruned model only for the
             # "after prune" column: its held-out score.
             full = name == arms.PRESET or stage == arm.judged
-            key = str(folders[stage].resolve())
+            key = _identity(folders[stage])
             if key not in measured or (full and not measured[key]["full"]):
                 model = models.load(folders[stage] / "model")
                 measured[key] = {

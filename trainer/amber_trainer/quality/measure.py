@@ -30,6 +30,9 @@ TRAINING_PROMPTS = 138  # evenly spread over the training combinations (in-distr
 # Velocity error is an average over many tokens per scene: its seed-to-seed spread was 0.001
 # on all 414 held-out scenes, so one scene per held-out combination measures it as well.
 ERROR_SCENES = 138
+# Prompts sampled at once: a chunk's activations stay in the caches (on one core 414 prompts
+# took 11.8 s at once, 9.6 s in chunks of 69; every image is the same either way).
+GENERATE_CHUNK = 69
 MEASUREMENT = 2  # what a measurement holds; saved results of another one are not reused
 
 
@@ -130,9 +133,13 @@ def suites(teacher, seed: int, held_out_limit: int | None = None, training_limit
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, s: Suite, steps: int = SAMPLE_STEPS) -> torch.Tensor:
-    """(n, 3, 32, 32) images for the suite's prompts from its fixed noise."""
-    tokens = euler(model.eval(), s.batch, s.noise, steps, shift=SHIFT)
-    return task.to_images(tokens).clamp(-1, 1)
+    """(n, 3, 32, 32) images for the suite's prompts from its fixed noise, sampled
+    `GENERATE_CHUNK` prompts at a time."""
+    parts = []
+    for start in range(0, len(s), GENERATE_CHUNK):
+        chunk = s.subset(list(range(start, min(start + GENERATE_CHUNK, len(s)))))
+        parts.append(euler(model.eval(), chunk.batch, chunk.noise, steps, shift=SHIFT))
+    return task.to_images(torch.cat(parts)).clamp(-1, 1)
 
 
 @torch.no_grad()
