@@ -219,6 +219,14 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             warm_start=V1_WARM_START,
             full_run=False,
         ),
+        Arm(
+            "warm-start-global",
+            "a global layer-wise warm start (distill mode global: the student on its own "
+            f"streams, every block against its span's end, plus the output) of "
+            f"{budget.warm_start_steps} of finetune's steps",
+            warm_start={"mode": "global"},
+            full_run=False,
+        ),
         fusion(
             "warm-start-6b",
             "warm-start, then the preset's fusion",
@@ -285,6 +293,18 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
                 }
             },
             drop=("finetune",),
+            full_run=False,
+        ),
+        fusion(
+            "fusion-lr-2x",
+            f"fuse.learningRate: {2 * budget.learning_rate:g} (twice the benchmark's rate)",
+            {"fuse": {"learningRate": 2 * budget.learning_rate}},
+            full_run=False,
+        ),
+        fusion(
+            "fusion-no-warmup",
+            "fuse.warmupSteps: 0 (the converted model starts at the full learning rate)",
+            {"fuse": {"warmupSteps": 0}},
             full_run=False,
         ),
         fusion(
