@@ -252,7 +252,9 @@ def refit(
             before = [0.0, 0.0]
             for _, cond, own, seen in streams:
                 out = run_block(block, *on(seen), cond)
-                before = [a + b for a, b in zip(before, _error(out[0], on(own)[0]), strict=True)]
+                before = [
+                    a + b for a, b in zip(before, _error(out[0], own[0].to(device)), strict=True)
+                ]
             batches = [(t, c, seen, own) for t, c, own, seen in streams]
             refit_block(block, batches, j == len(spans) - 1)
             after = 0.0

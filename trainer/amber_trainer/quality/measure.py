@@ -30,9 +30,9 @@ TRAINING_PROMPTS = 138  # evenly spread over the training combinations (in-distr
 # Velocity error is an average over many tokens per scene: its seed-to-seed spread was 0.001
 # on all 414 held-out scenes, so one scene per held-out combination measures it as well.
 ERROR_SCENES = 138
-# Prompts sampled at once: a chunk's activations stay in the caches (alone on one core, 414
-# prompts took 11.8 s at once and 9.6 s in chunks of 69; three processes sharing two cores
-# gain nothing measurable). Every image is the same either way.
+# Prompts sampled at once: a chunk's activations stay in the caches (`bench/sampling.py`:
+# x1.13-1.22 alone on one core; three processes sharing two cores gained nothing
+# measurable in the full run). Every image is the same either way.
 GENERATE_CHUNK = 69
 MEASUREMENT = 2  # what a measurement holds; saved results of another one are not reused
 
