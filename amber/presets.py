@@ -23,6 +23,9 @@ MODEL_NAMES = {"prune": "pruned", "finetune": "10B-style", "fuse": "6B-style"}
 _STAGE = TypeAdapter(Stage)
 
 
+ON_POLICY_FRACTION = 0.5
+
+
 def amber_10b(teacher_layers: int) -> list[dict[str, Any]]:
     student = max(1, teacher_layers // 2)
     return [
@@ -40,6 +43,8 @@ def amber_10b(teacher_layers: int) -> list[dict[str, Any]]:
         # layer-wise warm start before it: on the benchmark, giving its steps to this stage
         # scores higher (docs/quality.md); `warm_start` is that stage, for a recipe that
         # wants one.
+        # Half of every batch from the student's own sampling trajectories, distilled
+        # against the teacher's velocity there (docs/design.md, "finetune").
         {
             "type": "finetune",
             "steps": 12000,
@@ -47,6 +52,7 @@ def amber_10b(teacher_layers: int) -> list[dict[str, Any]]:
             "distillWeight": 0.9,
             "flowWeight": 0.1,
             "ema": 0.999,
+            "onPolicyFraction": ON_POLICY_FRACTION,
         },
         {"type": "eval"},
     ]
@@ -88,6 +94,7 @@ def amber_6b(teacher_layers: int) -> list[dict[str, Any]]:
         "distillWeight": 0.9,
         "flowWeight": 0.1,
         "ema": 0.999,
+        "onPolicyFraction": ON_POLICY_FRACTION,
     }
     return [*stages[:-1], fuse, stages[-1]]
 

@@ -283,7 +283,47 @@ class DistillStage(StageBase, TrainingParams):
     )
 
 
-class FinetuneStage(StageBase, TrainingParams):
+class OnPolicyParams(Model):
+    """Distillation on the student's own sampling trajectories (finetune; fuse's phases and
+    closing fine-tune): noised training rows never show the student the states its own
+    errors lead it to, so it never learns to steer back from them."""
+
+    on_policy_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="onPolicyFraction: share of each micro-batch taken from the student's own "
+        "sampling trajectories (Euler steps from noise on training captions, each one step "
+        "further per micro-batch), trained on the frozen teacher's velocity there (in fuse's "
+        "phases, on the input model's states); the rest are noised training rows (needs "
+        "distillWeight > 0).",
+    )
+    sampler_steps: int = Field(
+        50,
+        ge=1,
+        description="samplerSteps: Euler steps of the deployment sampler those trajectories "
+        "follow.",
+    )
+    sampler_shift: float = Field(
+        3.0,
+        gt=0,
+        description="samplerShift: the deployment sampler's time shift (1: uniform steps in t; "
+        "more than 1: more steps at high noise), as score's samplerShift.",
+    )
+
+    def on_policy_rows(self, micro_batch: int) -> int:
+        """Rows of a micro-batch of `micro_batch` taken from the trajectories (half rounds up)."""
+        return min(micro_batch, int(self.on_policy_fraction * micro_batch + 0.5))
+
+    def _check_on_policy(self, distill_weight: float) -> None:
+        if self.on_policy_fraction > 0 and distill_weight == 0:
+            raise ValueError(
+                "onPolicyFraction needs distillWeight > 0: the student's own states have no "
+                "flow-matching target, only the teacher's velocity"
+            )
+
+
+class FinetuneStage(StageBase, TrainingParams, OnPolicyParams):
     """Full-parameter flow-matching fine-tuning, optionally with output distillation."""
 
     type: Literal["finetune"] = "finetune"
@@ -304,10 +344,11 @@ class FinetuneStage(StageBase, TrainingParams):
     def _some_loss(self):
         if self.flow_weight == 0 and self.distill_weight == 0:
             raise ValueError("flowWeight and distillWeight are both 0: nothing to train on")
+        self._check_on_policy(self.distill_weight)
         return self
 
 
-class FuseStage(StageBase, TrainingParams):
+class FuseStage(StageBase, TrainingParams, OnPolicyParams):
     """Progressive conversion of the deepest dual-stream blocks into single-stream blocks."""
 
     type: Literal["fuse"] = "fuse"
@@ -385,6 +426,7 @@ class FuseStage(StageBase, TrainingParams):
                 f"refitMlp needs projectionInit sequential (got {self.projection_init!r}): the "
                 "refit reads the converted model's own streams"
             )
+        self._check_on_policy(self.distill_weight)
         return self
 
     def planned_steps(self) -> int:

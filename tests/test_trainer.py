@@ -147,42 +147,39 @@ def test_a_finished_stage_is_not_run_again(pipeline, tmp_path):
     assert commits.read_manifest(store, "distill/output").created == before.created
 
 
-def test_killed_stage_resumes_from_its_last_checkpoint_with_the_same_curve(bucket, tmp_path):
-    steps = {
-        "distill": {
-            **FAST["distill"],
-            "steps": 24,
-            "checkpointEvery": 8,
-        }
-    }
+@pytest.mark.parametrize("stage", ["distill", "finetune"])
+def test_killed_stage_resumes_from_its_last_checkpoint_with_the_same_curve(bucket, tmp_path, stage):
+    # finetune: the preset's on-policy trajectories are part of what a checkpoint restores.
+    steps = {stage: {**FAST[stage], "steps": 24, "checkpointEvery": 8}}
     for prefix in ("straight", "killed"):
-        runs = stage_runs(tiny_resource(f"s3://{bucket}/{prefix}", **steps))
-        for name in ("score", "prune"):
+        runs = stage_runs(tiny_resource(f"s3://{bucket}/{stage}-{prefix}", **steps))
+        assert runs["finetune"].stage.on_policy_fraction > 0
+        for name in ORDER[: ORDER.index(stage)]:
             assert finish(torchrun(runs[name], tmp_path, nproc=1))[0] == 0
-    straight = stage_runs(tiny_resource(f"s3://{bucket}/straight", **steps))["distill"]
+    straight = stage_runs(tiny_resource(f"s3://{bucket}/{stage}-straight", **steps))[stage]
     code, out, _ = finish(torchrun(straight, tmp_path))
     assert code == 0, out[-2000:]
 
-    killed = stage_runs(tiny_resource(f"s3://{bucket}/killed", **steps))["distill"]
+    killed = stage_runs(tiny_resource(f"s3://{bucket}/{stage}-killed", **steps))[stage]
     store = open_store(killed.run_uri)
     proc = torchrun(killed, tmp_path)
     deadline = time.monotonic() + 300
-    while commits.latest_checkpoint(store, "distill") is None:
+    while commits.latest_checkpoint(store, stage) is None:
         assert proc.poll() is None, "finished before its first checkpoint"
         assert time.monotonic() < deadline
         time.sleep(0.2)
     kill_tree(proc)
-    first = commits.latest_checkpoint(store, "distill")
-    assert commits.read_manifest(store, "distill/output") is None
+    first = commits.latest_checkpoint(store, stage)
+    assert commits.read_manifest(store, f"{stage}/output") is None
     # A newer checkpoint whose files landed but whose marker did not: must be ignored.
-    store.write_bytes(f"distill/{commits.checkpoint_folder(first.step + 4)}/state/junk.pt", b"x")
+    store.write_bytes(f"{stage}/{commits.checkpoint_folder(first.step + 4)}/state/junk.pt", b"x")
 
     code, out, events = finish(torchrun(killed, tmp_path))
     assert code == 0, out[-2000:]
     resumed = [e for e in events if e["event"] == "resumed"]
     assert resumed and resumed[0]["step"] >= first.step and resumed[0]["step"] < 24
-    done = json.loads(open_store(killed.run_uri).read_text("distill/output/metrics.json"))
-    reference = json.loads(open_store(straight.run_uri).read_text("distill/output/metrics.json"))
+    done = json.loads(open_store(killed.run_uri).read_text(f"{stage}/output/metrics.json"))
+    reference = json.loads(open_store(straight.run_uri).read_text(f"{stage}/output/metrics.json"))
     assert len(done["loss"]) == 24
     assert done["loss"] == pytest.approx(reference["loss"], rel=1e-4, abs=1e-6)
 

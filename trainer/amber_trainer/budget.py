@@ -96,14 +96,16 @@ def stage_flops(
     student = 3 * student_layers * f
     if stage.type == "distill":
         return stage.steps * batch * (teacher_layers * f + student)
-    if stage.type == "finetune":
-        teacher = teacher_layers * f if stage.distill_weight > 0 else 0.0
-        return stage.steps * batch * (student + teacher)
-    phases = math.ceil(stage.single_layers / stage.blocks_per_phase)
     teacher = teacher_layers * f if stage.distill_weight > 0 else 0.0
-    return (phases * stage.steps * batch * (student_layers * f + student)) + (
-        stage.finetune_steps * batch * (student + teacher)
-    )
+    # Each on-policy row also takes its trajectory's next Euler step: one student forward.
+    own = stage.on_policy_rows(stage.micro_batch_size) * stage.gradient_accumulation * world
+    walk = own * student_layers * f
+    tuning = batch * (student + teacher) + walk
+    if stage.type == "finetune":
+        return stage.steps * tuning
+    phases = math.ceil(stage.single_layers / stage.blocks_per_phase)
+    phase = batch * (student_layers * f + student) + walk  # the input model is the target
+    return phases * stage.steps * phase + stage.finetune_steps * tuning
 
 
 def throughput(run: StageRun) -> float:

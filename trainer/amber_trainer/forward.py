@@ -31,6 +31,18 @@ class FlowInputs:
     img_shapes: list[list[tuple[int, int, int]]]  # per sample: [(frames, H/2, W/2)]
 
 
+def concat(parts: list[FlowInputs]) -> FlowInputs:
+    """One batch of the rows of `parts`, in order (their text padded to the same length)."""
+    masks = [p.encoder_hidden_states_mask for p in parts]
+    return FlowInputs(
+        torch.cat([p.hidden_states for p in parts]),
+        torch.cat([p.encoder_hidden_states for p in parts]),
+        None if any(m is None for m in masks) else torch.cat(masks),
+        torch.cat([p.timestep for p in parts]),
+        [shape for p in parts for shape in p.img_shapes],
+    )
+
+
 @dataclass
 class Conditioning:
     """What every block receives besides the two streams."""

@@ -43,14 +43,19 @@ def hashed_prompt(prompt: str, tokens: int, width: int) -> tuple[torch.Tensor, t
     return text, mask
 
 
+def schedule(steps: int, shift: float = 3.0) -> list[float]:
+    """The `steps + 1` times an Euler sampler visits, from 1 (noise) to 0, with the
+    flow-matching schedulers' time shift (more steps at high noise when shift > 1)."""
+    times = torch.linspace(1.0, 0.0, steps + 1)
+    return (shift * times / (1 + (shift - 1) * times)).tolist()
+
+
 @torch.no_grad()
 def euler(model, batch, noise: torch.Tensor, steps: int, shift: float = 3.0) -> torch.Tensor:
     """Integrate dx/dt = v from t=1 (noise) to t=0 with the schedulers' time shift; `batch`
     carries the text (a `data.Batch`)."""
     x = noise
-    times = torch.linspace(1.0, 0.0, steps + 1)
-    times = shift * times / (1 + (shift - 1) * times)
-    for t, t_next in itertools.pairwise(times.tolist()):
+    for t, t_next in itertools.pairwise(schedule(steps, shift)):
         at = torch.full((x.shape[0],), t, device=x.device)
         inputs = FlowInputs(x, batch.text, batch.text_mask, at, batch.img_shapes)
         x = x + (t_next - t) * velocity(model, inputs)

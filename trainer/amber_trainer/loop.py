@@ -101,6 +101,13 @@ def single_process_fast_path(engine, world: int, zero_stage: int = 0):
     return engine
 
 
+CARRY = "carry"
+
+
+def _carried(rt: Runtime, carry) -> dict:
+    return {} if carry is None else {CARRY: rt.gather(carry.state_dict())}
+
+
 def ema_decay(ema: float, steps_done: int) -> float:
     """The average's decay after `steps_done` steps: warmed up, so that the first steps'
     weights, far from trained, fade out quickly."""
@@ -131,13 +138,16 @@ def train(
     step_offset: int = 0,
     state: dict | None = None,
     progress_total: int | None = None,
+    carry=None,
 ) -> dict[str, Any]:
     """Run optimiser steps [state.step, total_steps) with checkpoints; return the loop state.
 
     `step_offset` places these steps in a longer stage (fuse's phases) for progress and
     checkpoint numbering. The state ({step, losses, parts}, and with `params.ema` the moving
     average of the student's weights) survives in checkpoints, so a resumed run reports the
-    same loss curve, and saves the same average, as an uninterrupted one.
+    same loss curve, and saves the same average, as an uninterrupted one. `carry` (with a
+    `state_dict()`) is state that `make_inputs` keeps between micro-batches (the on-policy
+    trajectories): checkpoints hold one entry per rank of it under `CARRY`.
     """
     state = state or {"step": 0, "losses": [], "parts": []}
     student = getattr(engine.module, "student", None)
@@ -180,7 +190,7 @@ def train(
                 rt,
                 engine,
                 step_offset + step + 1,
-                {"label": label, **state},
+                {"label": label, **state, **_carried(rt, carry)},
                 {"loss": step_loss, "label": label},
             )
     state["samples_per_s"] = (

@@ -19,7 +19,7 @@ from amber import presets
 from amber.api import AmberCompression
 from amber.local import run_resource
 from amber.plan import OUTPUT, plan
-from amber_trainer.quality import task
+from amber_trainer.quality import measure, task
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ V1 = {
         "aggregate": "max",
     },
     "prune": {"init": "average", "refitMlp": False},
-    "finetune": {"distillWeight": 0.5, "flowWeight": 1.0, "ema": 0.0},
+    "finetune": {"distillWeight": 0.5, "flowWeight": 1.0, "ema": 0.0, "onPolicyFraction": 0.0},
     "fuse": {
         "target": "previous",
         "phaseOptimizer": "fresh",
@@ -79,6 +79,7 @@ V1 = {
         "distillWeight": 0.0,
         "flowWeight": 1.0,
         "ema": 0.0,
+        "onPolicyFraction": 0.0,
         "projectionInit": "image",
         "textRankFraction": 0.0,  # and the paper's 80% single-stream, progressive: `catalogue`
     },
@@ -208,6 +209,19 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
         ),
         Arm("no-ema", "finetune.ema: 0 (the last weights are saved)", {"finetune": {"ema": 0.0}}),
         Arm(
+            "off-policy",
+            "finetune.onPolicyFraction: 0 (noised training rows only, none of the student's "
+            "own sampling states; the preset until 2026-12-06)",
+            {"finetune": {"onPolicyFraction": 0.0}},
+        ),
+        Arm(
+            "off-policy-longer",
+            f"off-policy with {3 * budget.finetune_steps // 2} finetune steps (about the "
+            "compute of the preset's on-policy steps)",
+            {"finetune": {"onPolicyFraction": 0.0, "steps": 3 * budget.finetune_steps // 2}},
+            full_run=False,
+        ),
+        Arm(
             "warm-start",
             f"a local layer-wise warm start (distill) of {budget.warm_start_steps} of "
             "finetune's steps (the preset until 2026-12)",
@@ -322,6 +336,12 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
             full_run=False,
         ),
         fusion(
+            "fusion-off-policy",
+            "fuse.onPolicyFraction: 0 (phases and closing fine-tune on noised training rows "
+            "only; the preset until 2026-12-06)",
+            {"fuse": {"onPolicyFraction": 0.0}},
+        ),
+        fusion(
             "chained-fusion",
             "fuse: progressive, each phase distils the previous phase's model with a fresh "
             "optimiser, image-branch init, text loss on every block, no teacher in the "
@@ -371,6 +391,9 @@ def _ranges(blocks: list[int]) -> str:
     return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
+SAMPLER = ("samplerSteps", "samplerShift")
+
+
 def overrides(budget: Budget, seed: int) -> dict[str, dict]:
     train = {
         "microBatchSize": budget.micro_batch,
@@ -379,6 +402,8 @@ def overrides(budget: Budget, seed: int) -> dict[str, dict]:
         "checkpointEvery": 10_000,
         "seed": seed,
     }
+    # The on-policy trajectories follow the sampler every model is judged with.
+    sampler = dict(zip(SAMPLER, (measure.SAMPLE_STEPS, measure.SHIFT), strict=True))
     return {
         # The benchmark samples with a uniform Euler schedule: timesteps weigh alike.
         "prune": {"seed": seed},
@@ -388,9 +413,10 @@ def overrides(budget: Budget, seed: int) -> dict[str, dict]:
             "seed": seed,
             "sampler": "uniform",
         },
-        "finetune": {**train, "steps": budget.finetune_steps},
+        "finetune": {**train, **sampler, "steps": budget.finetune_steps},
         "fuse": {
             **train,
+            **sampler,
             "steps": budget.fuse_steps,
             "finetuneSteps": budget.fuse_finetune_steps,
         },
@@ -408,8 +434,10 @@ def stages(arm: Arm, layers: int, budget: Budget, seed: int) -> list[dict]:
     for name, change in arm.changes.items():
         raw[name] = {**raw[name], **change}
     if arm.warm_start is not None:
-        # The warm start trains as finetune does (the benchmark's batch, rate and seed).
-        warm = {**presets.warm_start(), **fields["finetune"], **arm.warm_start}
+        # The warm start trains as finetune does (the benchmark's batch, rate and seed; it
+        # has no on-policy rows, so no sampler).
+        tuning = {k: v for k, v in fields["finetune"].items() if k not in SAMPLER}
+        warm = {**presets.warm_start(), **tuning, **arm.warm_start}
         raw = dict(_with_warm_start(raw, warm, budget.warm_start_steps))
     drop = set(arm.drop) | ({"eval"} if arm.name != PRESET else set())
     return [stage for name, stage in raw.items() if name not in drop]

@@ -25,10 +25,11 @@ from amber import commits
 from amber_trainer import checkpoint, loop, models, spanfit
 from amber_trainer import fuse as fusing
 from amber_trainer.data import Sampler
+from amber_trainer.forward import concat
 from amber_trainer.objectives import FlowMatching, LayerwiseDistillation, teacher_states
 from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
-from amber_trainer.stages.finetune import flow_inputs
+from amber_trainer.stages.finetune import flow_inputs, own_velocity, rollouts_for
 
 HISTORY = "history.json"
 
@@ -92,6 +93,30 @@ def part_engine(rt: Runtime, objective, params, previous, offset: int, steps: in
     return engine
 
 
+def phase_inputs(rt: Runtime, params, train, sampler, target, boundaries, rollouts, student):
+    """A phase's micro-batches: noised training rows and, with `rollouts`, the converted
+    model's own sampling states, with the target model's hidden states and velocity on
+    them all."""
+    walk = own_velocity(rt, student)
+
+    def make_inputs(micro_step: int):
+        size = params.micro_batch_size
+        own = params.on_policy_rows(size) if rollouts is not None else 0
+        gen = sampler.generator(micro_step, rt.rank)
+        rows = sampler.indices(micro_step, rt.rank, rt.world, size)[: size - own]
+        parts = []
+        if rows:
+            t = torch.rand(len(rows), generator=gen)
+            parts.append(common.noised(train.rows(rows, rt.device), t, gen)[0])
+        if own:
+            parts.append(rollouts.draw(walk, train, rt.device))
+        x = concat(parts)
+        states, velocity = teacher_states(target, loop.cast(x, rt.device, target.dtype), boundaries)
+        return x, states, velocity
+
+    return make_inputs
+
+
 def calibration(rt: Runtime, train, params) -> list:
     """The batches a fitted conversion is computed on: `fitSamples` training rows at the
     fits' fixed times, drawn from the stage's seed (the same on every rank)."""
@@ -134,23 +159,25 @@ def run(rt: Runtime) -> tuple[int, dict]:
         )
         boundaries = objective.boundaries()
 
-        def make_inputs(micro_step, target=target, boundaries=boundaries):
-            gen = sampler.generator(micro_step, rt.rank)
-            rows = sampler.indices(micro_step, rt.rank, rt.world, params.micro_batch_size)
-            x, _ = common.noised(
-                train.rows(rows, rt.device), torch.rand(len(rows), generator=gen), gen
-            )
-            states, velocity = teacher_states(
-                target, loop.cast(x, rt.device, target.dtype), boundaries
-            )
-            return x, states, velocity
-
         label = f"phase-{p}"
         offset = p * params.steps
         engine = part_engine(rt, objective, params, engine, offset, params.steps, total)
         state = resume_state(rt, engine, label)  # restores the schedule and moments too
+        rollouts = rollouts_for(rt, params, state)
+        make_inputs = phase_inputs(
+            rt, params, train, sampler, target, boundaries, rollouts, student
+        )
         state = loop.train(
-            rt, engine, params, make_inputs, params.steps, label, offset, state, total
+            rt,
+            engine,
+            params,
+            make_inputs,
+            params.steps,
+            label,
+            offset,
+            state,
+            total,
+            carry=rollouts,
         )
         model = common.trained_model(engine, state)
         history["phases"].append(
@@ -173,12 +200,24 @@ def run(rt: Runtime) -> tuple[int, dict]:
         offset = len(counts) * params.steps
         engine = part_engine(rt, objective, params, engine, offset, params.finetune_steps, total)
         state = resume_state(rt, engine, "finetune")
+        rollouts = rollouts_for(rt, params, state)
 
         def make_inputs(micro_step):
-            return flow_inputs(rt, train, tuning, params, teacher, micro_step, pool)
+            return flow_inputs(
+                rt, train, tuning, params, teacher, micro_step, pool, rollouts, model
+            )
 
         state = loop.train(
-            rt, engine, params, make_inputs, params.finetune_steps, "finetune", offset, state, total
+            rt,
+            engine,
+            params,
+            make_inputs,
+            params.finetune_steps,
+            "finetune",
+            offset,
+            state,
+            total,
+            carry=rollouts,
         )
         model = common.trained_model(engine, state)
         history["finetuneLoss"] = state["losses"]
