@@ -204,7 +204,7 @@ def catalogue(budget: Budget, layers: int) -> dict[str, Arm]:
         ),
         Arm(
             "flow-dominant",
-            "finetune: flowWeight 1, distillWeight 0.5 (the first weights), no EMA",
+            "the first finetune: flowWeight 1, distillWeight 0.5, no EMA, no on-policy rows",
             {"finetune": V1["finetune"]},
         ),
         Arm("no-ema", "finetune.ema: 0 (the last weights are saved)", {"finetune": {"ema": 0.0}}),

@@ -71,6 +71,8 @@ def rollouts_for(rt, params, state: dict | None) -> Rollouts | None:
     saved = (state or {}).get(loop.CARRY)
     if saved is not None and len(saved) == rt.world:
         rollouts.load_state_dict(saved[rt.rank])
+    elif saved is not None:  # other ranks, other trajectories: begin them again
+        rt.log("on-policy trajectories begin afresh", written=len(saved), world=rt.world)
     return rollouts
 
 
