@@ -3,7 +3,7 @@
 Noised training rows x_t = (1-t)·x0 + t·ε show the student only states on the data's path.
 At sampling time it walks its own path, and each step's small error moves the next input
 off the one it was trained on: on the benchmark a student that errs at a single sampler step
-loses almost nothing, one that samples alone loses ten times the sum of those losses. Training
+loses almost nothing, one that samples alone loses five times the sum of those losses. Training
 on the states of its own Euler trajectories, against the frozen teacher's velocity there,
 teaches it to steer back (the idea of DAgger, applied to a sampler).
 

@@ -5,10 +5,12 @@ single-stream ones (`projectionInit: sequential`: their q, k, v fitted to both s
 the converted model's own inputs, `fuse.convert`)
 and distils the new model block by block and on the output against one
 fixed target, the stage's input model (`target: input`; `previous` distils against the
-last phase's model instead, so errors chain). With `phaseOptimizer: shared` the phases and
-the fine-tune follow one warm-up and decay schedule and carry AdamW's moments from phase
-to phase. The fine-tune after the last phase distils the frozen teacher's output
-(`distillWeight`) beside flow matching (`flowWeight`).
+last phase's model instead, so errors chain), on noised training rows and, with
+`onPolicyFraction`, on the converted model's own sampling states (`rollouts`). With
+`phaseOptimizer: shared` the phases and the fine-tune follow one warm-up and decay schedule
+and carry AdamW's moments from phase to phase. The fine-tune after the last phase distils
+the frozen teacher's output (`distillWeight`) beside flow matching (`flowWeight`), on the
+same mix of rows.
 
 Each phase's model is committed under `{stage}/phases/phase-P/` with the loss history so
 far, so a restart resumes inside the phase it stopped in, against the right target, and
