@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--jobs",
         type=int,
-        help="processes the seeds run in (default: one per seed, the cores shared out)",
+        help="processes the arms run in (default: one per core)",
     )
     run.add_argument(
         "--workdir",
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             arms.Budget(),
             None if args.quick else FIGURE,
             log,
-            args.jobs or len(seeds),
+            args.jobs or os.cpu_count() or 1,
         )
     results["seconds"] = round(time.perf_counter() - started)
     log(f"done in {results['seconds']} s")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from amber_trainer import models
 from amber_trainer.quality import arms, benchmark, judge, measure, report, task, teacher, text
 
 FIXTURES = Path(__file__).resolve().parents[1] / "bench" / "quality"
@@ -120,6 +121,7 @@ def test_every_arm_is_a_valid_resource_that_changes_only_what_it_says():
                 expected["steps"] -= budget.warm_start_steps
             assert stage == expected, (arm.name, name)
         assert arm.warm_start is None or "distill" in names, arm.name
+    assert set(arms.SETTLED) <= set(catalogue) and not catalogue["no-ema"].full_run
     keep = arms.stages(catalogue["keep-late"], layers, budget, 0)[0]
     assert keep["criterion"] == "explicit" and len(keep["keepLayers"]) == layers // 2
     # A seed changes training noise, calibration rows and sampling noise.
@@ -146,7 +148,9 @@ def test_velocity_error_against_cached_teacher_answers_is_evals_definition():
 def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tmp_path):
     budget = arms.Budget(calibration_samples=16, finetune_steps=120)
     size = benchmark.Size(held_out=48, training=24, pool=1024)
-    results = benchmark.run([0], tmp_path, ["amber-10b", "broken"], FIXTURES, size, budget)
+    # Two worker processes: the arms share no stage, so they run side by side.
+    results = benchmark.run([0], tmp_path, ["amber-10b", "broken"], FIXTURES, size, budget, jobs=2)
+    assert results["jobs"] == 2
     runs = {(r["arm"], r["stage"]): r for r in results["runs"]}
     teacher_run = runs["teacher", "teacher"]
     compressed, pruned = runs["amber-10b", "finetune"], runs["amber-10b", "prune"]
@@ -178,25 +182,72 @@ def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tm
     assert compressed["full"] and broken["full"] and teacher_run["full"]
 
     # A run started again on the same folder goes on from what it measured: nothing is
-    # measured twice (the mark put in the seed's saved results comes back as the result).
-    part = tmp_path / "seed-0" / benchmark.PART
-    state = json.loads(part.read_text())
-    assert [a["arm"] for a in state["armSeconds"]] == ["amber-10b", "broken"]
-    state["measured"]["teacher"]["score"] = -1.0
-    part.write_text(json.dumps(state))
+    # measured twice (the mark put in a saved measurement comes back as the result).
+    seed = tmp_path / "seed-0"
+    assert sorted(p.stem for p in (seed / benchmark.ARMS).iterdir()) == ["amber-10b", "broken"]
+    measured = seed / benchmark.MEASURED
+
+    def mark(name: str, score: float) -> None:
+        saved = json.loads((measured / f"{name}.json").read_text())
+        saved["row"]["score"] = score
+        (measured / f"{name}.json").write_text(json.dumps(saved))
+
+    mark("teacher", -1.0)
     again = benchmark.run([0], tmp_path, ["broken"], FIXTURES, size, budget)
     scores = {(r["arm"], r["stage"]): r["score"] for r in again["runs"]}
     assert scores == {("teacher", "teacher"): -1.0, ("broken", "prune"): broken["score"]}
     # A stage committed again at the same place (its output deleted, a code change) is a
     # new model: it is measured again, not read back.
-    state = json.loads(part.read_text())
-    for row in state["measured"].values():
-        row["score"] = -2.0 if row is not state["measured"]["teacher"] else row["score"]
-    part.write_text(json.dumps(state))
-    shutil.rmtree(tmp_path / "seed-0" / "store" / "default" / "broken-s0" / "prune" / "output")
+    for path in measured.iterdir():
+        if path.stem != "teacher":
+            mark(path.stem, -2.0)
+    shutil.rmtree(seed / "store" / "default" / "broken-s0" / "prune" / "output")
     again = benchmark.run([0], tmp_path, ["broken"], FIXTURES, size, budget)
     scores = {(r["arm"], r["stage"]): r["score"] for r in again["runs"]}
     assert scores == {("teacher", "teacher"): -1.0, ("broken", "prune"): broken["score"]}
+
+
+def test_an_arm_waits_only_for_the_earlier_arms_whose_stages_it_reuses():
+    stages = {
+        "preset": {"a", "b"},
+        "criterion": {"c"},
+        "recipe": {"a", "d"},
+        "fusion": {"a", "d", "e"},
+    }
+    tasks = benchmark.schedule([0, 1], list(stages), lambda seed, arm: stages[arm])
+    assert [(t.arm, t.seed) for t in tasks][:4] == [
+        ("preset", 0),
+        ("preset", 1),
+        ("criterion", 0),
+        ("criterion", 1),
+    ]
+    after = {t.arm: t.after for t in tasks if t.seed == 1}
+    assert after == {
+        "preset": (),
+        "criterion": (),
+        "recipe": ("preset",),
+        "fusion": ("preset", "recipe"),
+    }
+    assert [t.teacher for t in tasks if t.seed == 0] == [True, False, False, False]
+    # An arm on fewer seeds runs on the first ones; a seed's first task measures the teacher.
+    fewer = benchmark.schedule([3, 4], list(stages), lambda seed, arm: stages[arm], {"preset": 1})
+    assert [(t.arm, t.seed, t.teacher) for t in fewer][:3] == [
+        ("preset", 3, True),
+        ("criterion", 3, False),
+        ("criterion", 4, True),
+    ]
+    assert [t.after for t in fewer if t.seed == 4] == [(), (), ("recipe",)]
+
+
+def test_an_arms_pruned_model_is_scored_on_an_even_spread_of_the_held_out_prompts():
+    config = {**teacher.CONFIG, "num_layers": 1}
+    s = measure.suites(models.build(config, seed=1), seed=3, held_out_limit=12, training_limit=4)
+    few = s.held_out_subset(4)
+    assert [sc.caption for sc in few.held_out.scenes] == [
+        s.held_out.scenes[i].caption for i in (0, 3, 6, 9)
+    ]
+    assert torch.equal(few.held_out.noise, s.held_out.noise[[0, 3, 6, 9]])
+    assert few.training is s.training and few.errors is s.errors
 
 
 def test_spearman_ranks_with_ties():

@@ -1,24 +1,27 @@
 """One benchmark run: every arm for every seed, each judged model measured.
 
 The teacher's targets for a fixed pool of training inputs are computed once and shared by
-every arm and seed (`targets`), so the run's time goes to students. The arms of a seed run
-in the given order and reuse the stages they share with earlier ones; a committed folder is
-measured once, however many arms share it. Every model of a seed is measured on the same
-suite (prompts, renderings, noise), so arms can be compared prompt by prompt.
+every arm and seed (`targets`), so the run's time goes to students. Each (seed, arm) is a
+task; tasks run in worker processes, one per core, as soon as the arms of the same seed
+whose stages they share have run (an arm copies those committed stages and `amber run`
+reuses them). A committed model is measured once, however many arms share it. Every model
+of a seed is measured on the same suite (prompts, renderings, noise), so arms can be
+compared prompt by prompt.
 
-A seed's results so far are rewritten to its folder after every arm (`PART`): a run cut
-short keeps what it measured, and a run started again on the same folder goes on from there
-(its committed stages are reused by `amber run`, its measurements read back).
+Everything a task produces is kept in its seed's folder as it goes (committed stages,
+`MEASURED/`, `ARMS/`): a run cut short keeps what it measured, and a run started again on
+the same folder goes on from there.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,19 +33,52 @@ from amber_trainer.quality import arms, measure, teacher
 
 DATA_SAMPLES = 4096
 DATA_SEED = 100  # the training pairs and the target pool are the same for every seed
-PART = "part.json"  # one seed's results so far, in its folder
+MEASURED = "measured"  # per seed: one file per measured model, by commit marker digest
+ARMS = "arms"  # per seed: one file per arm that has run (how long it took)
 
 
 @dataclass(frozen=True)
 class Size:
-    """How many prompts a run measures (None: all) and how many entries the pool holds."""
+    """How many prompts a run measures (None: all), how many entries the pool holds, and
+    on how many held-out prompts an arm's model right after pruning is scored (spread over
+    the held-out suite; its score there is a column, never compared prompt by prompt)."""
 
     held_out: int | None = None
     training: int | None = None
     pool: int = 4096
+    pruned: int = measure.ERROR_SCENES
 
 
 QUICK = Size(held_out=138, training=48, pool=2048)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One arm for one seed; `after`: the arms of its seed whose stages it reuses, which
+    run first; `teacher`: it also measures the teacher (the seed's first task)."""
+
+    seed: int
+    arm: str
+    after: tuple[str, ...] = ()
+    teacher: bool = False
+
+
+def schedule(
+    seeds: list[int], arm_names: list[str], hashes, limits: dict[str, int | None] | None = None
+) -> list[Task]:
+    """Tasks in the order they are started: arm by arm, every seed's in turn, so that the
+    arms others reuse are done early. `hashes(seed, arm)` is the set of an arm's stage spec
+    hashes; an arm waits for every earlier arm of its seed it shares one with. `limits`: how
+    many of the seeds (the first ones) an arm runs on, where not all."""
+    limits = limits or {}
+    tasks: list[Task] = []
+    for name in arm_names:
+        for seed in seeds[: limits.get(name)]:
+            mine = hashes(seed, name)
+            earlier = [t.arm for t in tasks if t.seed == seed]
+            after = tuple(a for a in earlier if mine & hashes(seed, a))
+            tasks.append(Task(seed, name, after, teacher=not earlier))
+    return tasks
 
 
 def figure(s: measure.Suite, teacher_model, outputs: dict, path: Path) -> None:
@@ -61,10 +97,10 @@ def _kept(folders: dict[str, Path]) -> list[int] | None:
 
 
 def _identity(folder: Path) -> str:
-    """What a measurement is kept under: the committed folder and its commit marker's digest,
-    so a stage committed again at the same place (after a code change) is measured again."""
-    marker = hashlib.sha256((folder / commits.MARKER).read_bytes()).hexdigest()[:16]
-    return f"{folder.resolve()}@{marker}"
+    """What a measurement is kept under: its commit marker's digest. Copies of a committed
+    output (arms sharing a stage) are one model; a stage committed again (after a code
+    change) is a new one."""
+    return hashlib.sha256((folder / commits.MARKER).read_bytes()).hexdigest()[:16]
 
 
 def run(
@@ -79,7 +115,7 @@ def run(
     jobs: int = 1,
 ) -> dict:
     """Run the arms for every seed; every measurement, per seed, arm and stage. With
-    `jobs` > 1 the seeds run in that many processes, the cores shared out between them:
+    `jobs` > 1 the tasks run in that many processes, the cores shared out between them:
     the benchmark's small matrices keep one thread busy far better than two."""
     budget = budget or arms.Budget()
     teacher_model = teacher.load_teacher(fixtures)
@@ -89,8 +125,12 @@ def run(
     if unknown:
         raise ValueError(f"unknown arms {unknown}; known: {', '.join(catalogue)}")
     started = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # the pool: before the workers, on every core
     data = arms.write_data(workdir / "data", DATA_SAMPLES, DATA_SEED, teacher_model, size.pool)
+    torch.set_num_threads(threads)
     log(f"training data and {size.pool} pooled teacher targets in {data}")
+    del teacher_model
     results: dict = {
         "arms": {name: catalogue[name].description for name in arm_names},
         "budget": budget.__dict__,
@@ -98,27 +138,50 @@ def run(
         "runs": [],
         "armSeconds": [],
     }
-    work = [
-        (seed, workdir / f"seed-{seed}", arm_names, fixtures, size, budget, data) for seed in seeds
-    ]
-    grids = [grid if i == 0 else None for i in range(len(seeds))]
+
+    @functools.cache
+    def hashes(seed: int, name: str) -> set[str]:
+        store = str(workdir / f"seed-{seed}" / "store")
+        obj = arms.resource(catalogue[name], seed, layers, "teacher", str(data), store, budget)
+        return arms.spec_hashes(obj)
+
+    tasks = schedule(seeds, arm_names, hashes, {n: catalogue[n].seeds for n in arm_names})
+    common = (workdir, fixtures, size, budget, data)
+
+    def args(task: Task) -> tuple:
+        first = task.seed == seeds[0] and task.arm == arms.PRESET
+        return (task, *common, grid if first else None)
+
+    outputs: dict[Task, dict] = {}
+    jobs = max(1, min(jobs, len(tasks)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    if jobs <= 1:
-        parts = [run_seed(*w, grid=g, log=log) for w, g in zip(work, grids, strict=True)]
+    if jobs == 1:
+        for task in tasks:
+            outputs[task] = run_task(*args(task), log=log)
     else:
         context = multiprocessing.get_context("spawn")  # no forked torch or process groups
         with ProcessPoolExecutor(
             jobs, mp_context=context, initializer=_worker, initargs=(threads,)
         ) as pool:
-            futures = [
-                pool.submit(run_seed, *w, grid=g, log=None)
-                for w, g in zip(work, grids, strict=True)
-            ]
-            parts = [f.result() for f in futures]
-    for part in parts:
-        results["runs"] += part["runs"]
-        results["armSeconds"] += part["armSeconds"]
-        results["prompts"], results["trainingPrompts"] = part["prompts"], part["trainingPrompts"]
+            waiting, running = list(tasks), {}
+            while waiting or running:
+                done = {(t.seed, t.arm) for t in outputs}
+                for task in [t for t in waiting if all((t.seed, a) in done for a in t.after)]:
+                    if len(running) == jobs:
+                        break
+                    waiting.remove(task)
+                    running[pool.submit(run_task, *args(task))] = task
+                if not running:
+                    raise RuntimeError(f"tasks that can never start: {waiting}")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    outputs[running.pop(future)] = future.result()
+    for seed in seeds:  # in catalogue order, whatever order they ran in
+        for task in (t for t in tasks if t.seed == seed):
+            results["runs"] += outputs[task]["runs"]
+            results["armSeconds"].append(outputs[task]["armSeconds"])
+            results["prompts"] = outputs[task]["prompts"]
+            results["trainingPrompts"] = outputs[task]["trainingPrompts"]
     results["jobs"] = jobs
     results["threads"] = threads if jobs > 1 else torch.get_num_threads()
     return results
@@ -128,10 +191,39 @@ def _worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_seed(
-    seed: int,
+_CONTEXT: dict = {}  # per process: (fixtures, seed, size) -> teacher, judge, suites
+
+
+def _context(fixtures: Path, seed: int, size: Size):
+    key = (str(fixtures), seed, size)
+    if key not in _CONTEXT:
+        teacher_model = teacher.load_teacher(fixtures)
+        suites = measure.suites(teacher_model, seed, size.held_out, size.training)
+        _CONTEXT[key] = teacher_model, teacher.load_judge(fixtures), suites
+    return _CONTEXT[key]
+
+
+def _saved(path: Path, size: Size) -> dict | None:
+    """A file this run may use: written for the same suite and the same measurement."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    same = (saved.get("size"), saved.get("measurement")) == (size.__dict__, measure.MEASUREMENT)
+    return saved if same else None
+
+
+def _save(path: Path, size: Size, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(
+        json.dumps({**content, "size": size.__dict__, "measurement": measure.MEASUREMENT})
+    )
+    tmp.replace(path)
+
+
+def run_task(
+    task: Task,
     workdir: Path,
-    arm_names: list[str],
     fixtures: Path,
     size: Size,
     budget: arms.Budget,
@@ -139,93 +231,79 @@ def run_seed(
     grid: Path | None = None,
     log=None,
 ) -> dict:
-    """Every arm for one seed, in order, each judged model measured on the seed's suites."""
+    """One arm for one seed: its stages run (or reused), each model it is judged by
+    measured on the seed's suites (or read back)."""
     if log is None:
 
         def log(message: str) -> None:
             print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    teacher_model = teacher.load_teacher(fixtures)
-    judge = teacher.load_judge(fixtures)
+    seed, name = task.seed, task.arm
+    teacher_model, judge, suites = _context(fixtures, seed, size)
     layers = len(teacher_model.transformer_blocks)
-    catalogue = arms.catalogue(budget, layers)
-    workdir.mkdir(parents=True, exist_ok=True)
-    part = workdir / PART
-    earlier = json.loads(part.read_text()) if part.exists() else {}
-    if (earlier.get("size"), earlier.get("budget"), earlier.get("measurement")) != (
-        size.__dict__,
-        budget.__dict__,
-        measure.MEASUREMENT,
-    ):
-        earlier = {}  # measured on another suite or budget, or otherwise: not comparable
-    measured: dict[str, dict] = earlier.get("measured", {})  # committed folder -> measurement
-    done = {a["arm"]: a for a in earlier.get("armSeconds", [])}
-    out: dict = {"runs": [], "armSeconds": []}
-    suites = measure.suites(teacher_model, seed, size.held_out, size.training)
-    out["prompts"] = len(suites.held_out)
-    out["trainingPrompts"] = len(suites.training)
+    arm = arms.catalogue(budget, layers)[name]
+    folder = workdir / f"seed-{seed}"
+    out: dict = {
+        "runs": [],
+        "prompts": len(suites.held_out),
+        "trainingPrompts": len(suites.training),
+    }
 
-    def save() -> None:
-        state = {
-            **out,
-            "size": size.__dict__,
-            "budget": budget.__dict__,
-            "measurement": measure.MEASUREMENT,
-            "measured": measured,
-        }
-        tmp = part.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(part)
+    def measured(key: str, model_of, full: bool) -> dict:
+        path = folder / MEASURED / f"{key}.json"
+        saved = _saved(path, size)
+        if saved is None or (full and not saved["row"]["full"]):
+            model = model_of()
+            pruned = suites if full else suites.held_out_subset(size.pruned)
+            row = {
+                **measure.evaluate(model, judge, pruned, full),
+                "parameters": models.count_parameters(model),
+            }
+            _save(path, size, {"row": row})
+            return row
+        return saved["row"]
 
-    if "teacher" not in measured:
-        measured["teacher"] = {
-            **measure.evaluate(teacher_model, judge, suites),
-            "parameters": models.count_parameters(teacher_model),
-        }
-    row = measured["teacher"]
-    out["runs"].append({"arm": "teacher", "seed": seed, "stage": "teacher", **row})
-    log(f"seed {seed} teacher: score {row['score']:.3f}")
-    committed: dict = {}
-    for name in arm_names:
-        arm = catalogue[name]
-        obj = arms.resource(
-            arm,
-            seed,
-            layers,
-            str(fixtures / teacher.TEACHER_DIR),
-            str(data),
-            str(workdir / "store"),
-            budget,
+    if task.teacher:
+        row = measured("teacher", lambda: teacher_model, True)
+        out["runs"].append({"arm": "teacher", "seed": seed, "stage": "teacher", **row})
+        log(f"seed {seed} teacher: score {row['score']:.3f}")
+    obj = arms.resource(
+        arm,
+        seed,
+        layers,
+        str(fixtures / teacher.TEACHER_DIR),
+        str(data),
+        str(folder / "store"),
+        budget,
+    )
+    clock = time.perf_counter()
+    folders = arms.run_arm(obj)
+    trained = time.perf_counter() - clock
+    judged = list(presets.MODEL_NAMES) if name == arms.PRESET else ["prune", arm.judged]
+    for stage in dict.fromkeys(judged):
+        if stage not in folders:
+            continue
+        # Every table row is measured in full; an arm's pruned model only for the "after
+        # prune" column: its held-out score on `size.pruned` prompts.
+        full = name == arms.PRESET or stage == arm.judged
+        path = folders[stage]
+        row = measured(_identity(path), lambda p=path: models.load(p / "model"), full)
+        out["runs"].append(
+            {"arm": name, "seed": seed, "stage": stage, **row, "keep": _kept(folders)}
         )
-        clock = time.perf_counter()
-        folders = arms.run_arm(obj, committed)
-        trained = time.perf_counter() - clock
-        judged = list(presets.MODEL_NAMES) if name == arms.PRESET else ["prune", arm.judged]
-        for stage in dict.fromkeys(judged):
-            if stage not in folders:
-                continue
-            # Every table row is measured in full; an arm's pruned model only for the
-            # "after prune" column: its held-out score.
-            full = name == arms.PRESET or stage == arm.judged
-            key = _identity(folders[stage])
-            if key not in measured or (full and not measured[key]["full"]):
-                model = models.load(folders[stage] / "model")
-                measured[key] = {
-                    **measure.evaluate(model, judge, suites, full),
-                    "parameters": models.count_parameters(model),
-                }
-            entry = {"arm": name, "seed": seed, "stage": stage, **measured[key]}
-            out["runs"].append({**entry, "keep": _kept(folders)})
-        if grid is not None and name == arms.PRESET:
-            figure(suites.held_out, teacher_model, folders, grid)
-        seconds = time.perf_counter() - clock
-        if name in done:  # resumed: the time it took when it ran
-            seconds = done[name]["seconds"]
-        out["armSeconds"].append({"arm": name, "seed": seed, "seconds": round(seconds)})
-        save()
-        final = out["runs"][-1]
-        log(
-            f"seed {seed} {name}: {final['stage']} {final['score']:.3f} "
-            f"(trained {trained:.0f} s, {seconds:.0f} s with measuring)"
-        )
+    if grid is not None:
+        figure(suites.held_out, teacher_model, folders, grid)
+    seconds = time.perf_counter() - clock
+    timing = folder / ARMS / f"{name}.json"
+    saved = _saved(timing, size)
+    if saved is not None and saved.get("budget") == budget.__dict__:
+        seconds = saved["seconds"]  # resumed: the time it took when it ran
+    else:
+        _save(timing, size, {"budget": budget.__dict__, "seconds": seconds})
+    out["armSeconds"] = {"arm": name, "seed": seed, "seconds": round(seconds)}
+    final = out["runs"][-1]
+    log(
+        f"seed {seed} {name}: {final['stage']} {final['score']:.3f} "
+        f"(trained {trained:.0f} s, {seconds:.0f} s with measuring)"
+    )
     return out

@@ -10,7 +10,7 @@ seed are compared on the same suite, prompt by prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,7 +34,7 @@ ERROR_SCENES = 138
 # x1.13-1.22 alone on one core; three processes sharing two cores gained nothing
 # measurable in the full run). Every image is the same either way.
 GENERATE_CHUNK = 69
-MEASUREMENT = 2  # what a measurement holds; saved results of another one are not reused
+MEASUREMENT = 3  # what a measurement holds; saved results of another one are not reused
 
 
 @dataclass
@@ -78,6 +78,11 @@ class Suites:
     training: Suite
     errors: Errors
     seed: int
+
+    def held_out_subset(self, count: int) -> Suites:
+        """The same suites with `count` held-out prompts evenly spread over the suite's."""
+        picks = _spread(list(range(len(self.held_out))), count)
+        return replace(self, held_out=self.held_out.subset(picks))
 
 
 def _spread(scenes: list, limit: int | None) -> list:

@@ -142,6 +142,9 @@ def tables(results: dict) -> str:
             versus = _delta(*paired(runs, base))
             soft_versus = _delta(*paired(runs, base, "softPerPrompt"), scale=1, digits=3)
         pruned = [r for r in results["runs"] if r["arm"] == label and r["stage"] == "prune"]
+        own = sorted({r["seed"] for r in runs})
+        if own != seeds:  # an arm run on fewer seeds: its score is theirs
+            label = f"{label} (seed{'s' if len(own) > 1 else ''} {', '.join(map(str, own))})"
         main.append(
             [
                 label,
@@ -267,7 +270,7 @@ def write(results: dict, doc: Path, figure: Path, fixtures: Path) -> None:
             "",
             tables(results),
             "",
-            f"Run: {results['seconds'] / 60:.1f} min, {results.get('jobs', 1)} seed(s) at a "
+            f"Run: {results['seconds'] / 60:.1f} min, {results.get('jobs', 1)} arm(s) at a "
             f"time on {results['threads']} CPU thread(s) each, "
             f"the target pool {results['poolSeconds']} s of it. {timing(results)} Teacher from "
             f"`{build['command']}` ({build['teacherSeconds'] / 60:.0f} min); judge held-out "
