@@ -9,6 +9,13 @@ import zlib
 import pytest
 
 
+def pytest_configure(config):
+    # `./tests/run` runs one xdist worker per core: one thread each, set before any test
+    # module imports torch, keeps the workers from oversubscribing the cores.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto in server mode, in its own process, reached over HTTP like any S3 service."""
