@@ -5,6 +5,7 @@
     python bench/quality.py run --seeds 3 4 5      # any seeds (the doc is rewritten)
     python bench/quality.py run --quick --seeds 5  # one seed, fewer prompts: printed only
     python bench/quality.py run --workdir DIR      # kept; run again to go on after a cut
+    python bench/quality.py run --settled          # and the arms whose question is settled
 
 Every arm is an AmberCompression run through `amber run`'s code path (stages in this
 process) on the committed teacher; every judged model is sampled on the held-out prompts
@@ -34,13 +35,18 @@ FIGURE = ROOT / "docs" / "quality-samples.png"
 QUICK_ARMS = ["amber-6b", "block-influence", "broken"]
 
 
-def default_arms() -> list[str]:
+def default_arms(settled: bool = False) -> list[str]:
     """The full run's arms in catalogue order (amber-10b is not one: its model is amber-6b's
-    finetune stage; nor are probes measured once, which run when named)."""
+    finetune stage; nor are probes measured once, which run when named), with `settled`
+    the arms whose question is settled too (`arms.SETTLED`)."""
     from amber_trainer.quality import arms, teacher
 
     catalogue = arms.catalogue(arms.Budget(), teacher.CONFIG["num_layers"])
-    return [name for name, arm in catalogue.items() if arm.full_run]
+    return [
+        name
+        for name, arm in catalogue.items()
+        if arm.full_run or (settled and name in arms.SETTLED)
+    ]
 
 
 def log(message: str) -> None:
@@ -62,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="the first seed only, fewer prompts, no doc"
     )
     run.add_argument("--arms", nargs="+", help="arm names (default: all, in catalogue order)")
+    run.add_argument(
+        "--settled",
+        action="store_true",
+        help="the settled arms too (arms.SETTLED: out of the full run, which has a budget)",
+    )
     run.add_argument(
         "--jobs",
         type=int,
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     seeds = args.seeds[:1] if args.quick else args.seeds
-    names = args.arms or (QUICK_ARMS if args.quick else default_arms())
+    names = args.arms or (QUICK_ARMS if args.quick else default_arms(args.settled))
     with tempfile.TemporaryDirectory(prefix="amber-quality-") as tmp:
         results = benchmark.run(
             seeds,

@@ -65,7 +65,6 @@ class Arm:
 # named, as a change to what they test calls for.
 SETTLED = (
     "keep-late",
-    "top-selection",
     "no-span-fit",
     "flow-dominant",
     "no-ema",
