@@ -148,9 +148,7 @@ def test_velocity_error_against_cached_teacher_answers_is_evals_definition():
 def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tmp_path):
     budget = arms.Budget(calibration_samples=16, finetune_steps=120)
     size = benchmark.Size(held_out=48, training=24, pool=1024)
-    # Two worker processes: the arms share no stage, so they run side by side.
-    results = benchmark.run([0], tmp_path, ["amber-10b", "broken"], FIXTURES, size, budget, jobs=2)
-    assert results["jobs"] == 2
+    results = benchmark.run([0], tmp_path, ["amber-10b", "broken"], FIXTURES, size, budget)
     runs = {(r["arm"], r["stage"]): r for r in results["runs"]}
     teacher_run = runs["teacher", "teacher"]
     compressed, pruned = runs["amber-10b", "finetune"], runs["amber-10b", "prune"]
@@ -193,9 +191,16 @@ def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tm
         (measured / f"{name}.json").write_text(json.dumps(saved))
 
     mark("teacher", -1.0)
-    again = benchmark.run([0], tmp_path, ["broken"], FIXTURES, size, budget)
+    # Again in two worker processes (the arms share no stage, so they run side by side),
+    # which read what the first run kept.
+    again = benchmark.run([0], tmp_path, ["amber-10b", "broken"], FIXTURES, size, budget, jobs=2)
     scores = {(r["arm"], r["stage"]): r["score"] for r in again["runs"]}
-    assert scores == {("teacher", "teacher"): -1.0, ("broken", "prune"): broken["score"]}
+    assert again["jobs"] == 2 and scores == {
+        ("teacher", "teacher"): -1.0,
+        ("amber-10b", "prune"): pruned["score"],
+        ("amber-10b", "finetune"): compressed["score"],
+        ("broken", "prune"): broken["score"],
+    }
     # A stage committed again at the same place (its output deleted, a code change) is a
     # new model: it is measured again, not read back.
     for path in measured.iterdir():
