@@ -75,9 +75,9 @@ SETTLED = (
     "chained-fusion",
 )
 
-# Arms that lost by 14 points or more on every seed of the full runs up to 2026-12-06: one
-# seed shows that as well (its paired interval is a few points wide), and the seeds saved
-# go to the arms whose differences are small.
+# Arms that lost on each seed of the last full run with three (2026-12-06) by 8 to 59
+# points, every one-seed paired interval at least 4.6 points clear of 0: one seed shows
+# such a loss, and the seeds saved go to the arms whose differences are small.
 ONE_SEED = ("v1-recipe-10b", "v1-recipe", "uniform", "random", "first", "init-average", "broken")
 
 PRESET = "amber-6b"  # the arm every other arm is compared with; presets.MODEL_NAMES its models
