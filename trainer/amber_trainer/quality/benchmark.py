@@ -9,7 +9,7 @@ of a seed is measured on the same suite (prompts, renderings, noise), so arms ca
 compared prompt by prompt.
 
 Everything a task produces is kept in its seed's folder as it goes (committed stages,
-`MEASURED/`, `ARMS/`): a run cut short keeps what it measured, and a run started again on
+`measured/`, `arms/`): a run cut short keeps what it measured, and a run started again on
 the same folder goes on from there.
 """
 
@@ -254,9 +254,9 @@ def run_task(
         saved = _saved(path, size)
         if saved is None or (full and not saved["row"]["full"]):
             model = model_of()
-            pruned = suites if full else suites.held_out_subset(size.pruned)
+            on = suites if full else suites.held_out_subset(size.pruned)
             row = {
-                **measure.evaluate(model, judge, pruned, full),
+                **measure.evaluate(model, judge, on, full),
                 "parameters": models.count_parameters(model),
             }
             _save(path, size, {"row": row})
