@@ -125,10 +125,7 @@ def run(
     if unknown:
         raise ValueError(f"unknown arms {unknown}; known: {', '.join(catalogue)}")
     started = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # the pool: before the workers, on every core
     data = arms.write_data(workdir / "data", DATA_SAMPLES, DATA_SEED, teacher_model, size.pool)
-    torch.set_num_threads(threads)
     log(f"training data and {size.pool} pooled teacher targets in {data}")
     del teacher_model
     results: dict = {
