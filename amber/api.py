@@ -302,7 +302,7 @@ class AmberCompressionSpec(Model):
         return self
 
     def _data_problems(self, stages: list[Stage]) -> list[str]:
-        data, encode = self.data, any(s.type == "encode" for s in stages)
+        data, encode = self.data, any(s.makes_data for s in stages)
         if encode and not data.uri:
             return ["data.uri: the encode stage needs image-text pairs to encode"]
         if encode and data.cache_uri:

@@ -35,7 +35,7 @@ from typing import Literal
 
 from amber import commits, errors, history, lease, report, worker
 from amber.api import AmberCompression, StorageSpec
-from amber.plan import MODEL_STAGES, OUTPUT, StageRun, plan, run_uri
+from amber.plan import OUTPUT, StageRun, plan, run_uri
 from amber.publish import publish_final
 from amber.storage import Store, open_store
 
@@ -451,7 +451,7 @@ def _run_held(
             store, {"stage": name, "status": status, "resumedFrom": resumed, "seconds": seconds}
         )
     held.check()
-    produces_model = any(r.stage.type in MODEL_STAGES for r in runs)
+    produces_model = any(r.stage.makes_model for r in runs)
     final = publish_final(obj, runs, store) if produces_model and not only else None
     report.write(obj, runs, store)
     return outcomes, f"{store.uri}/{final.folder}" if final is not None else None

@@ -15,11 +15,11 @@ import json
 
 from pydantic import Field
 
+from amber import lineage
 from amber.api import AmberCompression, DataSpec, DeepSpeedSpec, StorageSpec, TeacherSpec
 from amber.base import Model
 from amber.stages import ResourceSpec, Stage
 
-MODEL_STAGES = ("prune", "distill", "finetune", "fuse")
 OUTPUT = "output"
 FINAL = "final"
 REPORT = "report.html"  # the run report page (amber.report)
@@ -77,16 +77,10 @@ def plan(obj: AmberCompression) -> list[StageRun]:
     """
     spec = obj.spec
     runs: list[StageRun] = []
-    last_model: str | None = None
-    last_score: str | None = None
-    encoded: str | None = None
     hashes: dict[str, str] = {}
-    models: list[str] = []
-    for index, stage in enumerate(spec.pipeline()):
-        model_from = last_model
-        score_from = last_score if stage.type == "prune" else None
-        data_from = encoded if stage.type != "encode" else None
-        upstream = [hashes[n] for n in (model_from, score_from, data_from) if n]
+    for link in lineage.walk(spec.pipeline()):
+        stage = link.stage
+        upstream = [hashes[n] for n in (link.model_from, link.score_from, link.data_from) if n]
         digest = _digest(
             stage.dump(), spec.teacher.dump(), spec.data.dump(), spec.deepspeed.dump(), upstream
         )
@@ -95,25 +89,18 @@ def plan(obj: AmberCompression) -> list[StageRun]:
             StageRun(
                 namespace=obj.metadata.namespace,
                 name=obj.metadata.name,
-                index=index,
+                index=link.index,
                 stage=stage,
                 teacher=spec.teacher,
                 data=spec.data,
                 storage=spec.storage,
                 deepspeed=spec.deepspeed,
                 resources=stage.resources or spec.resources,
-                model_from=model_from,
-                score_from=score_from,
-                data_from=data_from,
-                models_before=list(models) if stage.type == "eval" else [],
+                model_from=link.model_from,
+                score_from=link.score_from,
+                data_from=link.data_from,
+                models_before=list(link.models_before),
                 spec_hash=digest,
             )
         )
-        if stage.type in MODEL_STAGES:
-            last_model = stage.name
-            models.append(stage.name)
-        if stage.type == "score":
-            last_score = stage.name
-        if stage.type == "encode":
-            encoded = stage.name
     return runs

@@ -17,7 +17,7 @@ import json
 from amber import commits
 from amber.api import AmberCompression
 from amber.errors import InvalidInput, StorageError
-from amber.plan import FINAL, MODEL_STAGES, OUTPUT, StageRun
+from amber.plan import FINAL, OUTPUT, StageRun
 from amber.storage import Store, open_store
 
 PIPELINE_INDEX = "model_index.json"
@@ -110,7 +110,7 @@ def publish_final(
     """Copy the last model stage's model to `final/` and commit it, unless `final/` already
     holds exactly that (same spec hash, files and card): a rerun of a finished pipeline
     writes nothing there, where a 6B model would be about 12 GB copied again."""
-    sources = [r for r in runs if r.stage.type in MODEL_STAGES]
+    sources = [r for r in runs if r.stage.makes_model]
     if not sources:
         raise InvalidInput("the pipeline produces no model (it has no prune stage)")
     last = sources[-1]

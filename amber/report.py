@@ -154,7 +154,7 @@ def stage_view(
 def judged(runs: list[StageRun], store: Store) -> dict | None:
     """The last committed (current) eval stage's judged table and grid, if it has them."""
     for run in reversed(runs):
-        if run.stage.type != "eval":
+        if not run.stage.judges_models:
             continue
         folder = f"{run.stage.name}/{OUTPUT}"
         manifest = commits.read_manifest(store, folder)

@@ -8,14 +8,13 @@ stage can be as short as `{type: prune}`. Defaults are the method of docs/design
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal, NamedTuple, Union
 
 from pydantic import Field, model_validator
 
 from amber.base import Model
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-STAGE_TYPES = ("encode", "score", "prune", "distill", "finetune", "fuse", "eval")
 
 
 class Toleration(Model):
@@ -56,7 +55,34 @@ class ResourceSpec(Model):
         return self.pods * max(1, self.gpus_per_pod)
 
 
+class Student(NamedTuple):
+    """The shape of the model a stage starts from: its depth (None before a prune stage has
+    made one) and how many of its deepest blocks are single-stream."""
+
+    layers: int | None = None
+    single_layers: int = 0
+
+
 class StageBase(Model):
+    """What every stage has, and what a stage type *is*: the capabilities below are read by
+    the planner, the pipeline rules, the cost model, publishing and the trainer's runner
+    table (`amber_trainer.stages.<type>`), so a new stage type is one class and one runner."""
+
+    makes_model: ClassVar[bool] = False
+    """Its output is a model: later stages start from it, and the last one is published."""
+    needs_student: ClassVar[bool] = False
+    """It starts from a pruned student (a model-making stage before it)."""
+    trains: ClassVar[bool] = False
+    """It runs an optimiser (its memory is predicted; training throughput prices it)."""
+    makes_score: ClassVar[bool] = False
+    """Its output says which teacher layers survive; the next `reads_score` stage reads it."""
+    reads_score: ClassVar[bool] = False
+    """It reads the last score stage's output."""
+    makes_data: ClassVar[bool] = False
+    """Its output is every later stage's training data, so it comes first."""
+    judges_models: ClassVar[bool] = False
+    """It reads every model made before it (beside the teacher)."""
+
     name: str = Field(
         "",
         max_length=40,
@@ -81,6 +107,16 @@ class StageBase(Model):
                 f"name {self.name!r} must be a DNS label: lower-case letters, digits and '-'"
             )
         return self
+
+    def student_after(self, student: Student, scored: int | None) -> Student:
+        """The student a later stage starts from, given this stage's input and the depth the
+        last score stage chose (None: no score stage yet). Most stages keep its shape."""
+        return student
+
+    def problems(self, student: Student, teacher_layers: int) -> list[str]:
+        """This stage's own rules against its input student and the teacher's depth, as
+        `field: reason` (or `: reason` for the stage as a whole) lines."""
+        return []
 
 
 class TrainingParams(Model):
@@ -116,6 +152,7 @@ class EncodeStage(StageBase):
     """Image-text pairs -> cached VAE latents and text embeddings (safetensors shards)."""
 
     type: Literal["encode"] = "encode"
+    makes_data: ClassVar[bool] = True
     resolution: int = Field(1024, ge=64, multiple_of=16, description="resolution: image side.")
     batch_size: int = Field(16, ge=1, description="batchSize: pairs per encoder batch.")
     shard_size: int = Field(1024, ge=1, description="shardSize: pairs per output shard.")
@@ -126,6 +163,7 @@ class ScoreStage(StageBase):
     """Timestep-sensitive layer importance, and the layers that survive pruning."""
 
     type: Literal["score"] = "score"
+    makes_score: ClassVar[bool] = True
     target_layers: int = Field(
         ..., ge=1, description="targetLayers: layers the pruned student keeps."
     )
@@ -233,11 +271,24 @@ class ScoreStage(StageBase):
             )
         return self
 
+    def problems(self, student: Student, teacher_layers: int) -> list[str]:
+        out = []
+        if self.target_layers >= teacher_layers:
+            out.append(
+                f".targetLayers: {self.target_layers} is not below the teacher's "
+                f"{teacher_layers} layers"
+            )
+        if self.keep_first + self.keep_last > teacher_layers:
+            out.append(": keepFirst + keepLast exceeds the teacher's layers")
+        return out
+
 
 class PruneStage(StageBase):
     """Depth pruning to the scored layers, re-initialised by local weight averaging."""
 
     type: Literal["prune"] = "prune"
+    makes_model: ClassVar[bool] = True
+    reads_score: ClassVar[bool] = True
     init: Literal["representative", "average", "importance-weighted", "keep"] = Field(
         "representative",
         description="init: copy each span's representative block (its most important, or "
@@ -256,11 +307,17 @@ class PruneStage(StageBase):
     )
     seed: int = Field(0, description="seed: picks the refit's rows and their noise.")
 
+    def student_after(self, student: Student, scored: int | None) -> Student:
+        return Student(scored)
+
 
 class DistillStage(StageBase, TrainingParams):
     """Layer-wise distillation of the pruned student from the frozen teacher."""
 
     type: Literal["distill"] = "distill"
+    makes_model: ClassVar[bool] = True
+    needs_student: ClassVar[bool] = True
+    trains: ClassVar[bool] = True
     mode: Literal["local", "global"] = Field(
         "local",
         description="mode: 'local' feeds each student block the teacher's input to its span; "
@@ -327,6 +384,9 @@ class FinetuneStage(StageBase, TrainingParams, OnPolicyParams):
     """Full-parameter flow-matching fine-tuning, optionally with output distillation."""
 
     type: Literal["finetune"] = "finetune"
+    makes_model: ClassVar[bool] = True
+    needs_student: ClassVar[bool] = True
+    trains: ClassVar[bool] = True
     timestep_sampling: Literal["logit-normal", "shifted", "uniform"] = Field(
         "logit-normal", description="timestepSampling: how training times t are drawn."
     )
@@ -352,6 +412,9 @@ class FuseStage(StageBase, TrainingParams, OnPolicyParams):
     """Progressive conversion of the deepest dual-stream blocks into single-stream blocks."""
 
     type: Literal["fuse"] = "fuse"
+    makes_model: ClassVar[bool] = True
+    needs_student: ClassVar[bool] = True
+    trains: ClassVar[bool] = True
     single_layers: int = Field(
         ..., ge=1, description="singleLayers: deepest student blocks made single-stream."
     )
@@ -429,6 +492,16 @@ class FuseStage(StageBase, TrainingParams, OnPolicyParams):
         self._check_on_policy(self.distill_weight)
         return self
 
+    def student_after(self, student: Student, scored: int | None) -> Student:
+        return student._replace(single_layers=self.single_layers)
+
+    def problems(self, student: Student, teacher_layers: int) -> list[str]:
+        if student.layers is not None and self.single_layers > student.layers:
+            return [
+                f".singleLayers: {self.single_layers} exceeds the student's {student.layers} layers"
+            ]
+        return []
+
     def planned_steps(self) -> int:
         # Phases from a dual-stream input; one that is partly fused already has fewer.
         phases = -(-self.single_layers // self.blocks_per_phase)
@@ -439,6 +512,7 @@ class EvalStage(StageBase):
     """Teacher-vs-student velocity error per timestep bucket, and sample images."""
 
     type: Literal["eval"] = "eval"
+    judges_models: ClassVar[bool] = True
     samples: int = Field(64, ge=1, description="samples: held-out pairs evaluated.")
     timestep_buckets: int = Field(10, ge=1, description="timestepBuckets: buckets over t.")
     batch_size: int = Field(8, ge=1, description="batchSize: pairs per forward.")
@@ -446,7 +520,14 @@ class EvalStage(StageBase):
     seed: int = Field(0, description="seed: seeds held-out noise and sample images.")
 
 
-Stage = Annotated[
-    EncodeStage | ScoreStage | PruneStage | DistillStage | FinetuneStage | FuseStage | EvalStage,
-    Field(discriminator="type"),
-]
+STAGE_CLASSES = (
+    EncodeStage,
+    ScoreStage,
+    PruneStage,
+    DistillStage,
+    FinetuneStage,
+    FuseStage,
+    EvalStage,
+)
+STAGE_TYPES = tuple(cls.model_fields["type"].default for cls in STAGE_CLASSES)
+Stage = Annotated[Union[STAGE_CLASSES], Field(discriminator="type")]  # noqa: UP007

@@ -18,7 +18,6 @@ THROUGHPUT = {
     "distill+ckpt": 302.0,
     "forward": 375.0,  # full 60-block teacher forward, measured on an H200
 }
-FORWARD_ONLY = ("score", "prune", "eval")
 FP64_TFLOPS = 60.0  # an H100's or H200's float64 tensor-core rate, near its peak of 67
 
 
@@ -90,7 +89,7 @@ def stage_flops(
         return stage.samples * stage.timestep_buckets * (teacher_layers + student_layers) * f
     if stage.type == "prune":
         return refit_flops(stage, teacher_layers, student_layers, f, width)
-    if stage.type not in ("distill", "finetune", "fuse"):
+    if not stage.trains:
         return 0.0
     batch = stage.micro_batch_size * stage.gradient_accumulation * world
     student = 3 * student_layers * f
@@ -109,7 +108,7 @@ def stage_flops(
 
 
 def throughput(run: StageRun) -> float:
-    if run.stage.type in FORWARD_ONLY:
+    if not run.stage.trains:
         return THROUGHPUT["forward"]
     kind = "finetune" if run.stage.type == "finetune" else "distill"
     return THROUGHPUT[kind + ("+ckpt" if run.deepspeed.activation_checkpointing else "")]
@@ -133,7 +132,7 @@ def costs(
         gpus = gpus_per_pod if gpus_per_pod is not None else run.resources.gpus_per_pod
         world = run.resources.pods * max(gpus, 1)
         mem = None
-        if run.stage.type in memory.TRAINED_STAGES:
+        if run.stage.trains:
             micro = memory.Shape(run.stage.micro_batch_size, shape.image_tokens, shape.text_tokens)
             compiled = run.deepspeed.compile and run.deepspeed.zero_stage < 3
             mode = "compiled" if compiled else "eager"

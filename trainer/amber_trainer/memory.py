@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from amber import lineage
 from amber.plan import StageRun
 from amber_trainer import fuse as fusing
 from amber_trainer import models
@@ -31,7 +32,6 @@ GIB = 2**30
 # bytes kept for backward per token per hidden unit by one block (bf16), by execution mode
 ACTIVATION_BYTES = {"eager": 63.0, "compiled": 45.0}
 WORKSPACE_BYTES = 0.1 * GIB  # cuBLAS workspaces, allocator rounding
-TRAINED_STAGES = ("distill", "finetune", "fuse")
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,6 @@ def predict(
 
 
 def student_config(teacher: dict, runs: list[StageRun]) -> dict:
-    """The pruned student's config: the teacher at the score stage's target depth."""
-    for run in runs:
-        if run.stage.type == "score":
-            return {**teacher, "num_layers": run.stage.target_layers}
-    return dict(teacher)
+    """The pruned student's config: the teacher at the depth the pipeline prunes it to."""
+    layers = lineage.final_student([r.stage for r in runs]).layers
+    return {**teacher, "num_layers": layers} if layers is not None else dict(teacher)

@@ -1,13 +1,14 @@
-"""One runner per stage type: `run(rt) -> (step, metrics)`, writing rt.workdir/output."""
+"""One runner per stage type, in the module named after it: `run(rt) -> (step, metrics)`,
+writing rt.workdir/output. The stage types are `amber.stages.STAGE_TYPES`."""
 
 from __future__ import annotations
 
 from importlib import import_module
 
-RUNNERS = ("encode", "score", "prune", "distill", "finetune", "fuse", "eval")
+from amber.stages import STAGE_TYPES
 
 
 def runner(stage_type: str):
-    if stage_type not in RUNNERS:
-        raise ValueError(f"stage type {stage_type!r} has no runner here (known: {RUNNERS})")
+    if stage_type not in STAGE_TYPES:
+        raise ValueError(f"stage type {stage_type!r} has no runner here (known: {STAGE_TYPES})")
     return import_module(f"amber_trainer.stages.{stage_type}").run
