@@ -217,6 +217,17 @@ class DeepSpeedSpec(Model):
         True, description="compile: torch.compile each transformer block (GPUs, ZeRO < 3)."
     )
 
+    def zero_stage_for(self, world: int) -> int:
+        """The ZeRO stage a gang of `world` processes runs: one process has nothing to
+        partition, and ZeRO's flat buffers would only cost time (its optimizer step measured
+        3x slower than stage 0's on CPU), unless offloading, which needs ZeRO."""
+        return self.zero_stage if world > 1 or self.offload == "cpu" else 0
+
+    def compiles(self, zero_stage: int) -> bool:
+        """Whether blocks are compiled (on GPUs) under `zero_stage`: ZeRO-3 gathers parameters
+        in module hooks, which would break every compiled graph."""
+        return self.compile and zero_stage < 3
+
 
 class SchedulingSpec(Model):
     gang: Literal["none", "kueue", "volcano"] = Field(

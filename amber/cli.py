@@ -154,6 +154,7 @@ def inspect(
     output: Annotated[Output, typer.Option("--output", "-o")] = Output.table,
 ) -> None:
     """Parameter counts of the teacher and of each model a recipe produces (no weights needed)."""
+    from amber import progress
     from amber.presets import PRESETS
     from amber_trainer import models, sizes
 
@@ -190,7 +191,7 @@ def inspect(
             row["model"],
             str(row["dual_blocks"]),
             str(row["single_blocks"]),
-            sizes.human(row["parameters"]),
+            progress.human(row["parameters"]),
             f"{row['parameters'] / teacher:.1%}",
         )
     console.print(table)

@@ -35,7 +35,7 @@ from typing import Literal
 
 from amber import commits, errors, history, lease, report, worker
 from amber.api import AmberCompression, StorageSpec
-from amber.plan import OUTPUT, StageRun, plan, run_uri
+from amber.plan import OUTPUT, StageRun, on_this_machine, plan, run_uri, torchrun_args
 from amber.publish import publish_final
 from amber.storage import Store, open_store
 
@@ -195,19 +195,12 @@ def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> dict
     """Run one stage as a torchrun gang on this machine; its result event."""
     config, log_path = _files(run, logs)
     env = _stage_env(processes)
+    rendezvous = on_this_machine(free_port())
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        f"--nproc-per-node={processes}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
-        "-m",
-        "amber",
-        "trainer",
-        run.stage.type,
-        "--config",
-        str(config),
+        *torchrun_args(run.stage.type, str(config), processes, rendezvous),
     ]
     with open(log_path, "w") as log:
         events = EventLog(log, run, on_event)

@@ -58,6 +58,26 @@ class StageRun(Model):
         return run_uri(self.storage.uri, self.namespace, self.name)
 
 
+def torchrun_args(stage_type: str, config: str, processes: int, rendezvous: list[str]) -> list[str]:
+    """torchrun's arguments for one stage: `processes` trainers on this node, each running
+    `amber trainer <type> --config <config>`, meeting as `rendezvous` says."""
+    return [
+        *rendezvous,
+        f"--nproc-per-node={processes}",
+        "-m",
+        "amber",
+        "trainer",
+        stage_type,
+        "--config",
+        config,
+    ]
+
+
+def on_this_machine(port: int) -> list[str]:
+    """The rendezvous of a gang on one machine, outside Kubernetes (`amber run`, tests)."""
+    return ["--master-addr=127.0.0.1", f"--master-port={port}"]
+
+
 def run_uri(storage_uri: str, namespace: str, name: str) -> str:
     """A resource's run folder: every stage's outputs, `final/`, the report, the lease."""
     return f"{storage_uri.rstrip('/')}/{namespace}/{name}"

@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from amber import presets
-from amber.plan import StageRun, plan
+from amber.local import free_port
+from amber.plan import StageRun, on_this_machine, plan, torchrun_args
 from amber.resource import parse
 
 ROOT = Path(__file__).parent.parent
@@ -68,12 +68,6 @@ def stage_runs(doc: dict) -> dict[str, StageRun]:
     return {r.stage.name: r for r in plan(parse(doc))}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def moto_server(timeout: float = 30) -> tuple[subprocess.Popen, str]:
     """moto in server mode, in its own process on loopback (the tests' S3, and the
     benchmarks'): the process and its URL, once it answers."""
@@ -108,21 +102,9 @@ def torchrun(run: StageRun | dict, tmp: Path, stage_type: str | None = None, npr
         stage_type = run.stage.type
     else:
         config.write_text(json.dumps(run))
+    args = torchrun_args(stage_type, str(config), nproc, on_this_machine(free_port()))
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc-per-node={nproc}",
-            "--master-addr=127.0.0.1",
-            f"--master-port={free_port()}",
-            "-m",
-            "amber",
-            "trainer",
-            stage_type,
-            "--config",
-            str(config),
-        ],
+        [sys.executable, "-m", "torch.distributed.run", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -3,6 +3,7 @@ and (gang: volcano) a PodGroup. Pure functions; names and labels are determinist
 
 from __future__ import annotations
 
+from amber import plan
 from amber.api import AmberCompression
 from amber.plan import StageRun
 
@@ -66,16 +67,7 @@ def torchrun_args(run: StageRun, name: str) -> list[str]:
             f"--master-port={RENDEZVOUS_PORT}",
         ]
     )
-    return [
-        *rendezvous,
-        f"--nproc-per-node={per_pod}",
-        "-m",
-        "amber",
-        "trainer",
-        run.stage.type,
-        "--config",
-        f"{CONFIG_MOUNT}/stage.json",
-    ]
+    return plan.torchrun_args(run.stage.type, f"{CONFIG_MOUNT}/stage.json", per_pod, rendezvous)
 
 
 def environment(obj: AmberCompression, run: StageRun) -> list[dict]:

@@ -134,7 +134,7 @@ def costs(
         mem = None
         if run.stage.trains:
             micro = memory.Shape(run.stage.micro_batch_size, shape.image_tokens, shape.text_tokens)
-            compiled = run.deepspeed.compile and run.deepspeed.zero_stage < 3
+            compiled = run.deepspeed.compiles(run.deepspeed.zero_stage_for(world))
             mode = "compiled" if compiled else "eager"
             mem = memory.predict(run, teacher, student, micro, world, mode)
         flops = stage_flops(

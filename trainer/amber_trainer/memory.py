@@ -117,7 +117,7 @@ def predict(
     depth = len(model.transformer_blocks)
     width = trained.get("num_attention_heads", 24) * trained.get("attention_head_dim", 128)
     ds = run.deepspeed
-    zero = ds.zero_stage if world > 1 or ds.offload == "cpu" else 0  # as runtime.deepspeed_config
+    zero = ds.zero_stage_for(world)
     weights, gradients, optimizer = state_bytes(params, zero, world)
     if ds.offload == "cpu":
         optimizer = 0.0

@@ -177,9 +177,7 @@ def deepspeed_config(
     """The DeepSpeed config for a training stage, from the resource's `deepspeed` settings."""
     # CPUs train in fp32: bf16 matmuls there are slow and not what the GPUs will compute.
     precision = ds.precision if on_gpu else "fp32"
-    # One process has nothing to partition: ZeRO's flat buffers would only cost time (its
-    # optimizer step measured 3x slower than stage 0's on CPU). Offload still needs ZeRO.
-    stage = ds.zero_stage if world > 1 or ds.offload == "cpu" else 0
+    stage = ds.zero_stage_for(world)
     zero: dict[str, Any] = {"stage": stage}
     if ds.offload == "cpu" and stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}

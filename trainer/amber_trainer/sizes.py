@@ -5,16 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from amber.stages import FuseStage, ScoreStage, StageBase
+from amber import lineage
+from amber.stages import StageBase
 from amber_trainer import fuse as fusing
 from amber_trainer import models
-
-
-def human(count: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.2f}{unit}"
-    return str(count)
 
 
 def _row(name: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -32,14 +26,13 @@ def recipe_sizes(teacher: dict[str, Any], stages: Sequence[StageBase]) -> list[d
     """One row for the teacher, then one for each stage that changes the architecture."""
     rows = [_row("teacher", teacher)]
     config = dict(teacher)
-    target = None
-    for stage in stages:
-        if isinstance(stage, ScoreStage):
-            target = stage.target_layers
-        elif stage.type == "prune" and target is not None:
-            config = {**config, "num_layers": target}
-            rows.append(_row(f"{stage.name} ({target} layers)", config))
-        elif isinstance(stage, FuseStage):
+    for link in lineage.walk(stages):
+        stage, before = link.stage, link.student
+        after = stage.student_after(before, link.scored)
+        if after.layers != before.layers:
+            config = {**config, "num_layers": after.layers}
+            rows.append(_row(f"{stage.name} ({after.layers} layers)", config))
+        elif after.single_layers != before.single_layers:
             config = fusing.fused_config(config, stage)
-            rows.append(_row(f"{stage.name} ({stage.single_layers} single-stream)", config))
+            rows.append(_row(f"{stage.name} ({after.single_layers} single-stream)", config))
     return rows

@@ -14,8 +14,7 @@ from amber.api import DeepSpeedSpec
 
 
 def should_compile(ds: DeepSpeedSpec, device: torch.device, zero_stage: int) -> bool:
-    # ZeRO-3 gathers parameters in module hooks, which would break every compiled graph.
-    return ds.compile and device.type == "cuda" and zero_stage < 3
+    return device.type == "cuda" and ds.compiles(zero_stage)
 
 
 def compile_blocks(model: nn.Module) -> nn.Module:
