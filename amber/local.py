@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
-import json
 import os
 import re
 import signal
@@ -37,6 +36,7 @@ from amber import commits, errors, history, lease, report, worker
 from amber.api import AmberCompression, StorageSpec
 from amber.plan import OUTPUT, StageRun, on_this_machine, plan, run_uri, torchrun_args
 from amber.publish import publish_final
+from amber.records import Event, StageResult, parse_event
 from amber.storage import Store, open_store
 
 PARENT_DEATH_ENV = "AMBER_PARENT_DEATH_SIGNAL"  # the trainer asks for SIGTERM on our death
@@ -67,11 +67,11 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
-def cause(result: dict, log_text: str) -> str:
-    """What a failed stage said: its result event's message, else the last error line of
-    its log (a traceback's last line), else the log's last line."""
-    if result.get("message"):
-        return result["message"]
+def cause(result: StageResult | None, log_text: str) -> str:
+    """What a failed stage said: its result's message, else the last error line of its log
+    (a traceback's last line), else the log's last line."""
+    if result is not None and result.message:
+        return result.message
     lines = [line.strip() for line in log_text.splitlines() if line.strip()]
     found = [line for line in lines if ERROR_LINE.match(line)]
     return (found or lines or ["no output"])[-1][:500]
@@ -89,7 +89,16 @@ class StageOutcome:
 
 
 # on_event(stage_run, event): progress callbacks for the terminal UI
-EventFn = Callable[[StageRun, dict], None]
+EventFn = Callable[[StageRun, Event], None]
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A stage that ran to success: its result, and the step its first resume started from
+    (None: it started afresh)."""
+
+    result: StageResult
+    resumed_from: int | None
 
 
 def free_port() -> int:
@@ -139,7 +148,7 @@ class EventLog(io.TextIOBase):
 
     def __init__(self, log, run: StageRun, on_event: EventFn):
         self.log, self.run, self.on_event = log, run, on_event
-        self.result: dict = {}
+        self.result: StageResult | None = None
         self.resumed: int | None = None
         self._partial = ""
 
@@ -158,20 +167,22 @@ class EventLog(io.TextIOBase):
 
     def line(self, line: str) -> None:
         self.log.write(line)
-        if line.startswith('{"event"'):
-            event = json.loads(line)
-            self.on_event(self.run, event)
-            if event["event"] == "result":
-                self.result = event
-            elif event["event"] == "resumed" and self.resumed is None:
-                self.resumed = event["step"]
+        event = parse_event(line)
+        if event is None:
+            return
+        self.on_event(self.run, event)
+        if event.event == "result":
+            self.result = StageResult.parse(line)
+        elif event.event == "resumed" and self.resumed is None:
+            self.resumed = event.get("step")
 
 
-def _finish(run: StageRun, code: int, events: EventLog, log_path: Path) -> dict:
-    if code != 0 or events.result.get("status") != "Succeeded":
+def _finish(run: StageRun, code: int, events: EventLog, log_path: Path) -> Launched:
+    result = events.result
+    if code != 0 or result is None or result.status != "Succeeded":
         text = log_path.read_text(errors="replace")
-        raise StageFailed(run.stage.name, code, log_path, cause(events.result, text))
-    return {**events.result, "resumedFrom": events.resumed}
+        raise StageFailed(run.stage.name, code, log_path, cause(result, text))
+    return Launched(result, events.resumed)
 
 
 def _files(run: StageRun, logs: Path) -> tuple[Path, Path]:
@@ -191,8 +202,8 @@ def _stage_env(processes: int) -> dict[str, str]:
     return env
 
 
-def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> dict:
-    """Run one stage as a torchrun gang on this machine; its result event."""
+def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> Launched:
+    """Run one stage as a torchrun gang on this machine."""
     config, log_path = _files(run, logs)
     env = _stage_env(processes)
     rendezvous = on_this_machine(free_port())
@@ -244,7 +255,7 @@ def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
     proc.wait()
 
 
-def launch_here(run: StageRun, logs: Path, on_event: EventFn) -> dict:
+def launch_here(run: StageRun, logs: Path, on_event: EventFn) -> Launched:
     """Run one stage inside this process, as a gang of one, through the same entry point.
 
     For benchmarks that run dozens of small stages: starting torchrun and importing torch,
@@ -295,8 +306,8 @@ class Worker:
             preexec_fn=die_with_parent,
         )
 
-    def launch(self, run: StageRun, on_event: EventFn) -> dict:
-        """Run one stage in the worker; its result event."""
+    def launch(self, run: StageRun, on_event: EventFn) -> Launched:
+        """Run one stage in the worker."""
         if self.proc is None or self.proc.poll() is not None:
             self.proc = self._start()
         config, log_path = _files(run, self.logs)
@@ -343,7 +354,7 @@ class Launch:
         self.launcher, self.processes, self.logs = launcher, processes, logs
         self.worker = Worker(logs)
 
-    def launch(self, run: StageRun, on_event: EventFn) -> dict:
+    def launch(self, run: StageRun, on_event: EventFn) -> Launched:
         if self.launcher == "here":
             return launch_here(run, self.logs, on_event)
         processes = self.processes or default_processes(run)
@@ -407,7 +418,7 @@ def _run_held(
         name = run.stage.name
 
         def note(message: str, run: StageRun = run) -> None:
-            on_event(run, {"event": "warning", "message": message})
+            on_event(run, Event(event="warning", stage=run.stage.name, message=message))
 
         output = commits.read_output(store, f"{name}/{OUTPUT}", note)
         current = output is not None and output.spec_hash == run.spec_hash
@@ -423,7 +434,7 @@ def _run_held(
                 )
             )
             history.record(store, {"stage": name, "status": "reused"})
-            on_event(run, {"event": "reused", "stage": name})
+            on_event(run, Event(event="reused", stage=name))
             continue
         if only and name not in only:
             outcomes.append(StageOutcome(name, run.stage.type, "skipped", 0.0, ""))
@@ -431,13 +442,13 @@ def _run_held(
         if output is not None or name in forced:
             store.delete(name)  # stale: another spec, or re-run asked for
         started = time.perf_counter()
-        result = how.launch(run, on_event)
-        resumed = result["resumedFrom"]
+        launched = how.launch(run, on_event)
+        result, resumed = launched.result, launched.resumed_from
         status = "ran" if resumed is None else "resumed"
         seconds = time.perf_counter() - started
         outcomes.append(
             StageOutcome(
-                name, run.stage.type, status, seconds, result["output"], result["metrics"], resumed
+                name, run.stage.type, status, seconds, result.output or "", result.metrics, resumed
             )
         )
         history.record(

@@ -14,6 +14,7 @@ from rich.progress import (
 from rich.table import Table
 
 from amber.api import AmberCompression
+from amber.records import Event
 from amber.report import judged_rows
 
 
@@ -58,30 +59,30 @@ class RunView:
             self.tasks[stage] = self.progress.add_task(stage, total=total, info="")
         return self.tasks[stage]
 
-    def on_event(self, run, event: dict) -> None:
-        stage, kind = run.stage.name, event["event"]
+    def on_event(self, run, event: Event) -> None:
+        stage, kind, get = run.stage.name, event.event, event.get
         if kind == "reused":
             task = self._task(stage, 1)
             self.progress.update(task, completed=1, info="[dim]reused committed output")
         elif kind == "started":
             self._task(stage)
         elif kind == "resumed":
-            info = f"resumed from step {event['step']}"
+            info = f"resumed from step {get('step')}"
             self.progress.update(self._task(stage), info=info)
         elif kind == "progress":
             info = []
-            if "loss" in event:
-                info.append(f"loss {event['loss']:.4g}")
-            if "phase" in event and event["phase"] != stage:
-                info.append(event["phase"])
+            if get("loss") is not None:
+                info.append(f"loss {get('loss'):.4g}")
+            if get("phase") not in (None, stage):
+                info.append(get("phase"))
             self.progress.update(
                 self._task(stage),
-                completed=event["step"],
-                total=event["total"],
+                completed=get("step"),
+                total=get("total"),
                 info=" ".join(info),
             )
         elif kind == "warning":  # damaged commits quarantined, and the like: always shown
-            WARNINGS.print(f"[yellow]warning[/] {stage}: {event['message']}", highlight=False)
+            WARNINGS.print(f"[yellow]warning[/] {stage}: {get('message')}", highlight=False)
         elif kind == "result":
             task = self._task(stage)
             total = self.progress.tasks[task].total or 1

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from amber import eta
 from amber.api import AmberCompressionStatus
 from amber.plan import plan
-from amber.records import ProgressRecord
+from amber.records import TERMINATION_MESSAGE_BYTES, ProgressRecord, StageResult
 from amber.resource import parse
 from amber_operator import conditions as c
 from amber_operator import reconcile, render
@@ -160,7 +160,13 @@ def test_restarted_operator_finds_its_job_instead_of_creating_another():
 def test_completed_job_moves_to_the_next_stage_in_the_same_pass():
     obj = resource()
     status = step(obj).status
-    done = job_for(obj, "score", 1, "Complete", result={"output": "s3://x", "metrics": {"a": 1}})
+    done = job_for(
+        obj,
+        "score",
+        1,
+        "Complete",
+        result=StageResult(stage="score", status="Succeeded", output="s3://x", metrics={"a": 1}),
+    )
     d = step(obj, status, Observed(jobs=(done,), committed=committed(obj, "score")))
     assert d.status.stages[0].phase == "Succeeded" and d.status.stages[0].output_uri == "s3://x"
     [action] = d.actions
@@ -350,8 +356,29 @@ def test_job_state_reads_disruptions_and_termination_messages():
     assert not job_state(exit_code).disrupted
     done = {**base, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
     msg = '{"stage": "distill", "status": "Succeeded", "output": "s3://o", "metrics": {}}'
-    assert job_state(done, msg).result["output"] == "s3://o"
+    assert job_state(done, msg).result.output == "s3://o"
+    # A container that died before reporting leaves its log's tail: kept as the message.
+    died = {**base, "status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    state = job_state(died, "Traceback ...\nOSError: disk full")
+    assert state.result is None and state.message.endswith("OSError: disk full")
     assert json_like is exit_code
+
+
+def test_a_long_result_still_fits_a_termination_message_and_parses():
+    long = StageResult(
+        stage="eval",
+        status="Failed",
+        output="s3://o",
+        metrics={f"metric{i}": [0.123456789] * 30 for i in range(40)},
+        message="x" * 9000,
+    )
+    text = long.termination_message()
+    assert len(text.encode()) <= TERMINATION_MESSAGE_BYTES
+    kept = StageResult.parse(text)
+    assert kept.status == "Failed" and kept.output == "s3://o" and kept.message.startswith("xxx")
+    short = long.model_copy(update={"message": "boom"})
+    assert StageResult.parse(short.termination_message()).metrics == {}  # metrics go first
+    assert StageResult.parse(short.model_copy(update={"metrics": {"a": 1}}).termination_message())
 
 
 # --- properties -----------------------------------------------------------------------------

@@ -87,6 +87,6 @@ def test_distill_reads_a_pool_only_of_its_own_teacher(tmp_path, teacher_seed, us
     obj = local.AmberCompression.model_validate(doc)
     outcomes, _ = local.run_resource(obj, launcher="here", on_event=lambda r, e: events.append(e))
     assert [o.status for o in outcomes if o.stage == "distill"] == ["ran"]
-    names = [e["event"] for e in events if e.get("stage") == "distill"]
+    names = [e.event for e in events if e.stage == "distill"]
     assert ("reading precomputed teacher targets" in names) == used
     assert ("teacher targets are from another teacher; computing them live" in names) != used

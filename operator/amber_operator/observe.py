@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import re
 import time
@@ -20,7 +19,7 @@ from kubernetes.client.rest import ApiException
 from amber import commits, lease
 from amber.api import AmberCompression
 from amber.plan import FINAL, OUTPUT, StageRun, run_uri
-from amber.records import ProgressRecord
+from amber.records import ProgressRecord, StageResult
 from amber.storage import StorageError, Store, open_store, s3_client
 from amber_operator import render
 from amber_operator.reconcile import Observed, ObservedJob
@@ -49,13 +48,11 @@ def job_state(job: dict, termination: str = "") -> ObservedJob:
             finished = cond["type"]
             finished_at = _time(cond.get("lastTransitionTime"))
             message = cond.get("message") or cond.get("reason") or ""
-    result = None
-    if termination:
-        try:
-            result = json.loads(termination)
-            message = result.get("message", message) if finished == "Failed" else message
-        except json.JSONDecodeError:
-            message = termination[-500:]
+    result = StageResult.parse(termination) if termination else None
+    if result is None and termination:  # the container died before reporting: its log's tail
+        message = termination[-500:]
+    elif result is not None and result.message and finished == "Failed":
+        message = result.message
     labels = meta.get("labels") or {}
     return ObservedJob(
         name=meta["name"],

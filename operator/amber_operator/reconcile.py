@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from amber import eta
 from amber.api import AmberCompression, AmberCompressionStatus, StageStatus
 from amber.plan import FINAL, REPORT, StageRun, plan
-from amber.records import ProgressRecord
+from amber.records import ProgressRecord, StageResult
 from amber_operator import conditions as c
 
 JOB_NAME_MAX = 52  # leaves room for the pod suffix Kubernetes appends to Job pod names
@@ -32,7 +32,7 @@ class ObservedJob:
     disrupted: bool = False  # failed because a pod was preempted or its node lost
     suspended: bool = False  # held by its queue: not admitted yet, or preempted (Kueue)
     message: str = ""  # failure message, or the trainer's termination message on success
-    result: dict | None = None  # the trainer's parsed termination message (pod 0)
+    result: StageResult | None = None  # the trainer's termination message (pod 0)
 
 
 @dataclass(frozen=True)
@@ -146,11 +146,13 @@ def decide(
         decision.events.append(Event(kind, reason, message))
 
     def succeed(run: StageRun, stage: StageStatus, job: ObservedJob | None) -> None:
-        result = (job.result if job else None) or {}
+        result = (job.result if job else None) or StageResult(
+            stage=run.stage.name, status="Succeeded"
+        )
         stage.phase = "Succeeded"
         stage.completion_time = _iso(job.finished_at) if job and job.finished_at else stamp
-        stage.output_uri = result.get("output") or f"{run.run_uri}/{run.stage.name}/output"
-        stage.metrics = _scalars(result.get("metrics", {}))
+        stage.output_uri = result.output or f"{run.run_uri}/{run.stage.name}/output"
+        stage.metrics = _scalars(result.metrics)
         stage.progress = stage.samples_per_second = stage.estimated_remaining_seconds = None
         stage.retry_after = None
         stage.message = f"completed by {job.name}" if job else "output committed"

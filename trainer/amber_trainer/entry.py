@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from amber.plan import StageRun
+from amber.records import StageResult
 from amber_trainer import runtime
 from amber_trainer.stages import runner
 
@@ -42,6 +43,17 @@ def summary(metrics: dict) -> dict:
     }
 
 
+def succeeded(rt: runtime.Runtime, manifest, reused: bool = False) -> StageResult:
+    return StageResult(
+        stage=rt.stage,
+        status="Succeeded",
+        output=f"{rt.store.uri}/{manifest.folder}",
+        step=manifest.step,
+        metrics=manifest.metrics,
+        reused=reused,
+    )
+
+
 def main(stage_type: str, config: Path) -> int:
     run = read_config(config, stage_type)
     rt = runtime.setup(run)
@@ -49,31 +61,17 @@ def main(stage_type: str, config: Path) -> int:
         existing = rt.output()
         if existing is not None:
             # Idempotent: a re-started stage whose output is committed is done.
-            runtime.report(
-                rt,
-                run,
-                "Succeeded",
-                output=f"{rt.store.uri}/{existing.folder}",
-                step=existing.step,
-                reused=True,
-                metrics=existing.metrics,
-            )
+            runtime.report(rt, succeeded(rt, existing, reused=True))
             return 0
         rt.log("started", index=run.index, world=rt.world, device=str(rt.device))
         step, metrics = runner(run.stage.type)(rt)
         manifest = rt.commit_output(rt.workdir / "output", step, summary(metrics))
         if rt.is_main:
-            runtime.report(
-                rt,
-                run,
-                "Succeeded",
-                output=f"{rt.store.uri}/{manifest.folder}",
-                step=step,
-                metrics=summary(metrics),
-            )
+            runtime.report(rt, succeeded(rt, manifest))
         return 0
     except Exception as err:
-        runtime.report(rt, run, "Failed", message=f"{type(err).__name__}: {err}")
+        message = f"{type(err).__name__}: {err}"
+        runtime.report(rt, StageResult(stage=run.stage.name, status="Failed", message=message))
         traceback.print_exc()
         return 1
     finally:

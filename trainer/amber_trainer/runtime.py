@@ -6,7 +6,6 @@ A stage runs under `torchrun` (1..N nodes x 1..G processes). The same code path 
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -23,7 +22,7 @@ import torch.distributed as dist
 from amber import commits
 from amber.api import DeepSpeedSpec
 from amber.plan import OUTPUT, StageRun
-from amber.records import ProgressRecord
+from amber.records import Event, ProgressRecord, StageResult
 from amber.stages import TrainingParams
 from amber.storage import Store, open_store
 from amber_trainer import speed
@@ -73,9 +72,9 @@ class Runtime:
         return box[0]
 
     def log(self, event: str, **fields: Any) -> None:
-        """One JSON line on stdout (rank 0): `amber run` draws its progress bars from these."""
+        """One event line on stdout (rank 0): `amber run` draws its progress bars from these."""
         if self.is_main:
-            print(json.dumps({"event": event, "stage": self.stage, **fields}), flush=True)
+            print(Event(event=event, stage=self.stage, **fields).line(), flush=True)
 
     def progress(
         self,
@@ -220,14 +219,13 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def report(rt: Runtime | None, run: StageRun, status: str, **fields: Any) -> None:
-    """The one-line summary Kubernetes reads into the pod status (termination message)."""
+def report(rt: Runtime | None, result: StageResult) -> None:
+    """The stage's result: its last event line, and the termination message Kubernetes reads
+    into the pod's status."""
     if rt is not None and not rt.is_main:
         return
-    line = json.dumps({"stage": run.stage.name, "status": status, **fields}, default=str)
-    print(json.dumps({"event": "result", **json.loads(line)}), flush=True)
+    print(result.event().line(), flush=True)
     path = Path(os.environ.get(TERMINATION_LOG_ENV, "/dev/termination-log"))
     if TERMINATION_LOG_ENV in os.environ or path.exists():
-        # Kubernetes keeps at most 4096 bytes of a termination message.
-        path.write_text(line[:4000])
+        path.write_text(result.termination_message())
     sys.stdout.flush()
