@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from amber import commits, errors, history, lease, report, worker
+from amber import errors, history, lease, report, state, worker
 from amber.api import AmberCompression, StorageSpec
-from amber.plan import OUTPUT, StageRun, on_this_machine, plan, run_uri, torchrun_args
+from amber.plan import StageRun, on_this_machine, plan, run_uri, torchrun_args
 from amber.publish import publish_final
 from amber.records import Event, StageResult, parse_event
 from amber.storage import Store, open_store
@@ -420,9 +420,9 @@ def _run_held(
         def note(message: str, run: StageRun = run) -> None:
             on_event(run, Event(event="warning", stage=run.stage.name, message=message))
 
-        output = commits.read_output(store, f"{name}/{OUTPUT}", note)
-        current = output is not None and output.spec_hash == run.spec_hash
-        if current and name not in forced:
+        found = state.read(store, run, note, detail=False)
+        output = found.output
+        if found.committed and name not in forced:
             outcomes.append(
                 StageOutcome(
                     name,
@@ -439,8 +439,8 @@ def _run_held(
         if only and name not in only:
             outcomes.append(StageOutcome(name, run.stage.type, "skipped", 0.0, ""))
             continue
-        if output is not None or name in forced:
-            store.delete(name)  # stale: another spec, or re-run asked for
+        if name in forced:
+            store.delete(name)  # a re-run asked for; the trainer removes what is stale
         started = time.perf_counter()
         launched = how.launch(run, on_event)
         result, resumed = launched.result, launched.resumed_from

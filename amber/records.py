@@ -101,6 +101,7 @@ class ProgressRecord(Model):
     samples_per_second: float | None = Field(
         None, description="samplesPerSecond: the same in training samples, all processes."
     )
+    spec_hash: str = Field("", description="specHash: the stage spec it is the progress of.")
 
     def remaining_seconds(self, now: float) -> float | None:
         """Seconds this stage has left at `now` (epoch seconds), at its measured rate."""

@@ -6,7 +6,6 @@ the edge."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
 import re
 import time
@@ -16,10 +15,10 @@ from datetime import datetime
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from amber import commits, lease
+from amber import commits, lease, state
 from amber.api import AmberCompression
-from amber.plan import FINAL, OUTPUT, StageRun, run_uri
-from amber.records import ProgressRecord, StageResult
+from amber.plan import FINAL, StageRun, run_uri
+from amber.records import StageResult
 from amber.storage import StorageError, Store, open_store, s3_client
 from amber_operator import render
 from amber_operator.reconcile import Observed, ObservedJob
@@ -158,33 +157,27 @@ def storage(store: Store, runs: list[StageRun], before: Seen | None, whole: bool
     def damaged(message: str) -> None:
         log.warning("%s: %s", store, message)
 
+    progress, checkpoint = None, None
     for run in runs:
         name = run.stage.name
         if not whole and (pending is not None or committed.get(name) == run.spec_hash):
             continue
         # Read-only and sizes only: a damaged output counts as not committed, and the stage's
-        # own trainer quarantines it when the operator runs the stage again.
-        manifest = commits.read_output(
-            store, f"{name}/{OUTPUT}", damaged, checksums=False, repair=False
+        # own trainer quarantines it when the operator runs the stage again. Only the first
+        # stage not committed (the one `decide` runs) is read in detail.
+        found = state.read(
+            store, run, damaged, checksums=False, repair=False, detail=pending is None
         )
-        if manifest is None:
+        if found.output is None:
             committed.pop(name, None)
         else:
-            committed[name] = manifest.spec_hash
-        if pending is None and committed.get(name) != run.spec_hash:
-            pending = name
+            committed[name] = found.output.spec_hash
+        if pending is None and not found.committed:
+            pending, progress, checkpoint = name, found.progress, found.checkpoint
     final = before.final_committed if before is not None else False
     if whole or before is None or (pending is None and not final):
         manifest = commits.read_output(store, FINAL, damaged, checksums=False, repair=False)
         final = manifest is not None
-    progress, checkpoint = None, None
-    if pending:
-        key = f"{pending}/progress.json"
-        if store.exists(key):
-            with contextlib.suppress(ValueError):  # a torn progress record: shown next pass
-                progress = ProgressRecord.model_validate_json(store.read_text(key))
-        latest = commits.latest_checkpoint(store, pending, log=damaged, repair=False)
-        checkpoint = latest.step if latest else None
     return {
         "committed": committed,
         "stage": pending,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from amber import commits
+from amber import commits, state
 from amber.api import DeepSpeedSpec
 from amber.plan import OUTPUT, StageRun
 from amber.records import Event, ProgressRecord, StageResult
@@ -93,19 +93,28 @@ class Runtime:
         now = time.monotonic()
         if self.is_main and (now - self._last_progress > PROGRESS_EVERY_S or step == total):
             self._last_progress = now
-            record = ProgressRecord(step=step, total=total, time=time.time(), **rates, **metrics)
+            record = ProgressRecord(
+                step=step,
+                total=total,
+                time=time.time(),
+                spec_hash=self.run.spec_hash,
+                **rates,
+                **metrics,
+            )
             text = record.model_dump_json(by_alias=True, exclude_none=True)
-            self.store.write_text(f"{self.stage}/progress.json", text)
+            self.store.write_text(state.progress_key(self.stage), text)
 
     def output(self) -> commits.Manifest | None:
-        """This stage's committed output for the current spec, if it exists."""
+        """This stage's committed output for the current spec, if it exists; otherwise what
+        another spec left in the stage's folder is removed first (`amber.state`)."""
         manifest = None
         if self.is_main:  # a damaged one is quarantined: the stage runs again
-            manifest = commits.read_output(self.store, f"{self.stage}/{OUTPUT}", self.warn)
-        manifest = self.broadcast(manifest)
-        if manifest and manifest.spec_hash == self.run.spec_hash:
-            return manifest
-        return None
+            found = state.read(self.store, self.run, self.warn, detail=False)
+            if found.committed:
+                manifest = found.output
+            else:
+                state.clear_stale(self.store, self.run, self.warn)
+        return self.broadcast(manifest)
 
     def warn(self, message: str) -> None:
         self.log("warning", message=message)
