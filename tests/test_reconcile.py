@@ -25,6 +25,7 @@ from amber_operator.reconcile import (
     PublishFinal,
     backoff,
     decide,
+    decide_invalid,
     job_name,
 )
 
@@ -362,6 +363,28 @@ def test_job_state_reads_disruptions_and_termination_messages():
     state = job_state(died, "Traceback ...\nOSError: disk full")
     assert state.result is None and state.message.endswith("OSError: disk full")
     assert json_like is exit_code
+
+
+def test_an_invalid_spec_fails_with_its_reason_and_starts_nothing():
+    running = step(resource()).status
+    d = decide_invalid(running, "spec.stages[1].type: unknown", NOW, 2)
+    assert d.status.phase == "Failed" and not d.actions and d.requeue_after is None
+    stalled, ready = cond(d.status, c.STALLED), cond(d.status, c.READY)
+    assert (stalled.status, stalled.reason, ready.status) == ("True", c.INVALID_SPEC, "False")
+    assert "spec.stages[1].type" in stalled.message and stalled.observed_generation == 2
+    assert cond(d.status, c.RECONCILING) == cond(running, c.RECONCILING)  # left as it was
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", c.INVALID_SPEC)]
+    assert d.status.stages == running.stages  # nothing forgotten for when it is fixed
+
+
+def test_every_way_a_pass_ends_sets_all_four_conditions_consistently():
+    # Ready is True only when everything succeeded; Stalled only where a person or a retry
+    # is needed; each settled condition carries the pass's reason.
+    for outcome, (ready, reconciling, stalled, suspended) in reconcile.OUTCOMES.items():
+        assert ready is (outcome == "succeeded")
+        assert stalled is (outcome in ("retrying", "exhausted", "invalid"))
+        assert not (ready and reconciling) and not (stalled and reconciling)
+        assert suspended is (outcome == "suspended") or suspended is None
 
 
 def test_a_long_result_still_fits_a_termination_message_and_parses():

@@ -28,7 +28,7 @@ from amber.plan import StageRun, plan
 from amber.resource import format_errors
 from amber_operator import apply, metrics, observe, peering, render
 from amber_operator import conditions as c
-from amber_operator.reconcile import ObservedJob, decide
+from amber_operator.reconcile import ObservedJob, decide, decide_invalid
 from amber_operator.requeue import Requeue
 
 INTERVAL = float(os.environ.get("AMBER_RECONCILE_INTERVAL", "60"))
@@ -196,16 +196,10 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> float | None:
     except ValidationError as err:
         why = "; ".join(format_errors(err))
         status = AmberCompressionStatus.model_validate(old_status or {})
-        status.phase = "Failed"
-        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-        status.conditions = c.set_condition(
-            status.conditions, c.STALLED, True, c.INVALID_SPEC, why, stamp, generation
-        )
-        status.conditions = c.set_condition(
-            status.conditions, c.READY, False, c.INVALID_SPEC, why, stamp, generation
-        )
-        _write_status(api, body, old_status, status.dump())
-        kopf.event(body, type="Warning", reason=c.INVALID_SPEC, message=why[:1000])
+        decision = decide_invalid(status, why, now, generation)
+        _write_status(api, body, old_status, decision.status.dump())
+        for event in decision.events:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         raise kopf.PermanentError(why) from None
 
     status = AmberCompressionStatus.model_validate(old_status) if old_status else None
