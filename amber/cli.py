@@ -207,6 +207,51 @@ def parse_bytes(text: str) -> float:
     return float(lowered)
 
 
+def cost_record(row, limit: float) -> dict:
+    """One stage's line of `amber plan -o json`: its memory in GiB, whether it fits."""
+    mem = row.memory
+    return {
+        "stage": row.run.stage.name,
+        "type": row.run.stage.type,
+        "gpus": row.world,
+        "memoryGiB": {
+            k: round(v / 2**30, 2) for k, v in mem.as_dict().items() if isinstance(v, float)
+        }
+        if mem
+        else None,
+        "fits": row.fits(limit),
+        "gpuHours": None if row.gpu_hours is None else round(row.gpu_hours, 1),
+    }
+
+
+def print_costs(title: str, records: list[dict], rows: list, limit: float) -> None:
+    """`amber plan`'s table: memory per GPU by kind, coloured by how full the GPU is."""
+    table = Table(title=title)
+    columns = ("stage", "GPUs", "teacher", "weights", "grads", "optim", "activ", "peak")
+    for column in (*columns, "%GPU", "GPU-h"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for r, row in zip(records, rows, strict=True):
+        m = r["memoryGiB"]
+        cells = ["-"] * 7
+        if m:
+            share = row.memory.total / limit
+            color = "red" if share > 1 else "yellow" if share > 0.9 else "green"
+            kinds = ("teacher", "weights", "gradients", "optimizer", "activations")
+            cells = [f"{m[k]:.1f}" for k in kinds]
+            cells += [f"[{color}]{m['total']:.1f}[/]", f"[{color}]{share:.0%}[/]"]
+        hours = "-" if r["gpuHours"] is None else f"{r['gpuHours']:.1f}"
+        table.add_row(r["stage"], str(r["gpus"]), *cells, hours)
+    Console(width=max(console.width, 100)).print(table)
+    total = sum(r.gpu_hours or 0.0 for r in rows)
+    console.print(
+        f"total {total:.0f} GPU-hours at the throughput measured on one H200"
+        + (" (encode not counted: it scales with the dataset)" if rows[0].flops is None else "")
+    )
+    for r, row in zip(records, rows, strict=True):
+        if row.memory and r["fits"] and row.memory.total > 0.9 * limit:
+            errors.print(f"[yellow]warning[/] {r['stage']}: over 90% of GPU memory")
+
+
 @app.command("plan")
 def plan_command(
     file: Annotated[Path, typer.Argument(help="An AmberCompression YAML file.")],
@@ -233,72 +278,13 @@ def plan_command(
         errors.print(f"--gpu-memory: cannot read {gpu_memory!r}; write e.g. 80GiB")
         raise typer.Exit(EXIT_INVALID) from None
     rows = budget.costs(obj, gpus_per_pod, resolution, text_tokens)
-    gib = 2**30
-    records = []
-    for row in rows:
-        mem = row.memory
-        records.append(
-            {
-                "stage": row.run.stage.name,
-                "type": row.run.stage.type,
-                "gpus": row.world,
-                "memoryGiB": {
-                    k: round(v / gib, 2) for k, v in mem.as_dict().items() if isinstance(v, float)
-                }
-                if mem
-                else None,
-                "fits": row.fits(limit),
-                "gpuHours": None if row.gpu_hours is None else round(row.gpu_hours, 1),
-            }
-        )
+    records = [cost_record(row, limit) for row in rows]
     too_big = [r for r in records if not r["fits"]]
     if output is not Output.table:
         text = json.dumps(records, indent=2) if output is Output.json else yaml.safe_dump(records)
         print(text)
     else:
-        table = Table(title=f"{file}: GiB per {gpu_memory} GPU, and GPU-hours")
-        columns = (
-            "stage",
-            "GPUs",
-            "teacher",
-            "weights",
-            "grads",
-            "optim",
-            "activ",
-            "peak",
-            "%GPU",
-            "GPU-h",
-        )
-        for column in columns:
-            table.add_column(column, justify="left" if column == "stage" else "right")
-        for r, row in zip(records, rows, strict=True):
-            m = r["memoryGiB"]
-            cells = ["-"] * 6
-            if m:
-                share = row.memory.total / limit
-                color = "red" if share > 1 else "yellow" if share > 0.9 else "green"
-                cells = [
-                    f"{m['teacher']:.1f}",
-                    f"{m['weights']:.1f}",
-                    f"{m['gradients']:.1f}",
-                    f"{m['optimizer']:.1f}",
-                    f"{m['activations']:.1f}",
-                    f"[{color}]{m['total']:.1f}[/]",
-                ]
-                cells.append(f"[{color}]{share:.0%}[/]")
-            else:
-                cells.append("-")
-            hours = "-" if r["gpuHours"] is None else f"{r['gpuHours']:.1f}"
-            table.add_row(r["stage"], str(r["gpus"]), *cells, hours)
-        Console(width=max(console.width, 100)).print(table)
-        total = sum(r.gpu_hours or 0.0 for r in rows)
-        console.print(
-            f"total {total:.0f} GPU-hours at the throughput measured on one H200"
-            + (" (encode not counted: it scales with the dataset)" if rows[0].flops is None else "")
-        )
-        for r, row in zip(records, rows, strict=True):
-            if row.memory and r["fits"] and row.memory.total > 0.9 * limit:
-                errors.print(f"[yellow]warning[/] {r['stage']}: over 90% of GPU memory")
+        print_costs(f"{file}: GiB per {gpu_memory} GPU, and GPU-hours", records, rows, limit)
     for r in too_big:
         errors.print(
             f"[bold red]will not fit[/] {r['stage']}: {r['memoryGiB']['total']:.1f} GiB per GPU "

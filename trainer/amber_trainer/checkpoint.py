@@ -88,6 +88,17 @@ def resume(rt: Runtime, engine, accept=lambda manifest: True, **context):
     return None
 
 
+def resume_state(rt: Runtime, engine, phase: str | None = None) -> dict | None:
+    """The loop state of the newest good checkpoint, restored into `engine` (its weights,
+    optimizer and schedule), or None to start afresh. A stage trained in parts (fuse's
+    phases) resumes only from a checkpoint of the same `phase`."""
+    if phase is None:
+        resumed = resume(rt, engine)
+    else:
+        resumed = resume(rt, engine, lambda m: m.metrics.get("label") == phase, phase=phase)
+    return resumed[1] if resumed else None
+
+
 def _reshard(rt: Runtime, engine, folder: str, files, client: dict, written: int) -> None:
     """The optimizer's moments of a checkpoint written by `written` processes, into this
     attempt's engine; said either way."""

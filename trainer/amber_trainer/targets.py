@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from amber.stages import FinetuneStage
 from amber_trainer.data import Batch, TensorDataset
 from amber_trainer.forward import FlowInputs
 from amber_trainer.objectives import sample_timesteps, teacher_states
@@ -57,12 +58,12 @@ UNIFORM = TimestepSampling("uniform")
 
 
 def sampling_of(params) -> TimestepSampling:
-    """A stage's timestep distribution (stages without `timestepSampling` draw uniformly)."""
+    """A stage's timestep distribution: finetune's `timestepSampling`; other stages (fuse's
+    closing fine-tune) draw uniformly."""
+    if not isinstance(params, FinetuneStage):
+        return UNIFORM
     return TimestepSampling(
-        getattr(params, "timestep_sampling", "uniform"),
-        float(getattr(params, "logit_mean", 0.0)),
-        float(getattr(params, "logit_std", 1.0)),
-        float(getattr(params, "shift", 3.0)),
+        params.timestep_sampling, params.logit_mean, params.logit_std, params.shift
     )
 
 

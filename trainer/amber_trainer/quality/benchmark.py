@@ -218,6 +218,35 @@ def _save(path: Path, size: Size, content: dict) -> None:
     tmp.replace(path)
 
 
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _measured(folder: Path, size: Size, judge, suites, key: str, model_of, full: bool) -> dict:
+    """A model's row on the seed's suites (all of them, or the pruned column's subset),
+    measured once and kept in the seed's folder under `key`."""
+    path = folder / MEASURED / f"{key}.json"
+    saved = _saved(path, size)
+    if saved is not None and (saved["row"]["full"] or not full):
+        return saved["row"]
+    model = model_of()
+    on = suites if full else suites.held_out_subset(size.pruned)
+    row = {**measure.evaluate(model, judge, on, full), "parameters": models.count_parameters(model)}
+    _save(path, size, {"row": row})
+    return row
+
+
+def _arm_seconds(folder: Path, size: Size, name: str, budget: arms.Budget, seconds: float):
+    """The arm's time: as it ran now, or, when it was resumed from what it had committed,
+    the time it took when it ran."""
+    timing = folder / ARMS / f"{name}.json"
+    saved = _saved(timing, size)
+    if saved is not None and saved.get("budget") == budget.__dict__:
+        return saved["seconds"]
+    _save(timing, size, {"budget": budget.__dict__, "seconds": seconds})
+    return seconds
+
+
 def run_task(
     task: Task,
     workdir: Path,
@@ -230,11 +259,7 @@ def run_task(
 ) -> dict:
     """One arm for one seed: its stages run (or reused), each model it is judged by
     measured on the seed's suites (or read back)."""
-    if log is None:
-
-        def log(message: str) -> None:
-            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
+    log = log or _log
     seed, name = task.seed, task.arm
     teacher_model, judge, suites = _context(fixtures, seed, size)
     layers = len(teacher_model.transformer_blocks)
@@ -247,18 +272,7 @@ def run_task(
     }
 
     def measured(key: str, model_of, full: bool) -> dict:
-        path = folder / MEASURED / f"{key}.json"
-        saved = _saved(path, size)
-        if saved is None or (full and not saved["row"]["full"]):
-            model = model_of()
-            on = suites if full else suites.held_out_subset(size.pruned)
-            row = {
-                **measure.evaluate(model, judge, on, full),
-                "parameters": models.count_parameters(model),
-            }
-            _save(path, size, {"row": row})
-            return row
-        return saved["row"]
+        return _measured(folder, size, judge, suites, key, model_of, full)
 
     if task.teacher:
         row = measured("teacher", lambda: teacher_model, True)
@@ -290,13 +304,7 @@ def run_task(
         )
     if grid is not None:
         figure(suites.held_out, teacher_model, folders, grid)
-    seconds = time.perf_counter() - clock
-    timing = folder / ARMS / f"{name}.json"
-    saved = _saved(timing, size)
-    if saved is not None and saved.get("budget") == budget.__dict__:
-        seconds = saved["seconds"]  # resumed: the time it took when it ran
-    else:
-        _save(timing, size, {"budget": budget.__dict__, "seconds": seconds})
+    seconds = _arm_seconds(folder, size, name, budget, time.perf_counter() - clock)
     out["armSeconds"] = {"arm": name, "seed": seed, "seconds": round(seconds)}
     final = out["runs"][-1]
     log(

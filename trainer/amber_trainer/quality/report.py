@@ -126,6 +126,49 @@ def _keep(runs: list[dict]) -> str:
     return " / ".join(_ranges(list(k)) for k in sorted(kept))
 
 
+LEGEND = (
+    "**Score** = share of held-out prompts whose image shows every requested attribute, "
+    "mean over seeds with a bootstrap 95% interval over prompts. **vs preset** = the "
+    "model minus the preset model it replaces (10B-style or 6B-style) on the same "
+    "prompts, noise and seed, points with a paired bootstrap 95% interval; an interval "
+    "that excludes 0 is a difference, one that contains it is not. **Soft** = the "
+    "judge's mean log-probability of the requested attributes (0 is certain), ± sd over "
+    "seeds. **In-dist.** = score on training combinations. **After prune** = the arm's "
+    "score right after pruning, before any training."
+)
+SCORE_COLUMNS = [
+    "model",
+    "what",
+    "params",
+    "score %",
+    "vs preset (pts)",
+    "soft",
+    "soft vs preset",
+    "in-dist. %",
+    "after prune %",
+]
+
+
+def _score_row(label: str, what: str, runs: list, base: list | None, pruned: list) -> list:
+    """A model's line of the main table: its score, and against the preset's when it is an
+    arm (`base`: the preset model's runs on the same seeds)."""
+    versus = soft_versus = ""
+    if base:
+        versus = _delta(*paired(runs, base))
+        soft_versus = _delta(*paired(runs, base, "softPerPrompt"), scale=1, digits=3)
+    return [
+        label,
+        what,
+        f"{runs[0]['parameters'] / 1e6:.2f}M",
+        _pct(*interval(_vectors(runs, "passed"))),
+        versus,
+        spread([r["softScore"] for r in runs], scale=1, digits=3),
+        soft_versus,
+        spread([r["trainingScore"] for r in runs]),
+        spread([r["score"] for r in pruned]) if pruned and base else "",
+    ]
+
+
 def tables(results: dict) -> str:
     from amber_trainer.quality.task import ATTRIBUTES
 
@@ -135,29 +178,11 @@ def tables(results: dict) -> str:
     for label, what, runs, base in measured:
         if not runs:
             continue
-        score = interval(_vectors(runs, "passed"))
-        versus = ""
-        soft_versus = ""
-        if base:
-            versus = _delta(*paired(runs, base))
-            soft_versus = _delta(*paired(runs, base, "softPerPrompt"), scale=1, digits=3)
         pruned = [r for r in results["runs"] if r["arm"] == label and r["stage"] == "prune"]
         own = sorted({r["seed"] for r in runs})
         if own != seeds:  # an arm run on fewer seeds: its score is theirs
             label = f"{label} (seed{'s' if len(own) > 1 else ''} {', '.join(map(str, own))})"
-        main.append(
-            [
-                label,
-                what,
-                f"{runs[0]['parameters'] / 1e6:.2f}M",
-                _pct(*score),
-                versus,
-                spread([r["softScore"] for r in runs], scale=1, digits=3),
-                soft_versus,
-                spread([r["trainingScore"] for r in runs]),
-                spread([r["score"] for r in pruned]) if pruned and base else "",
-            ]
-        )
+        main.append(_score_row(label, what, runs, base, pruned))
         attrs.append([label, *[spread([r["attributes"][a] for r in runs]) for a in ATTRIBUTES]])
         buckets = len(runs[0]["velocityError"])
         errors.append(
@@ -175,30 +200,9 @@ def tables(results: dict) -> str:
         f"Held-out prompts: {results['prompts']} per seed (combinations never trained on, "
         "rendered and noised anew for each seed); in-distribution prompts: "
         f"{results['trainingPrompts']} training combinations; seeds: "
-        f"{', '.join(map(str, seeds))}. "
-        "**Score** = share of held-out prompts whose image shows every requested attribute, "
-        "mean over seeds with a bootstrap 95% interval over prompts. **vs preset** = the "
-        "model minus the preset model it replaces (10B-style or 6B-style) on the same "
-        "prompts, noise and seed, points with a paired bootstrap 95% interval; an interval "
-        "that excludes 0 is a difference, one that contains it is not. **Soft** = the "
-        "judge's mean log-probability of the requested attributes (0 is certain), ± sd over "
-        "seeds. **In-dist.** = score on training combinations. **After prune** = the arm's "
-        "score right after pruning, before any training.",
+        f"{', '.join(map(str, seeds))}. " + LEGEND,
         "",
-        table(
-            [
-                "model",
-                "what",
-                "params",
-                "score %",
-                "vs preset (pts)",
-                "soft",
-                "soft vs preset",
-                "in-dist. %",
-                "after prune %",
-            ],
-            main,
-        ),
+        table(SCORE_COLUMNS, main),
         "",
         "Per-attribute accuracy (%, ± sd over seeds):",
         "",

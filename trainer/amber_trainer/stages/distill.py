@@ -46,8 +46,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
         return x, states, velocity
 
     engine = loop.build_engine(rt, objective, params, params.steps)
-    resumed = checkpoint.resume(rt, engine)
-    state = resumed[1] if resumed else None
+    state = checkpoint.resume_state(rt, engine)
     state = loop.train(rt, engine, params, make_inputs, params.steps, "distill", state=state)
 
     per_block = state["parts"]

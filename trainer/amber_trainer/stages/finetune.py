@@ -86,8 +86,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
     sampler = Sampler(len(pool) if pool else len(train), params.seed)
     objective = FlowMatching(student, params.distill_weight, params.flow_weight)
     engine = loop.build_engine(rt, objective, params, params.steps)
-    resumed = checkpoint.resume(rt, engine)
-    state = resumed[1] if resumed else None
+    state = checkpoint.resume_state(rt, engine)
 
     rollouts = rollouts_for(rt, params, state)
 

@@ -20,10 +20,12 @@ reports the same history as an uninterrupted run.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 
 from amber import commits
+from amber.stages import FuseStage
 from amber_trainer import checkpoint, loop, models, spanfit
 from amber_trainer import fuse as fusing
 from amber_trainer.data import Sampler
@@ -65,11 +67,6 @@ def phase_model(rt: Runtime, phase: int) -> tuple[torch.nn.Module, dict]:
         raise
     history = json.loads((folder / HISTORY).read_text())
     return models.load(folder / common.MODEL_DIR).to(rt.device), history
-
-
-def resume_state(rt: Runtime, engine, label: str):
-    resumed = checkpoint.resume(rt, engine, lambda m: m.metrics.get("label") == label, phase=label)
-    return resumed[1] if resumed else None
 
 
 def text_weights(model: torch.nn.Module, single_weight: float) -> list[float]:
@@ -129,16 +126,29 @@ def calibration(rt: Runtime, train, params) -> list:
     )
 
 
+@dataclass(frozen=True)
+class Fusion:
+    """What every phase of a fuse stage and its closing fine-tune share."""
+
+    params: FuseStage
+    fixed: torch.nn.Module  # the input model, frozen: every phase's target (target: input)
+    train: object  # the training rows
+    sampler: Sampler
+    fit: list  # the rows a fitted init is computed on
+    counts: list[int]  # single-stream blocks after each phase
+    total: int  # steps of the whole stage
+
+
 def run(rt: Runtime) -> tuple[int, dict]:
     params = rt.run.stage
     model, layer_map = common.input_model(rt)
-    fixed = model.requires_grad_(False).eval()  # the input model: every phase's target
+    fixed = model.requires_grad_(False).eval()
     already = model.config.get("num_single_layers", 0)
     counts = fusing.phases(params.single_layers, params.blocks_per_phase, already)
     total = len(counts) * params.steps + params.finetune_steps
     train, _ = common.datasets(rt, dict(model.config))
     sampler = Sampler(len(train), params.seed)
-    fit = calibration(rt, train, params)
+    f = Fusion(params, fixed, train, sampler, calibration(rt, train, params), counts, total)
     history: dict = {"phases": [], "losses": []}
 
     done = committed_phases(rt, len(counts))
@@ -146,84 +156,17 @@ def run(rt: Runtime) -> tuple[int, dict]:
         model, history = phase_model(rt, done - 1)
     engine = None
     for p in range(done, len(counts)):
-        target = fixed if params.target == "input" else model.requires_grad_(False).eval()
-        inputs = [loop.cast(x, rt.device, model.dtype) for x in fit]
-        sequential = params.projection_init == "sequential"
-        rank = fusing.text_rank(model.inner_dim, params.text_rank_fraction)
-        student = fusing.convert(model, counts[p], inputs, sequential, rank, params.refit_mlp)
-        student = student.train().requires_grad_(True)
-        depth = len(student.transformer_blocks)
-        objective = LayerwiseDistillation(
-            student,
-            [(j, j) for j in range(depth)],
-            "global",
-            text_weights=text_weights(student, params.text_loss_weight),
-        )
-        boundaries = objective.boundaries()
-
-        label = f"phase-{p}"
-        offset = p * params.steps
-        engine = part_engine(rt, objective, params, engine, offset, params.steps, total)
-        state = resume_state(rt, engine, label)  # restores the schedule and moments too
-        rollouts = rollouts_for(rt, params, state)
-        make_inputs = phase_inputs(
-            rt, params, train, sampler, target, boundaries, rollouts, student
-        )
-        state = loop.train(
-            rt,
-            engine,
-            params,
-            make_inputs,
-            params.steps,
-            label,
-            offset,
-            state,
-            total,
-            carry=rollouts,
-        )
-        model = common.trained_model(engine, state)
+        model, engine, losses = train_phase(rt, f, model, p, engine)
         history["phases"].append(
-            {
-                "singleLayers": counts[p],
-                "firstLoss": state["losses"][0],
-                "finalLoss": state["losses"][-1],
-            }
+            {"singleLayers": counts[p], "firstLoss": losses[0], "finalLoss": losses[-1]}
         )
-        history["losses"] += state["losses"]
+        history["losses"] += losses
         _commit_phase(rt, model, p, layer_map, history)
 
     if params.finetune_steps:
-        teacher = common.teacher(rt) if params.distill_weight > 0 else None
-        pool = common.target_pool(rt, teacher, params, (), len(train)) if teacher else None
-        tuning = Sampler(len(pool) if pool else len(train), params.seed)
-        objective = FlowMatching(
-            model.train().requires_grad_(True), params.distill_weight, params.flow_weight
-        )
-        offset = len(counts) * params.steps
-        engine = part_engine(rt, objective, params, engine, offset, params.finetune_steps, total)
-        state = resume_state(rt, engine, "finetune")
-        rollouts = rollouts_for(rt, params, state)
-
-        def make_inputs(micro_step):
-            return flow_inputs(
-                rt, train, tuning, params, teacher, micro_step, pool, rollouts, model
-            )
-
-        state = loop.train(
-            rt,
-            engine,
-            params,
-            make_inputs,
-            params.finetune_steps,
-            "finetune",
-            offset,
-            state,
-            total,
-            carry=rollouts,
-        )
-        model = common.trained_model(engine, state)
-        history["finetuneLoss"] = state["losses"]
-        history["losses"] += state["losses"]
+        model, losses = closing_finetune(rt, f, model, engine)
+        history["finetuneLoss"] = losses
+        history["losses"] += losses
 
     metrics = {
         "phases": history["phases"],
@@ -235,6 +178,81 @@ def run(rt: Runtime) -> tuple[int, dict]:
     }
     common.write_output(rt, model, layer_map, metrics, "phases + finetune")
     return total, metrics
+
+
+def train_phase(rt: Runtime, f: Fusion, model, p: int, engine):
+    """Phase `p`: convert the next blocks to single-stream, then distil the whole model,
+    block by block, against the phase's target. Returns (model, engine, losses)."""
+    params = f.params
+    target = f.fixed if params.target == "input" else model.requires_grad_(False).eval()
+    inputs = [loop.cast(x, rt.device, model.dtype) for x in f.fit]
+    sequential = params.projection_init == "sequential"
+    rank = fusing.text_rank(model.inner_dim, params.text_rank_fraction)
+    student = fusing.convert(model, f.counts[p], inputs, sequential, rank, params.refit_mlp)
+    student = student.train().requires_grad_(True)
+    depth = len(student.transformer_blocks)
+    objective = LayerwiseDistillation(
+        student,
+        [(j, j) for j in range(depth)],
+        "global",
+        text_weights=text_weights(student, params.text_loss_weight),
+    )
+    boundaries = objective.boundaries()
+
+    label = f"phase-{p}"
+    offset = p * params.steps
+    engine = part_engine(rt, objective, params, engine, offset, params.steps, f.total)
+    state = checkpoint.resume_state(rt, engine, label)  # restores the schedule and moments too
+    rollouts = rollouts_for(rt, params, state)
+    make_inputs = phase_inputs(
+        rt, params, f.train, f.sampler, target, boundaries, rollouts, student
+    )
+    state = loop.train(
+        rt,
+        engine,
+        params,
+        make_inputs,
+        params.steps,
+        label,
+        offset,
+        state,
+        f.total,
+        carry=rollouts,
+    )
+    return common.trained_model(engine, state), engine, state["losses"]
+
+
+def closing_finetune(rt: Runtime, f: Fusion, model, engine):
+    """Flow matching (and output distillation from the frozen teacher) after the last
+    phase. Returns (model, losses)."""
+    params, train = f.params, f.train
+    teacher = common.teacher(rt) if params.distill_weight > 0 else None
+    pool = common.target_pool(rt, teacher, params, (), len(train)) if teacher else None
+    tuning = Sampler(len(pool) if pool else len(train), params.seed)
+    objective = FlowMatching(
+        model.train().requires_grad_(True), params.distill_weight, params.flow_weight
+    )
+    offset = len(f.counts) * params.steps
+    engine = part_engine(rt, objective, params, engine, offset, params.finetune_steps, f.total)
+    state = checkpoint.resume_state(rt, engine, "finetune")
+    rollouts = rollouts_for(rt, params, state)
+
+    def make_inputs(micro_step):
+        return flow_inputs(rt, train, tuning, params, teacher, micro_step, pool, rollouts, model)
+
+    state = loop.train(
+        rt,
+        engine,
+        params,
+        make_inputs,
+        params.finetune_steps,
+        "finetune",
+        offset,
+        state,
+        f.total,
+        carry=rollouts,
+    )
+    return common.trained_model(engine, state), state["losses"]
 
 
 def _commit_phase(rt: Runtime, model, phase: int, layer_map, history: dict) -> None:
