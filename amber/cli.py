@@ -156,7 +156,8 @@ def inspect(
     """Parameter counts of the teacher and of each model a recipe produces (no weights needed)."""
     from amber import progress
     from amber.presets import PRESETS
-    from amber_trainer import models, sizes
+    from amber_trainer.costs import sizes
+    from amber_trainer.model import models
 
     if file is not None:
         obj = load_or_exit(file)
@@ -269,7 +270,7 @@ def plan_command(
 ) -> None:
     """Per-GPU memory of each training stage and GPU-hours of the recipe; exit 1 when a stage
     will not fit."""
-    from amber_trainer import budget
+    from amber_trainer.costs import budget
 
     obj = load_or_exit(file)
     try:
@@ -399,7 +400,7 @@ def generate(
     ] = None,
 ) -> None:
     """Sample an image from a compressed model, or a grid beside another model's."""
-    from amber_trainer.generate import generate as run_generate
+    from amber_trainer.model.generate import generate as run_generate
 
     for option, folder in (("--model", model), ("--compare", compare)):
         if folder is not None and not folder.exists():

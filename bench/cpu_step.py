@@ -25,11 +25,13 @@ import torch.nn.functional as F
 
 from amber.api import DeepSpeedSpec
 from amber.stages import TrainingParams
-from amber_trainer import data, models, prune
-from amber_trainer.forward import diffusers_forward
-from amber_trainer.loop import single_process_fast_path
-from amber_trainer.objectives import FlowMatching, LayerwiseDistillation, teacher_states
+from amber_trainer import data
+from amber_trainer.model import models
+from amber_trainer.model.forward import diffusers_forward
 from amber_trainer.runtime import deepspeed_config
+from amber_trainer.surgery import prune
+from amber_trainer.train.loop import single_process_fast_path
+from amber_trainer.train.objectives import FlowMatching, LayerwiseDistillation, teacher_states
 
 
 def rss_mb() -> float:

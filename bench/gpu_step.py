@@ -44,9 +44,13 @@ import torch.nn.functional as F
 from amber.api import DeepSpeedSpec, StorageSpec, TeacherSpec
 from amber.plan import StageRun
 from amber.stages import DistillStage, FinetuneStage, TrainingParams
-from amber_trainer import data, loop, memory, models, prune, speed
-from amber_trainer.forward import diffusers_forward
-from amber_trainer.objectives import FlowMatching, LayerwiseDistillation, teacher_states
+from amber_trainer import data
+from amber_trainer.costs import memory
+from amber_trainer.model import models
+from amber_trainer.model.forward import diffusers_forward
+from amber_trainer.surgery import prune
+from amber_trainer.train import loop, speed
+from amber_trainer.train.objectives import FlowMatching, LayerwiseDistillation, teacher_states
 
 GIB = 2**30
 # DeepSpeed's BF16_Optimizer (flat fp32 master, gradients and Adam state) instead of the

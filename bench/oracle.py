@@ -41,18 +41,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from amber_trainer import data, models
-    from amber_trainer.quality import arms, benchmark, measure, oracle, teacher
+    from amber_trainer import data
+    from amber_trainer.model import models
+    from amber_trainer.quality import arms, benchmark, fixtures, measure, oracle
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    judge = teacher.load_judge(FIXTURES)
+    judge = fixtures.load_judge(FIXTURES)
     if args.tiny:
-        model = models.build({**teacher.CONFIG, "num_layers": 6}, seed=args.seed).eval()
+        model = models.build({**fixtures.CONFIG, "num_layers": 6}, seed=args.seed).eval()
         recipe = oracle.Recipe(distill_steps=3, finetune_steps=3, micro_batch=4, warmup_steps=1)
         samples, held_out, training, calibration = 256, 12, 6, 16
         count = min(args.keep_sets, 3)
     else:
-        model = teacher.load_teacher(FIXTURES)
+        model = fixtures.load_teacher(FIXTURES)
         budget = arms.Budget()
         recipe = oracle.Recipe(
             finetune_steps=budget.finetune_steps,

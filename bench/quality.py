@@ -39,9 +39,9 @@ def default_arms(settled: bool = False) -> list[str]:
     """The full run's arms in catalogue order (amber-10b is not one: its model is amber-6b's
     finetune stage; nor are probes measured once, which run when named), with `settled`
     the arms whose question is settled too (`arms.SETTLED`)."""
-    from amber_trainer.quality import arms, teacher
+    from amber_trainer.quality import arms, fixtures
 
-    catalogue = arms.catalogue(arms.Budget(), teacher.CONFIG["num_layers"])
+    catalogue = arms.catalogue(arms.Budget(), fixtures.CONFIG["num_layers"])
     return [
         name
         for name, arm in catalogue.items()
@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.command == "fixtures":
-        from amber_trainer.quality import teacher
+        from amber_trainer.quality import fixtures
 
-        steps = args.steps or teacher.STEPS
-        report = teacher.build(args.out, steps, log, args.checkpoint)
+        steps = args.steps or fixtures.STEPS
+        report = fixtures.build(args.out, steps, log, args.checkpoint)
         print(json.dumps(report, indent=2))
         return 0
     from amber_trainer.quality import arms, benchmark, report

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from amber_trainer.generate import euler
-from amber_trainer.quality import measure, task, teacher
+from amber_trainer.model.generate import euler
+from amber_trainer.quality import fixtures, measure, task
 
 FIXTURES = Path(__file__).parent / "quality"
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = copy.deepcopy(teacher.load_teacher(FIXTURES))
+    model = copy.deepcopy(fixtures.load_teacher(FIXTURES))
     model.transformer_blocks = model.transformer_blocks[:12]
     s = measure.suite(seed=0)
     base, expected = timed(lambda: whole(model, s), args.repeats)

@@ -63,6 +63,27 @@ def exported_series() -> set[str]:
     }
 
 
+def series_labels(expr: str) -> set[str]:
+    """The labels a PromQL expression's results carry: its `by (...)` clause, else every
+    label of the operator's series it reads."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from amber_operator import metrics
+
+    by = re.search(r"\bby \(([^)]*)\)", expr)
+    if by:
+        return {name.strip() for name in by.group(1).split(",")}
+    known = {
+        m._name: set(m._labelnames)
+        for m in vars(metrics).values()
+        if isinstance(m, MetricWrapperBase)
+    }
+    read = {
+        re.sub(r"_(total|bucket|sum|count)$", "", s) for s in re.findall(r"\bamber_[a-z_]+", expr)
+    }
+    return set().union(*(known[name] for name in read))
+
+
 def test_monitoring_values_render_alerts_and_a_dashboard_of_exported_series(cluster):
     on = ["metrics.serviceMonitor.enabled", "metrics.prometheusRule.enabled",
           "metrics.dashboard.enabled"]  # fmt: skip
@@ -91,6 +112,14 @@ def test_monitoring_values_render_alerts_and_a_dashboard_of_exported_series(clus
     exprs += [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     used = set(re.findall(r"\bamber_[a-z_]+", " ".join(exprs)))
     assert used and used <= exported_series(), used - exported_series()
+    # What a legend or an alert's text names is a label its expression's results carry.
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            named = set(re.findall(r"{{(\w+)}}", target.get("legendFormat", "")))
+            assert named <= series_labels(target["expr"]), (panel["title"], named)
+    for name, alert in alerts.items():
+        named = set(re.findall(r"\$labels\.(\w+)", json.dumps(alert["annotations"])))
+        assert named <= series_labels(alert["expr"]), (name, named)
     titles = {panel["title"] for panel in dashboard["panels"]}
     assert {"Resources by phase", "Time left per run (estimate)", "Reconcile latency"} <= titles
     assert found[("ServiceMonitor", RELEASE)]["spec"]["endpoints"][0]["port"] == "metrics"

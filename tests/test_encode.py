@@ -20,7 +20,8 @@ from amber import commits
 from amber.plan import plan
 from amber.resource import InvalidResource, parse
 from amber.storage import open_store
-from amber_trainer import data, encoders, pairs
+from amber_trainer import data
+from amber_trainer.data import encoders, pairs
 from trainer_helpers import ROOT, finish, torchrun, trainer_env
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220)}

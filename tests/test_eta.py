@@ -30,7 +30,7 @@ def test_the_record_counts_down_from_when_it_was_written():
     ("single", "per_phase", "steps", "finetune"), [(5, 2, 10, 7), (4, 4, 3, 0), (9, 4, 1, 2)]
 )
 def test_fuse_plans_the_steps_its_trainer_takes(single, per_phase, steps, finetune):
-    from amber_trainer import fuse
+    from amber_trainer.surgery import fuse
 
     stage = FuseStage(
         singleLayers=single, blocksPerPhase=per_phase, steps=steps, finetuneSteps=finetune
@@ -77,14 +77,14 @@ def test_gauges_follow_the_resource_and_go_with_it():
         estimated_remaining_seconds=600,
     )
     metrics.set_resource("ml", "gauged", status)
-    assert value("amber_stage_progress_ratio", **run, type="finetune") == 0.25
-    assert value("amber_stage_samples_per_second", **run, type="finetune") == 12.5
-    assert value("amber_stage_eta_seconds", **run, type="finetune") == 60
+    assert value("amber_stage_progress_ratio", **run, stage="finetune", type="finetune") == 0.25
+    assert value("amber_stage_samples_per_second", **run, stage="finetune", type="finetune") == 12.5
+    assert value("amber_stage_eta_seconds", **run, stage="finetune", type="finetune") == 60
     assert value("amber_pipeline_eta_seconds", **run) == 600
     status.stages[1].phase = "Succeeded"
     status.conditions = c.set_condition([], c.STALLED, True, c.STORAGE_UNAVAILABLE, "", "t", 1)
     metrics.set_resource("ml", "gauged", status)
-    assert value("amber_stage_progress_ratio", **run, type="finetune") is None
+    assert value("amber_stage_progress_ratio", **run, stage="finetune", type="finetune") is None
     assert value("amber_pipeline_eta_seconds", **run) is None
     assert value("amber_resource_stalled", **run, reason=c.STORAGE_UNAVAILABLE) == 1
     metrics.forget("ml", "gauged")  # deleted

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from amber_trainer import fuse, generate, models
+from amber_trainer.model import generate, models
+from amber_trainer.surgery import fuse
 
 
 def test_generate_runs_the_model_in_the_sampling_loop(tmp_path):

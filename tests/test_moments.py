@@ -26,7 +26,7 @@ WORKER = textwrap.dedent(
     from torch import nn
     from amber.api import DeepSpeedSpec
     from amber.stages import TrainingParams
-    from amber_trainer import loop, moments
+    from amber_trainer.train import loop, moments
 
     mode, folder = sys.argv[1], Path(sys.argv[2])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

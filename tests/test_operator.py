@@ -252,9 +252,9 @@ def test_suspend_resume_then_delete_mid_stage(cluster, namespace, operator, tmp_
     wait_for(eta_shown, 90, 0.5, "the stage's rate and the run's ETA")
     labels = f'namespace="{namespace}",resource="pause"'
     series = [
-        f'amber_stage_progress_ratio{{{labels},type="distill"}}',
-        f'amber_stage_samples_per_second{{{labels},type="distill"}}',
-        f'amber_stage_eta_seconds{{{labels},type="distill"}}',
+        f'amber_stage_progress_ratio{{{labels},stage="distill",type="distill"}}',
+        f'amber_stage_samples_per_second{{{labels},stage="distill",type="distill"}}',
+        f'amber_stage_eta_seconds{{{labels},stage="distill",type="distill"}}',
         f"amber_pipeline_eta_seconds{{{labels}}}",
     ]
     wait_for(lambda: all(s in operator.metrics() for s in series), 30, 0.5, "the gauges")

@@ -16,8 +16,10 @@ from amber.api import DeepSpeedSpec, StorageSpec, TeacherSpec
 from amber.cli import app, parse_bytes
 from amber.plan import StageRun
 from amber.stages import DistillStage, FinetuneStage
-from amber_trainer import data, memory, models
-from amber_trainer.forward import embed, run_block
+from amber_trainer import data
+from amber_trainer.costs import memory
+from amber_trainer.model import models
+from amber_trainer.model.forward import embed, run_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = sorted((ROOT / "bench" / "results").glob("*gpu-step*.json"))  # bench/gpu_step.py

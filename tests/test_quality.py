@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from amber_trainer import models
-from amber_trainer.quality import arms, benchmark, judge, measure, report, task, teacher, text
+from amber_trainer.model import errors, models
+from amber_trainer.quality import arms, benchmark, fixtures, judge, measure, report, task, text
 
 FIXTURES = Path(__file__).resolve().parents[1] / "bench" / "quality"
 
@@ -61,9 +61,9 @@ def test_captions_are_encoded_by_the_real_text_encoder():
 def test_fixtures_are_intact_and_the_judge_reads_real_held_out_images():
     import json
 
-    teacher.verify(FIXTURES)
-    model = teacher.load_teacher(FIXTURES)
-    recorded = json.loads((FIXTURES / teacher.REPORT).read_text())["teacherConfig"]
+    fixtures.verify(FIXTURES)
+    model = fixtures.load_teacher(FIXTURES)
+    recorded = json.loads((FIXTURES / fixtures.REPORT).read_text())["teacherConfig"]
     config = dict(model.config)
     assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in recorded.items()} == {
         k: (list(config[k]) if isinstance(config[k], tuple) else config[k]) for k in recorded
@@ -71,10 +71,10 @@ def test_fixtures_are_intact_and_the_judge_reads_real_held_out_images():
     _, held = task.split()
     drawn = task.sample(held, 300, seed=99)
     images = torch.stack([task.render(s, r) for s, r in drawn])
-    result = judge.grade(teacher.load_judge(FIXTURES), images, [s for s, _ in drawn])
+    result = judge.grade(fixtures.load_judge(FIXTURES), images, [s for s, _ in drawn])
     assert result["score"] >= 0.98, result
     assert result["soft"] > -0.1, result["soft"]  # near-certain on real renderings
-    shuffled = judge.grade(teacher.load_judge(FIXTURES), images.flip(0), [s for s, _ in drawn])
+    shuffled = judge.grade(fixtures.load_judge(FIXTURES), images.flip(0), [s for s, _ in drawn])
     assert shuffled["soft"] < result["soft"] - 1.0, shuffled["soft"]
 
 
@@ -100,7 +100,7 @@ def test_the_paired_interval_finds_a_real_difference_and_only_that():
 
 def test_every_arm_is_a_valid_resource_that_changes_only_what_it_says():
     budget = arms.Budget()
-    layers = teacher.CONFIG["num_layers"]
+    layers = fixtures.CONFIG["num_layers"]
     catalogue = arms.catalogue(budget, layers)
     preset = {s["name"]: s for s in arms.stages(catalogue[arms.PRESET], layers, budget, 0)}
     for arm in catalogue.values():
@@ -132,14 +132,13 @@ def test_every_arm_is_a_valid_resource_that_changes_only_what_it_says():
 
 
 def test_velocity_error_against_cached_teacher_answers_is_evals_definition():
-    from amber_trainer import models
-    from amber_trainer.stages.eval import velocity_errors
+    from amber_trainer.model import models
 
-    config = {**teacher.CONFIG, "num_layers": 2}
+    config = {**fixtures.CONFIG, "num_layers": 2}
     reference, student = models.build(config, seed=1).eval(), models.build(config, seed=2).eval()
     s = measure.suite(1, seed=4, limit=12)
     cached = measure.velocity_error(student, measure.errors(reference, s, seed=9))
-    rel, _, _ = velocity_errors(
+    rel, _, _ = errors.velocity_errors(
         reference, student, [s.batch], measure.BUCKETS, torch.Generator().manual_seed(9)
     )
     assert cached == pytest.approx((rel / len(s)).tolist(), rel=1e-6)
@@ -245,7 +244,7 @@ def test_an_arm_waits_only_for_the_earlier_arms_whose_stages_it_reuses():
 
 
 def test_an_arms_pruned_model_is_scored_on_an_even_spread_of_the_held_out_prompts():
-    config = {**teacher.CONFIG, "num_layers": 1}
+    config = {**fixtures.CONFIG, "num_layers": 1}
     s = measure.suites(models.build(config, seed=1), seed=3, held_out_limit=12, training_limit=4)
     few = s.held_out_subset(4)
     assert [sc.caption for sc in few.held_out.scenes] == [
@@ -296,22 +295,22 @@ def test_the_oracle_sweep_runs_on_a_tiny_cpu_configuration(tmp_path):
 
 def test_an_interrupted_teacher_build_continues_to_the_same_weights(tmp_path, monkeypatch):
     small = {"steps": 4, "batch": 4, "samples": 32, "every": 2, "log": lambda m: None}
-    whole, losses, _ = teacher.train_teacher(**small)
+    whole, losses, _ = fixtures.train_teacher(**small)
     saves = []
-    real_save = teacher._save_atomic
+    real_save = fixtures._save_atomic
 
     def interrupt_after_the_first(state, path):
         real_save(state, path)
         saves.append(state["step"])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(teacher, "_save_atomic", interrupt_after_the_first)
+    monkeypatch.setattr(fixtures, "_save_atomic", interrupt_after_the_first)
     checkpoint = tmp_path / "teacher.pt"
     with pytest.raises(KeyboardInterrupt):
-        teacher.train_teacher(**small, checkpoint=checkpoint)
+        fixtures.train_teacher(**small, checkpoint=checkpoint)
     assert saves == [2]
-    monkeypatch.setattr(teacher, "_save_atomic", real_save)
-    resumed, resumed_losses, _ = teacher.train_teacher(**small, checkpoint=checkpoint)
+    monkeypatch.setattr(fixtures, "_save_atomic", real_save)
+    resumed, resumed_losses, _ = fixtures.train_teacher(**small, checkpoint=checkpoint)
     assert resumed_losses == pytest.approx(losses, rel=1e-5)
     expected = resumed.state_dict()
     for name, tensor in whole.state_dict().items():
@@ -319,11 +318,11 @@ def test_an_interrupted_teacher_build_continues_to_the_same_weights(tmp_path, mo
 
 
 def test_the_build_gate_measures_skipped_blocks_of_the_teacher():
-    from amber_trainer import models
+    from amber_trainer.model import models
 
-    model = models.build({**teacher.CONFIG, "num_layers": 4}, seed=3).eval()
+    model = models.build({**fixtures.CONFIG, "num_layers": 4}, seed=3).eval()
     suites = measure.suites(model, seed=0, held_out_limit=6, training_limit=3)
-    gates = teacher.skip_costs(model, teacher.load_judge(FIXTURES), suites, draws=2)
+    gates = fixtures.skip_costs(model, fixtures.load_judge(FIXTURES), suites, draws=2)
     assert 0 <= gates["score"] <= 1
     for count in (1, 2):
         draws = gates[f"skip{count}"]["draws"]

@@ -6,10 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amber_trainer import data, fuse, loop, models, runtime
-from amber_trainer.objectives import FlowMatching, per_token_mse
+from amber_trainer import data, runtime
+from amber_trainer.model import models
 from amber_trainer.stages import common
 from amber_trainer.stages import fuse as fuse_stage
+from amber_trainer.surgery import fuse
+from amber_trainer.train import loop
+from amber_trainer.train.objectives import FlowMatching, per_token_mse
 from trainer_helpers import free_port, stage_runs, tiny_resource
 
 TINY = models.named_config("tiny")
@@ -46,7 +49,7 @@ def test_the_saved_model_is_the_moving_average_of_the_weights(gang, tmp_path):
     def make_inputs(micro_step):
         seen.append({n: p.detach().clone() for n, p in student.named_parameters()})
         batch = rows.rows(list(range(4 * (micro_step % 4), 4 * (micro_step % 4) + 4)))
-        x, target = common.noised(batch, torch.rand(4, generator=gen), gen)
+        x, target = data.noised(batch, torch.rand(4, generator=gen), gen)
         return x, target, None
 
     state = loop.train(rt, engine, run.stage, make_inputs, steps)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from amber.stages import FinetuneStage, FuseStage
-from amber_trainer import data, generate, models
-from amber_trainer.forward import FlowInputs, concat, velocity
-from amber_trainer.rollouts import Rollouts
+from amber_trainer import data
+from amber_trainer.model import generate, models
+from amber_trainer.model.forward import FlowInputs, concat, velocity
+from amber_trainer.train.rollouts import Rollouts
 
 CONFIG = models.named_config("tiny", num_layers=2)
 

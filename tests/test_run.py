@@ -88,8 +88,8 @@ def test_interrupted_run_continues_where_it_stopped(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys; from amber_trainer.hybrid import AmberHybridTransformer2DModel as M; "
-            "m = M.from_pretrained(sys.argv[1]); "
+            "import sys; from amber_trainer.model import hybrid; "
+            "m = hybrid.AmberHybridTransformer2DModel.from_pretrained(sys.argv[1]); "
             "print(m.config.num_layers, m.config.num_single_layers)",
             str(final),
         ],

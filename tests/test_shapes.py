@@ -14,8 +14,9 @@ import yaml
 from PIL import Image
 
 from amber.api import AmberCompression
-from amber_trainer import data, generate
-from amber_trainer.quality import task, teacher
+from amber_trainer import data
+from amber_trainer.model import generate
+from amber_trainer.quality import fixtures, task
 from trainer_helpers import ROOT, trainer_env
 
 TINY = ROOT / "manifests" / "examples" / "amber-tiny.yaml"
@@ -23,14 +24,14 @@ FIXTURES = ROOT / "bench" / "quality"
 
 
 def test_shapes_data_are_the_tasks_pairs_and_refuse_another_teacher():
-    train, held = data.shapes_datasets(teacher.CONFIG, 40, 3)
+    train, held = data.shapes_datasets(fixtures.CONFIG, 40, 3)
     assert (len(train), train.side, tuple(train.latents.shape[1:])) == (40, 8, (64, 48))
     assert len(held) == len(task.split()[1])  # one rendering of every held-out combination
     assert train.text.shape[-1] == 384 and bool((train.text_mask.sum(1) >= 3).all())
-    again, _ = data.shapes_datasets(teacher.CONFIG, 40, 3)
+    again, _ = data.shapes_datasets(fixtures.CONFIG, 40, 3)
     assert bool((again.latents == train.latents).all())  # every stage renders the same rows
     with pytest.raises(ValueError, match=r"data.shapes: .*'joint_attention_dim': 32"):
-        data.shapes_datasets({**teacher.CONFIG, "joint_attention_dim": 32}, 8, 0)
+        data.shapes_datasets({**fixtures.CONFIG, "joint_attention_dim": 32}, 8, 0)
 
 
 def test_a_resource_names_one_data_source():
@@ -43,17 +44,17 @@ def test_a_resource_names_one_data_source():
 def test_a_judge_that_does_not_match_its_checksum_is_refused(tmp_path):
     folder = tmp_path / "fixtures"
     folder.mkdir()
-    shutil.copy(FIXTURES / teacher.JUDGE_FILE, folder)
-    shutil.copy(FIXTURES / teacher.SUMS, folder)
-    teacher.load_judge(folder)  # intact, without the teacher beside it
-    raw = bytearray((folder / teacher.JUDGE_FILE).read_bytes())
+    shutil.copy(FIXTURES / fixtures.JUDGE_FILE, folder)
+    shutil.copy(FIXTURES / fixtures.SUMS, folder)
+    fixtures.load_judge(folder)  # intact, without the teacher beside it
+    raw = bytearray((folder / fixtures.JUDGE_FILE).read_bytes())
     raw[-1] ^= 1
-    (folder / teacher.JUDGE_FILE).write_bytes(bytes(raw))
+    (folder / fixtures.JUDGE_FILE).write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="checksum differs"):
-        teacher.load_judge(folder)
-    (folder / teacher.SUMS).write_text("")
+        fixtures.load_judge(folder)
+    (folder / fixtures.SUMS).write_text("")
     with pytest.raises(ValueError, match=r"lists no judge\.safetensors"):
-        teacher.load_judge(folder)
+        fixtures.load_judge(folder)
 
 
 @pytest.mark.slow

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from amber.stages import ScoreStage
-from amber_trainer import data, forward, fuse, loop, models, prune, score, spanfit
-from amber_trainer.forward import diffusers_forward
-from amber_trainer.hybrid import AmberHybridTransformer2DModel, AmberSingleStreamBlock
+from amber_trainer import data
+from amber_trainer.model import forward, models
+from amber_trainer.model.forward import diffusers_forward
+from amber_trainer.model.hybrid import AmberHybridTransformer2DModel, AmberSingleStreamBlock
+from amber_trainer.surgery import fuse, prune, score, spanfit
+from amber_trainer.train import loop
 
 TINY = models.named_config("tiny")
 TEXT_TO_IMAGE = {
@@ -435,7 +438,7 @@ def test_heatmap_is_written(teacher, batches, tmp_path):
 
 def test_parameter_arithmetic_of_the_real_recipes():
     from amber import presets
-    from amber_trainer.sizes import recipe_sizes
+    from amber_trainer.costs.sizes import recipe_sizes
 
     rows = recipe_sizes({}, presets.build("amber-6b", 60, {}))
     teacher, pruned, fused = (r["parameters"] for r in rows)

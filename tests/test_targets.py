@@ -7,8 +7,10 @@ import torch
 from safetensors.torch import save_file
 
 from amber import local
-from amber_trainer import data, models, targets
-from amber_trainer.objectives import teacher_states
+from amber_trainer import data
+from amber_trainer.model import models
+from amber_trainer.train import targets
+from amber_trainer.train.objectives import teacher_states
 from trainer_helpers import stage_of, tiny_resource
 
 CONFIG = {**models.TINY, "num_layers": 6}

@@ -9,7 +9,7 @@ import torch
 
 from amber import commits
 from amber.storage import open_store
-from amber_trainer import models
+from amber_trainer.model import models
 from trainer_helpers import (
     finish,
     stage_of,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from amber_trainer import models
-from amber_trainer.hybrid import CODE_FILE
+from amber_trainer.model import models
+from amber_trainer.model.hybrid import CODE_FILE
 from amber_trainer.stages.common import MODEL_DIR, save_model
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def test_a_pipeline_teacher_gives_a_pipeline_that_plain_diffusers_runs(
 ):
     import yaml
 
-    from amber_trainer import encoders
+    from amber_trainer.data import encoders
     from trainer_helpers import ROOT, trainer_env
 
     teacher = encoders.tiny_pipeline(tmp_path / "teacher")

@@ -21,17 +21,17 @@ RECONCILE_SECONDS = Histogram("amber_reconcile_seconds", "Time of one reconcile 
 RECONCILE_ERRORS = Counter("amber_reconcile_errors_total", "Reconcile passes that raised")
 PHASES = get_args(Phase)
 RUN = ["namespace", "resource"]
+# The running stage by its name (unique in its resource) and its type (for aggregation).
+STAGE = [*RUN, "stage", "type"]
 STAGE_PROGRESS = Gauge(
-    "amber_stage_progress_ratio", "Steps done of the running stage's total", [*RUN, "type"]
+    "amber_stage_progress_ratio", "Steps done of the running stage's total", STAGE
 )
 STAGE_SAMPLES = Gauge(
     "amber_stage_samples_per_second",
     "Training samples a second of the running stage, all processes",
-    [*RUN, "type"],
+    STAGE,
 )
-STAGE_ETA = Gauge(
-    "amber_stage_eta_seconds", "Estimated seconds left in the running stage", [*RUN, "type"]
-)
+STAGE_ETA = Gauge("amber_stage_eta_seconds", "Estimated seconds left in the running stage", STAGE)
 PIPELINE_ETA = Gauge(
     "amber_pipeline_eta_seconds", "Estimated seconds left in the whole run (an estimate)", RUN
 )
@@ -60,7 +60,7 @@ def set_resource(namespace: str, resource: str, status) -> None:
     running = next((s for s in status.stages if s.phase == "Running"), None)
     if running is None or not running.progress:
         return
-    labels = (namespace, resource, running.type)
+    labels = (namespace, resource, running.name, running.type)
     step, total = (int(x) for x in running.progress.split("/"))
     put(STAGE_PROGRESS, labels, step / total if total else 0.0)
     if running.samples_per_second is not None:

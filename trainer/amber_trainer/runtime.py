@@ -25,7 +25,7 @@ from amber.plan import OUTPUT, StageRun
 from amber.records import Event, ProgressRecord, StageResult
 from amber.stages import TrainingParams
 from amber.storage import Store, open_store
-from amber_trainer import speed
+from amber_trainer.train import speed
 
 # Kubernetes mounts this file into every container; a test pod runner names another.
 TERMINATION_LOG_ENV = "AMBER_TERMINATION_LOG"

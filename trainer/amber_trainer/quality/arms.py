@@ -511,8 +511,9 @@ def write_data(folder: Path, samples: int, seed: int, teacher=None, pool: int = 
     import torch
     from safetensors.torch import save_file
 
-    from amber_trainer import data, targets
-    from amber_trainer.quality import teacher as fixtures
+    from amber_trainer import data
+    from amber_trainer.quality import fixtures
+    from amber_trainer.train import targets
 
     train, _ = task.split()
     tokens, emb, mask, _ = fixtures.dataset(train, samples, seed)

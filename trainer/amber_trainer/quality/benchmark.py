@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from amber import commits, presets
-from amber_trainer import models
-from amber_trainer.quality import arms, measure, teacher
+from amber_trainer.model import models
+from amber_trainer.quality import arms, fixtures, measure
 
 DATA_SAMPLES = 4096
 DATA_SEED = 100  # the training pairs and the target pool are the same for every seed
@@ -107,7 +107,7 @@ def run(
     seeds: list[int],
     workdir: Path,
     arm_names: list[str],
-    fixtures: Path,
+    fixture_dir: Path,
     size: Size = Size(),
     budget: arms.Budget | None = None,
     grid: Path | None = None,
@@ -118,7 +118,7 @@ def run(
     `jobs` > 1 the tasks run in that many processes, the cores shared out between them:
     the benchmark's small matrices keep one thread busy far better than two."""
     budget = budget or arms.Budget()
-    teacher_model = teacher.load_teacher(fixtures)
+    teacher_model = fixtures.load_teacher(fixture_dir)
     layers = len(teacher_model.transformer_blocks)  # the committed fixture's depth
     catalogue = arms.catalogue(budget, layers)
     unknown = sorted(set(arm_names) - set(catalogue))
@@ -143,7 +143,7 @@ def run(
         return arms.spec_hashes(obj)
 
     tasks = schedule(seeds, arm_names, hashes, {n: catalogue[n].seeds for n in arm_names})
-    common = (workdir, fixtures, size, budget, data)
+    common = (workdir, fixture_dir, size, budget, data)
 
     def args(task: Task) -> tuple:
         first = task.seed == seeds[0] and task.arm == arms.PRESET
@@ -188,15 +188,15 @@ def _worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-_CONTEXT: dict = {}  # per process: (fixtures, seed, size) -> teacher, judge, suites
+_CONTEXT: dict = {}  # per process: (fixture_dir, seed, size) -> teacher, judge, suites
 
 
-def _context(fixtures: Path, seed: int, size: Size):
-    key = (str(fixtures), seed, size)
+def _context(fixture_dir: Path, seed: int, size: Size):
+    key = (str(fixture_dir), seed, size)
     if key not in _CONTEXT:
-        teacher_model = teacher.load_teacher(fixtures)
+        teacher_model = fixtures.load_teacher(fixture_dir)
         suites = measure.suites(teacher_model, seed, size.held_out, size.training)
-        _CONTEXT[key] = teacher_model, teacher.load_judge(fixtures), suites
+        _CONTEXT[key] = teacher_model, fixtures.load_judge(fixture_dir), suites
     return _CONTEXT[key]
 
 
@@ -250,7 +250,7 @@ def _arm_seconds(folder: Path, size: Size, name: str, budget: arms.Budget, secon
 def run_task(
     task: Task,
     workdir: Path,
-    fixtures: Path,
+    fixture_dir: Path,
     size: Size,
     budget: arms.Budget,
     data: Path,
@@ -261,7 +261,7 @@ def run_task(
     measured on the seed's suites (or read back)."""
     log = log or _log
     seed, name = task.seed, task.arm
-    teacher_model, judge, suites = _context(fixtures, seed, size)
+    teacher_model, judge, suites = _context(fixture_dir, seed, size)
     layers = len(teacher_model.transformer_blocks)
     arm = arms.catalogue(budget, layers)[name]
     folder = workdir / f"seed-{seed}"
@@ -282,7 +282,7 @@ def run_task(
         arm,
         seed,
         layers,
-        str(fixtures / teacher.TEACHER_DIR),
+        str(fixture_dir / fixtures.TEACHER_DIR),
         str(data),
         str(folder / "store"),
         budget,

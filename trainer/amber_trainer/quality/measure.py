@@ -14,12 +14,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from amber_trainer import data
 from amber_trainer.data import Batch
-from amber_trainer.forward import velocity
-from amber_trainer.generate import euler
+from amber_trainer.model.forward import velocity
+from amber_trainer.model.generate import euler
 from amber_trainer.quality import judge as judging
 from amber_trainer.quality import task, text
-from amber_trainer.stages import common
 
 # Euler steps per image, the same for every model.
 SAMPLE_STEPS = 10
@@ -112,13 +112,13 @@ def suite(
 
 @torch.no_grad()
 def errors(teacher, s: Suite, seed: int, buckets: int = BUCKETS) -> Errors:
-    """One time inside each bucket per scene (as `stages.eval.velocity_errors` draws them),
+    """One time inside each bucket per scene (as `model.errors.velocity_errors` draws them),
     and the teacher's velocity there: every model is compared with the same answers."""
     gen = torch.Generator().manual_seed(seed)
     inputs, answers = [], []
     for b in range(buckets):
         t = (b + torch.rand(len(s), generator=gen)) / buckets
-        x, _ = common.noised(s.batch, t, gen)
+        x, _ = data.noised(s.batch, t, gen)
         inputs.append(x)
         answers.append(velocity(teacher.eval(), x))
     return Errors(inputs, answers)

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from amber.stages import ScoreStage
-from amber_trainer import prune, score, targets
 from amber_trainer.data import Sampler, TensorDataset
-from amber_trainer.objectives import FlowMatching, LayerwiseDistillation
 from amber_trainer.quality import measure
+from amber_trainer.surgery import prune, score
+from amber_trainer.train import targets
+from amber_trainer.train.objectives import FlowMatching, LayerwiseDistillation
 
 CRITERIA = ("importance", "total-effect", "block-influence")
 

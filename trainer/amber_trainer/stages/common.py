@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
-from amber_trainer import data, encoders, hybrid, loop, models, speed, targets
-from amber_trainer.forward import FlowInputs
+from amber_trainer import data
+from amber_trainer.data import encoders
+from amber_trainer.model import hybrid, models
 from amber_trainer.runtime import Runtime
+from amber_trainer.train import loop, speed, targets
 
 MODEL_DIR = "model"
 LAYER_MAP = "layer_map.json"
@@ -189,15 +191,6 @@ def target_pool(
         return None
     rt.log("reading precomputed teacher targets", pool=key, entries=len(pool))
     return pool
-
-
-def noised(
-    batch: data.Batch, t: torch.Tensor, gen: torch.Generator
-) -> tuple[FlowInputs, torch.Tensor]:
-    """x_t for times t, and the flow-matching target ε - x0."""
-    noise = torch.randn(batch.latents.shape, generator=gen, dtype=batch.latents.dtype)
-    noise = noise.to(batch.latents.device)
-    return batch.noised(t.to(batch.latents.device), noise), noise - batch.latents
 
 
 def loss_curve(losses: list[float], path: Path, title: str) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from amber_trainer import checkpoint, loop
+from amber_trainer import data
 from amber_trainer.data import Sampler
-from amber_trainer.objectives import LayerwiseDistillation, teacher_states
 from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
+from amber_trainer.train import checkpoint, loop
+from amber_trainer.train.objectives import LayerwiseDistillation, teacher_states
 
 
 def run(rt: Runtime) -> tuple[int, dict]:
@@ -39,7 +40,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
             return (x, *pool.teacher_outputs(rows, boundaries, rt.device))
         batch = train.rows(rows, rt.device)
         t = torch.rand(len(rows), generator=gen)  # distillation covers the whole schedule
-        x, _ = common.noised(batch, t, gen)
+        x, _ = data.noised(batch, t, gen)
         states, velocity = teacher_states(
             teacher, loop.cast(x, rt.device, teacher.dtype), boundaries
         )

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from amber import commits
 from amber.plan import OUTPUT
 from amber.storage import open_store
-from amber_trainer import encoders, pairs
+from amber_trainer.data import encoders, pairs
 from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
 

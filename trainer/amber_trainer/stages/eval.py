@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from amber_trainer import encoders, models
-from amber_trainer.forward import velocity
-from amber_trainer.generate import euler
+from amber_trainer.data import encoders
+from amber_trainer.model import errors, models
+from amber_trainer.model.generate import euler
 from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
 
@@ -29,7 +29,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
     mine = [rows[i : i + params.batch_size] for i in range(0, count, params.batch_size)]
     mine = mine[rt.rank :: rt.world]
     batches = (held_out.rows(chunk, rt.device, teacher.dtype) for chunk in mine)
-    sums = velocity_errors(
+    sums = errors.velocity_errors(
         teacher, student, batches, buckets, gen, on_batch=lambda i: rt.progress(i, len(mine))
     )
     totals = rt.gather(sums)
@@ -71,7 +71,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
 def fetch_judge(rt: Runtime, uri: str):
     """The shapes task's judge from its folder (any store), checked against its SHA256SUMS."""
     from amber.storage import open_store
-    from amber_trainer.quality import teacher as fixtures
+    from amber_trainer.quality import fixtures
 
     store = open_store(uri, rt.run.storage.endpoint, rt.run.storage.region)
     local = rt.workdir / "judge"
@@ -108,29 +108,6 @@ def judged(judge, models_: dict[str, torch.nn.Module], out: Path, seed: int = 0)
     drawn = {MODEL_NAMES.get(name, name): model for name, model in models_.items()}
     measure.grid(suite, drawn, out / JUDGED_GRID)
     return table
-
-
-@torch.no_grad()
-def velocity_errors(teacher, student, batches, buckets: int, gen: torch.Generator, on_batch=None):
-    """Sums over samples, per timestep bucket, of: the student's velocity error relative to
-    the teacher's, and each model's flow-matching MSE. Each sample gets one time inside each
-    bucket, drawn from `gen`: comparable across models and runs."""
-    rel = torch.zeros(buckets, dtype=torch.float64)
-    fm_student = torch.zeros(buckets, dtype=torch.float64)
-    fm_teacher = torch.zeros(buckets, dtype=torch.float64)
-    for step, batch in enumerate(batches):
-        for b in range(buckets):
-            t = (b + torch.rand(len(batch), generator=gen)) / buckets
-            x, target = common.noised(batch, t, gen)
-            v_teacher = velocity(teacher, x).double()
-            v_student = velocity(student, x).double()
-            diff = (v_student - v_teacher).flatten(1).norm(dim=1)
-            rel[b] += (diff / v_teacher.flatten(1).norm(dim=1).clamp_min(1e-12)).sum().item()
-            fm_student[b] += (v_student - target).pow(2).flatten(1).mean(1).sum().item()
-            fm_teacher[b] += (v_teacher - target).pow(2).flatten(1).mean(1).sum().item()
-        if on_batch:
-            on_batch(step + 1)
-    return rel, fm_student, fm_teacher
 
 
 def sample_grid(vae, teacher, student, held_out, params, path: Path, rows: int = 4) -> None:

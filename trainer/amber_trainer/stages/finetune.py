@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from amber_trainer import checkpoint, loop, targets
+from amber_trainer import data
 from amber_trainer.data import Sampler
-from amber_trainer.forward import concat, velocity
-from amber_trainer.objectives import FlowMatching
-from amber_trainer.rollouts import Rollouts
+from amber_trainer.model.forward import concat, velocity
 from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
+from amber_trainer.train import checkpoint, loop, targets
+from amber_trainer.train.objectives import FlowMatching
+from amber_trainer.train.rollouts import Rollouts
 
 
 def flow_inputs(
@@ -41,7 +42,7 @@ def _data_rows(rt, train, sampler, params, teacher, micro_step: int, rows, pool)
     gen = sampler.generator(micro_step, rt.rank)
     batch = train.rows(rows, rt.device)
     t = targets.sampling_of(params).draw(len(rows), gen)  # the pool's draw when it has one
-    x, target = common.noised(batch, t, gen)
+    x, target = data.noised(batch, t, gen)
     teacher_v = None
     if teacher is not None:
         with torch.no_grad():

@@ -26,14 +26,16 @@ import torch
 
 from amber import commits
 from amber.stages import FuseStage
-from amber_trainer import checkpoint, loop, models, spanfit
-from amber_trainer import fuse as fusing
+from amber_trainer import data
 from amber_trainer.data import Sampler
-from amber_trainer.forward import concat
-from amber_trainer.objectives import FlowMatching, LayerwiseDistillation, teacher_states
+from amber_trainer.model import models
+from amber_trainer.model.forward import concat
 from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
 from amber_trainer.stages.finetune import flow_inputs, own_velocity, rollouts_for
+from amber_trainer.surgery import fuse, spanfit
+from amber_trainer.train import checkpoint, loop
+from amber_trainer.train.objectives import FlowMatching, LayerwiseDistillation, teacher_states
 
 HISTORY = "history.json"
 
@@ -106,7 +108,7 @@ def phase_inputs(rt: Runtime, params, train, sampler, target, boundaries, rollou
         parts = []
         if rows:
             t = torch.rand(len(rows), generator=gen)
-            parts.append(common.noised(train.rows(rows, rt.device), t, gen)[0])
+            parts.append(data.noised(train.rows(rows, rt.device), t, gen)[0])
         if own:
             parts.append(rollouts.draw(walk, train, rt.device))
         x = concat(parts)
@@ -144,7 +146,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
     model, layer_map = common.input_model(rt)
     fixed = model.requires_grad_(False).eval()
     already = model.config.get("num_single_layers", 0)
-    counts = fusing.phases(params.single_layers, params.blocks_per_phase, already)
+    counts = fuse.phases(params.single_layers, params.blocks_per_phase, already)
     total = len(counts) * params.steps + params.finetune_steps
     train, _ = common.datasets(rt, dict(model.config))
     sampler = Sampler(len(train), params.seed)
@@ -187,8 +189,8 @@ def train_phase(rt: Runtime, f: Fusion, model, p: int, engine):
     target = f.fixed if params.target == "input" else model.requires_grad_(False).eval()
     inputs = [loop.cast(x, rt.device, model.dtype) for x in f.fit]
     sequential = params.projection_init == "sequential"
-    rank = fusing.text_rank(model.inner_dim, params.text_rank_fraction)
-    student = fusing.convert(model, f.counts[p], inputs, sequential, rank, params.refit_mlp)
+    rank = fuse.text_rank(model.inner_dim, params.text_rank_fraction)
+    student = fuse.convert(model, f.counts[p], inputs, sequential, rank, params.refit_mlp)
     student = student.train().requires_grad_(True)
     depth = len(student.transformer_blocks)
     objective = LayerwiseDistillation(

@@ -7,11 +7,11 @@ import json
 
 import torch
 
-from amber_trainer import models, spanfit
-from amber_trainer import prune as pruning
+from amber_trainer.model import models
 from amber_trainer.runtime import Runtime
-from amber_trainer.score import ScoreResult
 from amber_trainer.stages import common
+from amber_trainer.surgery import prune, spanfit
+from amber_trainer.surgery.score import ScoreResult
 
 FIT_BATCH = 16
 
@@ -28,10 +28,10 @@ def run(rt: Runtime) -> tuple[int, dict]:
             (rt.fetch_output(rt.run.score_from) / "importance.json").read_text()
         )
         num_layers = len(teacher.transformer_blocks)
-        entries = pruning.layer_map(
+        entries = prune.layer_map(
             scored.keep, num_layers, params.init, scored.aggregate, scored.spans
         )
-        student = pruning.prune(teacher, entries)
+        student = prune.prune(teacher, entries)
         metrics = {
             "layers": len(entries),
             "parameters": models.count_parameters(student),
@@ -55,6 +55,6 @@ def run(rt: Runtime) -> tuple[int, dict]:
             # after its span, on the refit's rows: before and after the refit.
             metrics["spanError"] = [[round(a, 4), round(b, 4)] for a, b in errors]
             rt.log("refitted the MLPs", error_before=errors[-1][0], error_after=errors[-1][1])
-        common.save_model(student, out, pruning.entries_to_json(entries))
+        common.save_model(student, out, prune.entries_to_json(entries))
         (out / "metrics.json").write_text(json.dumps(metrics))
     return 0, metrics

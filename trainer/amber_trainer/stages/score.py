@@ -6,9 +6,9 @@ import json
 
 import torch
 
-from amber_trainer import score as scoring
 from amber_trainer.runtime import Runtime
 from amber_trainer.stages import common
+from amber_trainer.surgery import score
 
 
 def run(rt: Runtime) -> tuple[int, dict]:
@@ -29,7 +29,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
     mine = mine[rt.rank :: rt.world]
     batches = [train.rows(r, rt.device, teacher.dtype) for r in mine]
     rounds = 1 if params.mode == "one-shot" else num_layers - params.target_layers
-    if params.criterion in scoring.PATTERNS:
+    if params.criterion in score.PATTERNS:
         rounds = 0  # a fixed pattern reads no data
     total = rounds * len(params.timesteps) * len(batches)
     done = 0
@@ -40,14 +40,14 @@ def run(rt: Runtime) -> tuple[int, dict]:
         rt.progress(done, total)
 
     def matrix(removed):
-        local = scoring.MATRICES[params.criterion](
+        local = score.MATRICES[params.criterion](
             teacher, batches, params.timesteps, params.seed + rt.rank, removed, on_step=tick
         )
         weight = sum(len(b) for b in batches)
         parts = rt.gather((local * weight, weight))
         return sum(m for m, _ in parts) / max(1, sum(w for _, w in parts))
 
-    result = scoring.score(teacher, batches, params, matrix_fn=matrix)
+    result = score.score(teacher, batches, params, matrix_fn=matrix)
     out = rt.workdir / "output"
     out.mkdir()
     (out / "importance.json").write_text(result.to_json())
@@ -60,11 +60,11 @@ def run(rt: Runtime) -> tuple[int, dict]:
     if rt.is_main:
         if params.criterion == "block-influence":
             title = "block influence: 1 - cos(block input, block output)"
-            scoring.heatmap(result, out / "importance.png", title)
+            score.heatmap(result, out / "importance.png", title)
         elif params.criterion == "total-effect":
             title = "total effect: velocity error when the block is skipped"
-            scoring.heatmap(result, out / "importance.png", title)
+            score.heatmap(result, out / "importance.png", title)
         elif params.criterion == "importance":
-            scoring.heatmap(result, out / "importance.png")
+            score.heatmap(result, out / "importance.png")
         (out / "metrics.json").write_text(json.dumps(metrics))
     return 0, metrics

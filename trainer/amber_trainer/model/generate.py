@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from amber_trainer import models
 from amber_trainer.data import Batch
-from amber_trainer.forward import FlowInputs, velocity
+from amber_trainer.model import models
+from amber_trainer.model.forward import FlowInputs, velocity
 
 
 def hashed_prompt(prompt: str, tokens: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,8 +25,8 @@ from typing import Any
 
 from amber import lineage
 from amber.plan import StageRun
-from amber_trainer import fuse as fusing
-from amber_trainer import models
+from amber_trainer.model import models
+from amber_trainer.surgery import fuse
 
 GIB = 2**30
 # bytes kept for backward per token per hidden unit by one block (bf16), by execution mode
@@ -104,7 +104,7 @@ def stage_models(run: StageRun, teacher: dict, student: dict) -> tuple[dict | No
     if stage.type == "finetune":
         return (teacher if stage.distill_weight > 0 else None), student
     # fuse: each phase distils from the previous phase's model, of the student's size
-    return student, fusing.fused_config(student, stage)
+    return student, fuse.fused_config(student, stage)
 
 
 def predict(

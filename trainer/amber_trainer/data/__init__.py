@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from amber_trainer.forward import FlowInputs
+from amber_trainer.model.forward import FlowInputs
 
 
 @dataclass
@@ -121,7 +121,7 @@ def shapes_datasets(config: dict, samples: int, seed: int) -> tuple[TensorDatase
     """The shapes task's pairs (`data.shapes`): `samples` renderings of its training
     combinations, and one rendering of every held-out combination (never trained on)."""
     from amber_trainer.quality import task, text
-    from amber_trainer.quality.teacher import dataset
+    from amber_trainer.quality.fixtures import dataset
 
     wrong = task.misfit(config)
     if wrong:
@@ -178,3 +178,10 @@ class Sampler:
     def generator(self, micro_step: int, rank: int) -> torch.Generator:
         """Noise and timestep randomness for one process at one micro-step."""
         return torch.Generator().manual_seed(hash((self.seed, micro_step, rank)) & (2**62 - 1))
+
+
+def noised(batch: Batch, t: torch.Tensor, gen: torch.Generator) -> tuple[FlowInputs, torch.Tensor]:
+    """x_t for times t, and the flow-matching target ε - x0."""
+    noise = torch.randn(batch.latents.shape, generator=gen, dtype=batch.latents.dtype)
+    noise = noise.to(batch.latents.device)
+    return batch.noised(t.to(batch.latents.device), noise), noise - batch.latents

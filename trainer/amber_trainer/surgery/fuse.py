@@ -36,9 +36,10 @@ from collections.abc import Iterable
 
 import torch
 
-from amber_trainer import models, spanfit
-from amber_trainer.forward import Conditioning, FlowInputs, embed, run_block
-from amber_trainer.hybrid import TEXT_BRANCH_PREFIXES, AmberHybridTransformer2DModel
+from amber_trainer.model import models
+from amber_trainer.model.forward import Conditioning, FlowInputs, embed, run_block
+from amber_trainer.model.hybrid import TEXT_BRANCH_PREFIXES, AmberHybridTransformer2DModel
+from amber_trainer.surgery import spanfit
 
 FITTED = ("to_q", "to_k", "to_v")  # what the fit replaces: how image tokens read the text
 TEXT_OF = {"to_q": "add_q_proj", "to_k": "add_k_proj", "to_v": "add_v_proj"}

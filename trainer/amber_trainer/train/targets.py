@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 
 from amber.stages import FinetuneStage
 from amber_trainer.data import Batch, TensorDataset
-from amber_trainer.forward import FlowInputs
-from amber_trainer.objectives import sample_timesteps, teacher_states
+from amber_trainer.model.forward import FlowInputs
+from amber_trainer.train.objectives import sample_timesteps, teacher_states
 
 FOLDER = "teacher-targets"
 FILE = "targets.safetensors"

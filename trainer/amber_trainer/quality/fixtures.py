@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from amber_trainer import models, speed
-from amber_trainer.forward import FlowInputs, velocity
+from amber_trainer.model import models
+from amber_trainer.model.forward import FlowInputs, velocity
 from amber_trainer.quality import judge as judging
 from amber_trainer.quality import measure, task, text
+from amber_trainer.train import speed
 
 # Qwen-Image's architecture at toy width and real depth ratios: 24 dual-stream blocks of
 # 2 heads x 32 (a block costs about 36·d², so 24·64² is close to the first teacher's
@@ -186,7 +187,7 @@ def _judge(folder: Path, log) -> tuple[judging.Judge, dict, float]:
 def skip_costs(model, judge: judging.Judge, suites, draws: int = SKIP_DRAWS, seed: int = 0) -> dict:
     """Held-out score of the whole model and with 1 or 2 random non-edge blocks skipped
     (`draws` seeded draws each): how close the model is to "a few blocks are free"."""
-    from amber_trainer import prune
+    from amber_trainer.surgery import prune
 
     layers = len(model.transformer_blocks)
     full = measure.evaluate(model, judge, suites)["score"]

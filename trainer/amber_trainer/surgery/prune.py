@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-from amber_trainer import models
+from amber_trainer.model import models
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-from amber_trainer import models
+from amber_trainer.model import models
 
 PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -21,8 +21,8 @@ import shutil
 from typing import Any
 
 from amber import commits
-from amber_trainer import moments
 from amber_trainer.runtime import Runtime
+from amber_trainer.train import moments
 
 TAG = "state"
 KEEP = 2  # committed checkpoints kept per stage: the newest, and one in case it is bad

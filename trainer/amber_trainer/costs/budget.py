@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from amber.api import AmberCompression
 from amber.plan import StageRun, plan
-from amber_trainer import memory, models
+from amber_trainer.costs import memory
+from amber_trainer.model import models
 
 # Model TFLOP/s (recomputation not credited) measured on one H200 at full width, bf16.
 THROUGHPUT = {

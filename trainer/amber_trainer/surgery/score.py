@@ -32,8 +32,8 @@ import torch
 
 from amber.stages import ScoreStage
 from amber_trainer.data import Batch
-from amber_trainer.forward import embed, head, run_block, run_blocks
-from amber_trainer.prune import representative
+from amber_trainer.model.forward import embed, head, run_block, run_blocks
+from amber_trainer.surgery.prune import representative
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import QwenImageTransformer2DModel
 
-from amber_trainer.hybrid import AmberHybridTransformer2DModel
+from amber_trainer.model.hybrid import AmberHybridTransformer2DModel
 
 # A 12-block teacher that runs in milliseconds on a CPU; the shapes keep Qwen-Image's ratios
 # where they matter (packed 2x2 latents, RoPE axes summing to the head width).

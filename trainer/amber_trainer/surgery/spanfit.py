@@ -31,8 +31,8 @@ from contextlib import contextmanager
 
 import torch
 
-from amber_trainer.forward import Conditioning, FlowInputs, embed, run_block
-from amber_trainer.hybrid import AmberSingleStreamBlock
+from amber_trainer.model.forward import Conditioning, FlowInputs, embed, run_block
+from amber_trainer.model.hybrid import AmberSingleStreamBlock
 
 BRANCHES = ("img", "txt")
 TIMES = tuple((i + 0.5) / 8 for i in range(8))  # calibration times, one per batch

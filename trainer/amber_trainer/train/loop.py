@@ -12,9 +12,9 @@ import torch
 
 from amber.api import DeepSpeedSpec
 from amber.stages import TrainingParams
-from amber_trainer import checkpoint, speed
-from amber_trainer.forward import FlowInputs
+from amber_trainer.model.forward import FlowInputs
 from amber_trainer.runtime import Runtime, deepspeed_config, peak_memory_mb
+from amber_trainer.train import checkpoint, speed
 
 # make_inputs(micro_step) -> the objective's positional arguments for that micro-batch
 InputFn = Callable[[int], tuple]

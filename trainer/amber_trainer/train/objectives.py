@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from amber_trainer.forward import FlowInputs, embed, head, run_block
+from amber_trainer.model.forward import FlowInputs, embed, head, run_block
 
 
 def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ from typing import Any
 
 from amber import lineage
 from amber.stages import StageBase
-from amber_trainer import fuse as fusing
-from amber_trainer import models
+from amber_trainer.model import models
+from amber_trainer.surgery import fuse
 
 
 def _row(name: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -33,6 +33,6 @@ def recipe_sizes(teacher: dict[str, Any], stages: Sequence[StageBase]) -> list[d
             config = {**config, "num_layers": after.layers}
             rows.append(_row(f"{stage.name} ({after.layers} layers)", config))
         elif after.single_layers != before.single_layers:
-            config = fusing.fused_config(config, stage)
+            config = fuse.fused_config(config, stage)
             rows.append(_row(f"{stage.name} ({after.single_layers} single-stream)", config))
     return rows

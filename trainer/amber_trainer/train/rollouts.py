@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 
 from amber_trainer.data import TensorDataset
-from amber_trainer.forward import FlowInputs
-from amber_trainer.generate import schedule
+from amber_trainer.model.forward import FlowInputs
+from amber_trainer.model.generate import schedule
 
 Velocity = Callable[[FlowInputs], torch.Tensor]
 
