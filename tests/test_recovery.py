@@ -52,7 +52,7 @@ def test_the_saved_model_is_the_moving_average_of_the_weights(gang, tmp_path):
         x, target = data.noised(batch, torch.rand(4, generator=gen), gen)
         return x, target, None
 
-    state = loop.train(rt, engine, run.stage, make_inputs, steps)
+    state = loop.train(rt, engine, run.stage, make_inputs, loop.Part(steps))
     after = [*seen[1:], {n: p.detach().clone() for n, p in student.named_parameters()}]
     expected = {n: v.clone() for n, v in seen[0].items()}
     for n_done, weights in enumerate(after, start=1):

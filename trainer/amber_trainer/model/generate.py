@@ -43,11 +43,15 @@ def hashed_prompt(prompt: str, tokens: int, width: int) -> tuple[torch.Tensor, t
     return text, mask
 
 
+def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow-matching schedulers' resolution shift of times t in [0, 1]: more time at high
+    noise when shift > 1 (its inverse is t / (shift - (shift - 1)·t))."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def schedule(steps: int, shift: float = 3.0) -> list[float]:
-    """The `steps + 1` times an Euler sampler visits, from 1 (noise) to 0, with the
-    flow-matching schedulers' time shift (more steps at high noise when shift > 1)."""
-    times = torch.linspace(1.0, 0.0, steps + 1)
-    return (shift * times / (1 + (shift - 1) * times)).tolist()
+    """The `steps + 1` times an Euler sampler visits, from 1 (noise) to 0, time-shifted."""
+    return time_shift(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
 
 
 @torch.no_grad()

@@ -48,7 +48,8 @@ def run(rt: Runtime) -> tuple[int, dict]:
 
     engine = loop.build_engine(rt, objective, params, params.steps)
     state = checkpoint.resume_state(rt, engine)
-    state = loop.train(rt, engine, params, make_inputs, params.steps, "distill", state=state)
+    part = loop.Part(params.steps, "distill")
+    state = loop.train(rt, engine, params, make_inputs, part, state)
 
     per_block = state["parts"]
     metrics = {

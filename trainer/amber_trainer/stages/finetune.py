@@ -94,9 +94,8 @@ def run(rt: Runtime) -> tuple[int, dict]:
     def make_inputs(micro_step):
         return flow_inputs(rt, train, sampler, params, teacher, micro_step, pool, rollouts, student)
 
-    state = loop.train(
-        rt, engine, params, make_inputs, params.steps, "finetune", state=state, carry=rollouts
-    )
+    part = loop.Part(params.steps, "finetune")
+    state = loop.train(rt, engine, params, make_inputs, part, state, carry=rollouts)
     metrics = {**common.training_metrics(state), "flowLoss": [p[0] for p in state["parts"]]}
     common.write_output(
         rt, common.trained_model(engine, state), layer_map, metrics, "flow-matching loss"

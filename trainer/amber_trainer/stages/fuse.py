@@ -209,18 +209,8 @@ def train_phase(rt: Runtime, f: Fusion, model, p: int, engine):
     make_inputs = phase_inputs(
         rt, params, f.train, f.sampler, target, boundaries, rollouts, student
     )
-    state = loop.train(
-        rt,
-        engine,
-        params,
-        make_inputs,
-        params.steps,
-        label,
-        offset,
-        state,
-        f.total,
-        carry=rollouts,
-    )
+    part = loop.Part(params.steps, label, offset, f.total)
+    state = loop.train(rt, engine, params, make_inputs, part, state, carry=rollouts)
     return common.trained_model(engine, state), engine, state["losses"]
 
 
@@ -242,18 +232,8 @@ def closing_finetune(rt: Runtime, f: Fusion, model, engine):
     def make_inputs(micro_step):
         return flow_inputs(rt, train, tuning, params, teacher, micro_step, pool, rollouts, model)
 
-    state = loop.train(
-        rt,
-        engine,
-        params,
-        make_inputs,
-        params.finetune_steps,
-        "finetune",
-        offset,
-        state,
-        f.total,
-        carry=rollouts,
-    )
+    part = loop.Part(params.finetune_steps, "finetune", offset, f.total)
+    state = loop.train(rt, engine, params, make_inputs, part, state, carry=rollouts)
     return common.trained_model(engine, state), state["losses"]
 
 

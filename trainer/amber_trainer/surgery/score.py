@@ -198,7 +198,7 @@ def sampler_weights(timesteps: Sequence[float], params: ScoreStage) -> torch.Ten
     s = params.sampler_shift
 
     def cdf(t: float) -> float:  # share of sampler times below t
-        # shifted: t = s·u / (1 + (s-1)·u) for u uniform, so u = t / (s - (s-1)·t)
+        # shifted: t = generate.time_shift(u, s) for u uniform, so u = t / (s - (s-1)·t)
         return t if params.sampler == "uniform" else t / (s - (s - 1) * t)
 
     mass = [cdf(b) - cdf(a) for a, b in pairwise(edges)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import deepspeed
@@ -128,32 +129,45 @@ def load_ema(model: torch.nn.Module, average: dict[str, torch.Tensor]) -> torch.
     return model
 
 
+@dataclass(frozen=True)
+class Part:
+    """The steps one call of `train` runs: a whole stage, or one part of a stage trained in
+    parts (fuse's phases and closing fine-tune), placed in the stage for progress and
+    checkpoint numbering."""
+
+    steps: int  # optimiser steps of this part
+    label: str = "train"  # names the part in progress records and its checkpoints
+    offset: int = 0  # the stage's steps before this part
+    stage_steps: int | None = None  # the whole stage's steps (None: this part's)
+
+    @property
+    def total(self) -> int:
+        return self.stage_steps or self.offset + self.steps
+
+
 def train(
     rt: Runtime,
     engine,
     params: TrainingParams,
     make_inputs: InputFn,
-    total_steps: int,
-    label: str = "train",
-    step_offset: int = 0,
+    part: Part,
     state: dict | None = None,
-    progress_total: int | None = None,
     carry=None,
 ) -> dict[str, Any]:
-    """Run optimiser steps [state.step, total_steps) with checkpoints; return the loop state.
+    """Run optimiser steps [state.step, part.steps) with checkpoints; return the loop state.
 
-    `step_offset` places these steps in a longer stage (fuse's phases) for progress and
-    checkpoint numbering. The state ({step, losses, parts}, and with `params.ema` the moving
-    average of the student's weights) survives in checkpoints, so a resumed run reports the
-    same loss curve, and saves the same average, as an uninterrupted one. `carry` (with a
+    The state ({step, losses, parts}, and with `params.ema` the moving average of the
+    student's weights) survives in checkpoints, so a resumed run reports the same loss
+    curve, and saves the same average, as an uninterrupted one. `carry` (with a
     `state_dict()`) is state that `make_inputs` keeps between micro-batches (the on-policy
     trajectories): checkpoints hold one entry per rank of it under `CARRY`.
     """
     state = state or {"step": 0, "losses": [], "parts": []}
-    student = getattr(engine.module, "student", None)
-    dtype = student.dtype if student is not None else torch.float32
+    student = engine.module.student  # an objectives.Objective
+    dtype = student.dtype
+    total_steps, label, step_offset = part.steps, part.label, part.offset
     if params.ema > 0 and "ema" not in state:
-        if student is None or engine.zero_optimization_partition_weights():
+        if engine.zero_optimization_partition_weights():
             raise ValueError("ema: a moving average needs whole weights; not with zeroStage 3")
         state["ema"] = {n: p.detach().float().clone() for n, p in student.named_parameters()}
     accumulation = params.gradient_accumulation
@@ -178,7 +192,7 @@ def train(
         steps_per_second = (step + 1 - first_step) / max(time.perf_counter() - started, 1e-9)
         rt.progress(
             step_offset + step + 1,
-            progress_total or step_offset + total_steps,
+            part.total,
             steps_per_second,
             steps_per_second * samples_per_step,
             phase=label,

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from amber_trainer.model.forward import FlowInputs, embed, head, run_block
+from amber_trainer.model.generate import time_shift
 
 
 def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,20 @@ def teacher_states(
     return states, head(teacher, img, cond)
 
 
-class LayerwiseDistillation(nn.Module):
+class Objective(nn.Module):
+    """What the training loop relies on in an objective: the model it trains (`student`:
+    compiled block by block on GPUs, followed by a moving average, saved by the stage),
+    `activation_checkpointing` (set from the resource's DeepSpeed settings before training)
+    and `forward(*inputs) -> (loss, parts)`: the scalar to minimise and a detached vector of
+    its parts (per block, or per term) for the loss history."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+        self.activation_checkpointing = False
+
+
+class LayerwiseDistillation(Objective):
     """Student block j reproduces the teacher's hidden states at the end of its span.
 
     `spans[j] = (first, last)` teacher blocks. Mode `local` feeds block j the teacher's input
@@ -80,15 +94,13 @@ class LayerwiseDistillation(nn.Module):
         outlier_sigma: float = 0.0,
         text_weights: Sequence[float] | None = None,
     ):
-        super().__init__()
-        self.student = student
+        super().__init__(student)
         self.spans = [tuple(s) for s in spans]
         self.mode = mode
         self.output_weight = output_weight
         self.feature_loss = feature_loss
         self.outlier_sigma = outlier_sigma
         self.text_weights = list(text_weights or [1.0] * len(self.spans))
-        self.activation_checkpointing = False
 
     def boundaries(self) -> list[int]:
         return sorted({a for a, _ in self.spans} | {b + 1 for _, b in self.spans})
@@ -129,21 +141,18 @@ def sample_timesteps(kind: str, n: int, gen: torch.Generator, mean=0.0, std=1.0,
         return torch.sigmoid(mean + std * torch.randn(n, generator=gen))
     u = torch.rand(n, generator=gen)
     if kind == "shifted":
-        # The resolution shift of flow-matching schedulers: more time at high noise.
-        return shift * u / (1 + (shift - 1) * u)
+        return time_shift(u, shift)
     return u
 
 
-class FlowMatching(nn.Module):
+class FlowMatching(Objective):
     """μ·||v_θ(x_t, t, c) - (ε - x0)||² + λ·||v_θ - v_teacher||² (μ = `flow_weight`,
     λ = `distill_weight`; the second term only with a teacher's velocity)."""
 
     def __init__(self, student: nn.Module, distill_weight: float = 0.0, flow_weight: float = 1.0):
-        super().__init__()
-        self.student = student
+        super().__init__(student)
         self.distill_weight = distill_weight
         self.flow_weight = flow_weight
-        self.activation_checkpointing = False
 
     def forward(self, x: FlowInputs, target: torch.Tensor, teacher_velocity: torch.Tensor | None):
         img, txt, cond = embed(self.student, x)
