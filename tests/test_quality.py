@@ -190,6 +190,7 @@ def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tm
         (measured / f"{name}.json").write_text(json.dumps(saved))
 
     mark("teacher", -1.0)
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*") if p.is_file()}
     # Again in two worker processes (the arms share no stage, so they run side by side),
     # which read what the first run kept.
     again = benchmark.run([0], tmp_path, ["amber-10b", "broken"], FIXTURES, size, budget, jobs=2)
@@ -199,6 +200,11 @@ def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tm
         ("amber-10b", "prune"): pruned["score"],
         ("amber-10b", "finetune"): compressed["score"],
         ("broken", "prune"): broken["score"],
+    }
+    # The training data and the teacher's pooled targets, made from the same inputs, were
+    # kept as they were.
+    assert written == {
+        p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*") if p.is_file()
     }
     # A stage committed again at the same place (its output deleted, a code change) is a
     # new model: it is measured again, not read back.

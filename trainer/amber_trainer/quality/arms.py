@@ -503,11 +503,17 @@ def resource(
     )
 
 
+DATA_STAMP = "inputs.json"  # what a data folder was written from, written last
+DATA_FORMAT = 1  # bump when what write_data writes changes
+
+
 def write_data(folder: Path, samples: int, seed: int, teacher=None, pool: int = 0) -> Path:
     """Training pairs as the encode stage writes them (`data.cacheUri`) and, with a
     `teacher` and `pool` > 0, the teacher's targets for `pool` entries of each timestep
     distribution the recipes train with: distillation's (uniform, with hidden states) and
-    fine-tuning's (velocities). Every arm and seed of a run reads them."""
+    fine-tuning's (velocities). Every arm and seed of a run reads them. A folder that
+    holds them for the same inputs already is kept (a run started again, or a second run
+    on the same work folder): the pool is most of the cost."""
     import torch
     from safetensors.torch import save_file
 
@@ -515,6 +521,18 @@ def write_data(folder: Path, samples: int, seed: int, teacher=None, pool: int = 
     from amber_trainer.quality import fixtures
     from amber_trainer.train import targets
 
+    pooled = teacher is not None and pool > 0
+    inputs = {
+        "format": DATA_FORMAT,
+        "samples": samples,
+        "seed": seed,
+        "pool": pool if pooled else 0,
+        "teacher": targets.fingerprint(teacher) if pooled else None,
+    }
+    stamp = folder / DATA_STAMP
+    if stamp.exists() and json.loads(stamp.read_text()) == inputs:
+        return folder
+    stamp.unlink(missing_ok=True)  # a write cut short below is never taken as whole
     train, _ = task.split()
     tokens, emb, mask, _ = fixtures.dataset(train, samples, seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -528,12 +546,13 @@ def write_data(folder: Path, samples: int, seed: int, teacher=None, pool: int = 
         },
         str(shard),
     )
-    if teacher is not None and pool > 0:
+    if pooled:
         rows, _ = data.load_shards([shard]).split()  # what the stages train on
         finetune = next(s for s in presets.build("amber-10b", 4, {}) if s.type == "finetune")
         for sampling, states in ((targets.UNIFORM, True), (targets.sampling_of(finetune), False)):
             built = targets.build(teacher, rows, pool, sampling, seed + 1, with_states=states)
             targets.save(built, folder)
+    stamp.write_text(json.dumps(inputs))  # last
     return folder
 
 
