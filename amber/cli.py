@@ -493,15 +493,18 @@ def operator(
 
     import kopf
 
-    os.environ["AMBER_METRICS_PORT"] = str(metrics_port)
-    import amber_operator.handlers  # noqa: F401 - registers the handlers
+    from amber_operator import handlers
+    from amber_operator.settings import from_environment
+
+    ours = from_environment(metrics_port=metrics_port)  # the chart's values, then the options
+    handlers.register(ours)
 
     kopf.configure(log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.FULL)
     from amber_operator.peering import Peering
 
     settings = kopf.OperatorSettings()
     settings.peering.lifetime = peering_lifetime
-    memo = kopf.Memo(peering=None, timer_only=timer_only)
+    memo = kopf.Memo(peering=None, timer_only=timer_only, settings=ours)
     identity = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     if peering is not None:
         if priority is None:

@@ -341,12 +341,13 @@ def test_stale_body_pass_never_undoes_a_newer_status(cluster, namespace, tmp_pat
 
     from amber_operator import handlers
     from amber_operator.requeue import Requeue
+    from amber_operator.settings import Settings
 
     doc = tiny_resource(str(tmp_path / "store"), name="stale")
     doc["spec"]["suspend"] = True  # passes write a status and start nothing
     apply(cluster, namespace, doc)
     old = kopf.Body(get(cluster, namespace, "stale"))
-    memo = kopf.Memo(api=cluster.api, requeue=Requeue(lambda key: None))
+    memo = kopf.Memo(api=cluster.api, requeue=Requeue(lambda key: None), settings=Settings())
     handlers.reconcile(old, memo, logging.getLogger("test"))
     status = get(cluster, namespace, "stale")["status"]
     assert status["phase"] == "Suspended"

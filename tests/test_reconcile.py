@@ -6,6 +6,7 @@ import os
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -363,6 +364,18 @@ def test_job_state_reads_disruptions_and_termination_messages():
     state = job_state(died, "Traceback ...\nOSError: disk full")
     assert state.result is None and state.message.endswith("OSError: disk full")
     assert json_like is exit_code
+
+
+def test_the_operators_settings_come_from_its_environment_and_name_a_bad_variable():
+    from amber.errors import InvalidInput
+    from amber_operator import settings as operator_settings
+
+    env = {"AMBER_RECONCILE_INTERVAL": "2", "AMBER_TRAINER_SERVICE_ACCOUNT": "trainer"}
+    found = operator_settings.from_environment(env, metrics_port=0)
+    assert (found.reconcile_interval, found.workers, found.metrics_port) == (2.0, 32, 0)
+    assert found.trainer_service_account == "trainer" and found.lease_ttl >= 6.0
+    with pytest.raises(InvalidInput, match="AMBER_WORKERS"):
+        operator_settings.from_environment({"AMBER_WORKERS": "many"})
 
 
 def test_an_invalid_spec_fails_with_its_reason_and_starts_nothing():

@@ -11,7 +11,15 @@ import pytest
 
 from amber import commits
 from amber.storage import open_store
-from trainer_helpers import FAST, finish, kill_tree, stage_runs, tiny_resource, torchrun
+from trainer_helpers import (
+    FAST,
+    finish,
+    kill_at_first_checkpoint,
+    kill_tree,
+    stage_runs,
+    tiny_resource,
+    torchrun,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 ORDER = ["score", "prune", "distill", "finetune", "fuse", "eval"]
@@ -33,13 +41,7 @@ def test_killed_stage_resumes_from_its_last_checkpoint_with_the_same_curve(bucke
     killed = stage_runs(tiny_resource(f"s3://{bucket}/{stage}-killed", **steps))[stage]
     store = open_store(killed.run_uri)
     proc = torchrun(killed, tmp_path)
-    deadline = time.monotonic() + 300
-    while commits.latest_checkpoint(store, stage) is None:
-        assert proc.poll() is None, "finished before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    kill_tree(proc)
-    first = commits.latest_checkpoint(store, stage)
+    first = kill_at_first_checkpoint(proc, store, stage)
     assert commits.read_manifest(store, f"{stage}/output") is None
     # A newer checkpoint whose files landed but whose marker did not: must be ignored.
     store.write_bytes(f"{stage}/{commits.checkpoint_folder(first.step + 4)}/state/junk.pt", b"x")
@@ -65,14 +67,8 @@ def test_a_stage_resumes_with_another_number_of_processes(bucket, tmp_path, stag
         assert finish(torchrun(runs[name], tmp_path, nproc=1))[0] == 0
     store = open_store(runs[stage].run_uri)
     proc = torchrun(runs[stage], tmp_path, nproc=before)
-    deadline = time.monotonic() + 300
-    while commits.latest_checkpoint(store, stage) is None:
-        assert proc.poll() is None, "finished before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    kill_tree(proc)
+    first = kill_at_first_checkpoint(proc, store, stage)
     logged = [json.loads(line) for line in proc.stdout.read().splitlines() if '"progress"' in line]
-    first = commits.latest_checkpoint(store, stage)
     assert first.metrics["world"] == before
 
     code, out, events = finish(torchrun(runs[stage], tmp_path, nproc=after))

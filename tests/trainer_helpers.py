@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from amber import presets
+from amber import commits, presets
 from amber.local import free_port
 from amber.plan import StageRun, on_this_machine, plan, torchrun_args
 from amber.resource import parse
@@ -117,6 +117,18 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, list
     out, _ = proc.communicate(timeout=timeout)
     events = [json.loads(line) for line in out.splitlines() if line.startswith('{"event"')]
     return proc.returncode, out, events
+
+
+def kill_at_first_checkpoint(proc: subprocess.Popen, store, stage: str, timeout: float = 300):
+    """Wait for `stage`'s first committed checkpoint, then kill the gang as a power loss
+    would; that checkpoint's manifest."""
+    deadline = time.monotonic() + timeout
+    while commits.latest_checkpoint(store, stage) is None:
+        assert proc.poll() is None, "finished before its first checkpoint"
+        assert time.monotonic() < deadline, f"no checkpoint of {stage} in {timeout} s"
+        time.sleep(0.2)
+    kill_tree(proc)
+    return commits.latest_checkpoint(store, stage)
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

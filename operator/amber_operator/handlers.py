@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from datetime import datetime, timezone
 
@@ -16,7 +15,6 @@ import kopf
 from kubernetes import client
 from pydantic import ValidationError
 
-from amber import lease
 from amber.api import (
     GROUP,
     PLURAL,
@@ -30,18 +28,8 @@ from amber_operator import apply, metrics, observe, peering, render
 from amber_operator import conditions as c
 from amber_operator.reconcile import ObservedJob, decide, decide_invalid
 from amber_operator.requeue import Requeue
+from amber_operator.settings import Settings
 
-INTERVAL = float(os.environ.get("AMBER_RECONCILE_INTERVAL", "60"))
-# The run lease lives three timer intervals: a resource with nothing happening is passed
-# only by the timer, and must not lose its lease between two passes (`amber run` could
-# start on the folder the operator is running).
-LEASE_TTL = max(lease.TTL_SECONDS, 3 * INTERVAL)
-# Passes at once. A pass mostly waits on the API server and storage (six or so round trips),
-# so a pool sized by cores (Python's default, 6 on two) leaves a busy operator idle; this
-# bounds threads and connections, never one per resource.
-WORKERS = int(os.environ.get("AMBER_WORKERS", "32"))
-# The ServiceAccount of trainer pods (the chart creates one with no permissions).
-TRAINER_SERVICE_ACCOUNT = os.environ.get("AMBER_TRAINER_SERVICE_ACCOUNT", "")
 _locks: dict[str, threading.Lock] = {}
 _phases: dict[str, str] = {}
 _plans: dict[str, tuple[str, list[StageRun]]] = {}  # by uid: the spec's digest, its plan
@@ -59,7 +47,7 @@ def _plan(obj: AmberCompression, uid: str) -> list[StageRun]:
     return cached[1]
 
 
-def api_client() -> client.ApiClient:
+def api_client(workers: int) -> client.ApiClient:
     from kubernetes import config
 
     try:
@@ -69,12 +57,13 @@ def api_client() -> client.ApiClient:
     configuration = client.Configuration.get_default_copy()
     # One kept-alive connection per worker: a smaller pool drops connections under load,
     # and each new one costs a TLS handshake.
-    configuration.connection_pool_maxsize = WORKERS
+    configuration.connection_pool_maxsize = workers
     return client.ApiClient(configuration)
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    ours: Settings = memo.settings
     # Keep kopf's bookkeeping out of our status (its schema is ours, and structural).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="amber.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="amber.dev")
@@ -84,10 +73,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # Our events are posted as such (kopf.event); kopf's echo of every INFO log line as an
     # Event would double each of them and add a "handler succeeded" one to every pass.
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = WORKERS
-    memo.api = api_client()
+    settings.execution.max_workers = ours.workers
+    memo.api = api_client(ours.workers)
     memo.requeue = Requeue(lambda key: requeued(key, memo))
-    metrics.serve(int(os.environ.get("AMBER_METRICS_PORT", "9090")))
+    metrics.serve(ours.metrics_port)
 
 
 def requeued(key: tuple[str, str], memo: kopf.Memo) -> None:
@@ -150,7 +139,7 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, logger) -> None:
         try:
             for retry in range(STALE_RETRIES + 1):
                 try:
-                    again = _reconcile(body, memo.api, logger)
+                    again = _reconcile(body, memo.api, memo.settings, logger)
                     break
                 except _Stale:
                     if retry == STALE_RETRIES:
@@ -182,7 +171,7 @@ def _fresh(api: client.ApiClient, body: kopf.Body) -> kopf.Body | None:
     return kopf.Body(raw)
 
 
-def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> float | None:
+def _reconcile(body: kopf.Body, api: client.ApiClient, settings: Settings, logger) -> float | None:
     """One pass; when the resource asks to be looked at again, in how many seconds."""
     ns, name = body.metadata.namespace, body.metadata.name
     generation = body.metadata.get("generation")
@@ -205,7 +194,7 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> float | None:
     status = AmberCompressionStatus.model_validate(old_status) if old_status else None
     status = status or AmberCompressionStatus()
     runs = _plan(obj, body.metadata.uid)
-    observed = observe.observe(api, obj, runs, LEASE_TTL, body.metadata.uid)
+    observed = observe.observe(api, obj, runs, settings.lease_ttl, body.metadata.uid)
     decision = decide(obj, status, observed, now, generation, runs=runs)
     apply.apply(
         api,
@@ -214,7 +203,7 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, logger) -> float | None:
         dict(body),
         decision.actions,
         lambda: observe.store_for(api, obj),
-        TRAINER_SERVICE_ACCOUNT,
+        settings.trainer_service_account,
     )
 
     # One status write per pass, and only when something changed; events after it.
@@ -246,11 +235,17 @@ def on_change(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
     reconcile(body, memo, logger)
 
 
-# The safety net only: a resource's first pass is its create (or resume) handler's, so the
-# timer's first pass waits an interval instead of racing that one for the same status.
-@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, initial_delay=INTERVAL)
 def on_timer(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
     reconcile(body, memo, logger)
+
+
+def register(settings: Settings) -> None:
+    """What needs the settings to be registered: the safety-net timer, at their interval.
+    Its first pass waits an interval: a resource's first pass is its create (or resume)
+    handler's, which it must not race for the same status. The other handlers register on
+    import."""
+    every = settings.reconcile_interval
+    kopf.timer(GROUP, VERSION, PLURAL, interval=every, initial_delay=every)(on_timer)
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
