@@ -26,12 +26,14 @@ class NoteStage(StageBase):
 '''
 NOTE_RUNNER = '''"""The note stage: writes its text beside the model it follows."""
 
+from amber_trainer.stages import Output
+
 
 def run(rt):
     out = rt.workdir / "output"
     out.mkdir(parents=True, exist_ok=True)
     (out / "note.txt").write_text(rt.run.stage.text)
-    return 0, {"characters": len(rt.run.stage.text), "after": rt.run.model_from}
+    return Output(0, {"characters": len(rt.run.stage.text), "after": rt.run.model_from})
 '''
 
 

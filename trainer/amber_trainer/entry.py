@@ -64,8 +64,10 @@ def main(stage_type: str, config: Path) -> int:
             runtime.report(rt, succeeded(rt, existing, reused=True))
             return 0
         rt.log("started", index=run.index, world=rt.world, device=str(rt.device))
-        step, metrics = runner(run.stage.type)(rt)
-        manifest = rt.commit_output(rt.workdir / "output", step, summary(metrics))
+        out = runner(run.stage.type)(rt)
+        manifest = rt.commit_output(
+            rt.workdir / "output", out.step, summary(out.metrics), out.uploaded
+        )
         if rt.is_main:
             runtime.report(rt, succeeded(rt, manifest))
         return 0

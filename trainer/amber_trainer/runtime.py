@@ -41,8 +41,6 @@ class Runtime:
     device: torch.device
     store: Store  # rooted at {storage}/{namespace}/{name}
     workdir: Path  # this process's scratch space
-    # output files this rank uploaded itself; rank 0's commit marker lists them too
-    output_parts: dict = field(default_factory=dict)
     _last_progress: float = field(default=0.0, repr=False)
 
     @property
@@ -137,9 +135,12 @@ class Runtime:
                 folder, f"{err.reason}; quarantined: run again to re-run stage {stage}"
             ) from None
 
-    def commit_output(self, local_dir: Path, step: int, metrics: dict) -> commits.Manifest:
-        """Rank 0 uploads the output, marker last; every rank waits for it."""
-        parts = self.gather(self.output_parts)
+    def commit_output(
+        self, local_dir: Path, step: int, metrics: dict, uploaded: dict | None = None
+    ) -> commits.Manifest:
+        """Rank 0 uploads the output, marker last, listing the files every rank `uploaded`
+        into the output folder itself; every rank waits for it."""
+        parts = self.gather(uploaded or {})
         manifest = None
         if self.is_main:
             folder = f"{self.stage}/{OUTPUT}"

@@ -7,12 +7,12 @@ import torch
 from amber_trainer import data
 from amber_trainer.data import Sampler
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import common
+from amber_trainer.stages import Output, common
 from amber_trainer.train import checkpoint, loop
 from amber_trainer.train.objectives import LayerwiseDistillation, teacher_states
 
 
-def run(rt: Runtime) -> tuple[int, dict]:
+def run(rt: Runtime) -> Output:
     params = rt.run.stage
     teacher = common.teacher(rt)
     student, layer_map = common.input_model(rt)
@@ -60,4 +60,4 @@ def run(rt: Runtime) -> tuple[int, dict]:
     common.write_output(
         rt, common.trained_model(engine, state), layer_map, metrics, "layer-wise loss"
     )
-    return params.steps, metrics
+    return Output(params.steps, metrics)

@@ -24,12 +24,12 @@ from amber.plan import OUTPUT
 from amber.storage import open_store
 from amber_trainer.data import encoders, pairs
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import common
+from amber_trainer.stages import Output, common
 
 SOURCES = "sources"  # per-source completion records, inside the output folder
 
 
-def run(rt: Runtime) -> tuple[int, dict]:
+def run(rt: Runtime) -> Output:
     params = rt.run.stage
     spec = rt.run.data
     source = open_store(spec.uri, rt.run.storage.endpoint, rt.run.storage.region)
@@ -41,25 +41,26 @@ def run(rt: Runtime) -> tuple[int, dict]:
     pipe = encoders.load(common.teacher_folder(rt), rt.device, dtype)
     started = time.perf_counter()
     rows = skipped = resumed = 0
+    uploaded: dict[str, commits.FileEntry] = {}  # this rank's shards, in the output folder
     for done, name in enumerate(mine):
         record = finished_source(rt, name)
         if record is None:
             record = encode_source(rt, pipe, source, name, params)
         else:
             resumed += 1
-            rt.output_parts.update(
-                {k: commits.FileEntry.model_validate(v) for k, v in record["files"].items()}
-            )
+        uploaded.update(
+            {k: commits.FileEntry.model_validate(v) for k, v in record["files"].items()}
+        )
         rows += record["pairs"]
         skipped += record["skipped"]
         rt.progress(done + 1, len(mine), phase="encode", pairs=rows)
     (rt.workdir / "output").mkdir()  # rank 0's commit adds no file of its own: all uploaded
-    counts = rt.gather((rows, skipped, resumed, len(rt.output_parts)))
+    counts = rt.gather((rows, skipped, resumed, len(uploaded)))
     total = sum(c[0] for c in counts)
     if total == 0:
         raise ValueError(f"data.uri {spec.uri}: no readable image-text pairs")
     seconds = time.perf_counter() - started
-    return total, {
+    metrics = {
         "pairs": total,
         "skipped": sum(c[1] for c in counts),
         "sourcesResumed": sum(c[2] for c in counts),
@@ -68,6 +69,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
         "resolution": params.resolution,
         "pairs_per_s": round(total / max(seconds, 1e-9), 2),
     }
+    return Output(total, metrics, uploaded)
 
 
 def _record_key(rt: Runtime, name: str) -> str:
@@ -104,7 +106,6 @@ def encode_source(rt: Runtime, pipe, source, name: str, params) -> dict:
     local.unlink()
     files = commits.upload_files(rt.store, f"{rt.stage}/{OUTPUT}", writer.folder)
     shutil.rmtree(writer.folder)
-    rt.output_parts.update(files)
     record = {
         "specHash": rt.run.spec_hash,
         "pairs": writer.rows,

@@ -12,11 +12,11 @@ from amber_trainer.data import encoders
 from amber_trainer.model import errors, models
 from amber_trainer.model.generate import euler
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import common
+from amber_trainer.stages import Output, common
 
 
 @torch.no_grad()
-def run(rt: Runtime) -> tuple[int, dict]:
+def run(rt: Runtime) -> Output:
     params = rt.run.stage
     teacher = common.teacher(rt)
     student, _ = common.input_model(rt)
@@ -65,7 +65,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
             metrics["judged"] = judged(judge, models_, out, params.seed)
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))
     summary = ("meanRelativeVelocityError", "samples", "sampleGrid", "judged")
-    return 0, {k: metrics[k] for k in summary if k in metrics}
+    return Output(0, {k: metrics[k] for k in summary if k in metrics})
 
 
 def fetch_judge(rt: Runtime, uri: str):

@@ -8,7 +8,7 @@ from amber_trainer import data
 from amber_trainer.data import Sampler
 from amber_trainer.model.forward import concat, velocity
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import common
+from amber_trainer.stages import Output, common
 from amber_trainer.train import checkpoint, loop, targets
 from amber_trainer.train.objectives import FlowMatching
 from amber_trainer.train.rollouts import Rollouts
@@ -77,7 +77,7 @@ def rollouts_for(rt, params, state: dict | None) -> Rollouts | None:
     return rollouts
 
 
-def run(rt: Runtime) -> tuple[int, dict]:
+def run(rt: Runtime) -> Output:
     params = rt.run.stage
     student, layer_map = common.input_model(rt)
     student.train()
@@ -100,4 +100,4 @@ def run(rt: Runtime) -> tuple[int, dict]:
     common.write_output(
         rt, common.trained_model(engine, state), layer_map, metrics, "flow-matching loss"
     )
-    return params.steps, metrics
+    return Output(params.steps, metrics)

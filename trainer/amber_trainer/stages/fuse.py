@@ -31,7 +31,7 @@ from amber_trainer.data import Sampler
 from amber_trainer.model import models
 from amber_trainer.model.forward import concat
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import common
+from amber_trainer.stages import Output, common
 from amber_trainer.stages.finetune import flow_inputs, own_velocity, rollouts_for
 from amber_trainer.surgery import fuse, spanfit
 from amber_trainer.train import checkpoint, loop
@@ -141,7 +141,7 @@ class Fusion:
     total: int  # steps of the whole stage
 
 
-def run(rt: Runtime) -> tuple[int, dict]:
+def run(rt: Runtime) -> Output:
     params = rt.run.stage
     model, layer_map = common.input_model(rt)
     fixed = model.requires_grad_(False).eval()
@@ -179,7 +179,7 @@ def run(rt: Runtime) -> tuple[int, dict]:
         "blockKinds": models.block_kinds(model),
     }
     common.write_output(rt, model, layer_map, metrics, "phases + finetune")
-    return total, metrics
+    return Output(total, metrics)
 
 
 def train_phase(rt: Runtime, f: Fusion, model, p: int, engine):

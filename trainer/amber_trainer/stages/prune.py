@@ -9,14 +9,14 @@ import torch
 
 from amber_trainer.model import models
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import common
+from amber_trainer.stages import Output, common
 from amber_trainer.surgery import prune, spanfit
 from amber_trainer.surgery.score import ScoreResult
 
 FIT_BATCH = 16
 
 
-def run(rt: Runtime) -> tuple[int, dict]:
+def run(rt: Runtime) -> Output:
     params = rt.run.stage
     out = rt.workdir / "output"
     out.mkdir()
@@ -57,4 +57,4 @@ def run(rt: Runtime) -> tuple[int, dict]:
             rt.log("refitted the MLPs", error_before=errors[-1][0], error_after=errors[-1][1])
         common.save_model(student, out, prune.entries_to_json(entries))
         (out / "metrics.json").write_text(json.dumps(metrics))
-    return 0, metrics
+    return Output(0, metrics)

@@ -7,11 +7,11 @@ import json
 import torch
 
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import common
+from amber_trainer.stages import Output, common
 from amber_trainer.surgery import score
 
 
-def run(rt: Runtime) -> tuple[int, dict]:
+def run(rt: Runtime) -> Output:
     params = rt.run.stage
     teacher = common.teacher(rt)
     num_layers = len(teacher.transformer_blocks)
@@ -67,4 +67,4 @@ def run(rt: Runtime) -> tuple[int, dict]:
         elif params.criterion == "importance":
             score.heatmap(result, out / "importance.png")
         (out / "metrics.json").write_text(json.dumps(metrics))
-    return 0, metrics
+    return Output(0, metrics)
