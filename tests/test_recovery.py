@@ -8,8 +8,8 @@ import torch
 
 from amber_trainer import data, runtime
 from amber_trainer.model import models
-from amber_trainer.stages import common
 from amber_trainer.stages import fuse as fuse_stage
+from amber_trainer.stages import outputs
 from amber_trainer.surgery import fuse
 from amber_trainer.train import loop
 from amber_trainer.train.objectives import FlowMatching, per_token_mse
@@ -62,7 +62,7 @@ def test_the_saved_model_is_the_moving_average_of_the_weights(gang, tmp_path):
     for name, value in expected.items():
         torch.testing.assert_close(state["ema"][name], value, rtol=1e-5, atol=1e-7)
     last = after[-1]
-    saved = common.trained_model(engine, state)
+    saved = outputs.trained_model(engine, state)
     name = "transformer_blocks.0.img_mlp.net.2.weight"
     torch.testing.assert_close(dict(saved.named_parameters())[name], expected[name])
     assert not torch.allclose(expected[name], last[name])  # the average is not the last step

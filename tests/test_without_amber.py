@@ -16,7 +16,7 @@ import torch
 
 from amber_trainer.model import models
 from amber_trainer.model.hybrid import CODE_FILE
-from amber_trainer.stages.common import MODEL_DIR, save_model
+from amber_trainer.stages.outputs import MODEL_DIR, save_model
 
 pytestmark = pytest.mark.slow
 

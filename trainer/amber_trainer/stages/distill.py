@@ -7,15 +7,15 @@ import torch
 from amber_trainer import data
 from amber_trainer.data import Sampler
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import Output, common
+from amber_trainer.stages import Output, inputs, outputs
 from amber_trainer.train import checkpoint, loop
 from amber_trainer.train.objectives import LayerwiseDistillation, teacher_states
 
 
 def run(rt: Runtime) -> Output:
     params = rt.run.stage
-    teacher = common.teacher(rt)
-    student, layer_map = common.input_model(rt)
+    teacher = inputs.teacher(rt)
+    student, layer_map = inputs.input_model(rt)
     if layer_map is None:
         raise ValueError(f"{rt.run.model_from} output has no layer map: distill follows prune")
     student.train()
@@ -28,8 +28,8 @@ def run(rt: Runtime) -> Output:
         params.outlier_sigma,
     )
     boundaries = objective.boundaries()
-    train, _ = common.datasets(rt, dict(teacher.config))
-    pool = common.target_pool(rt, teacher, params, boundaries, len(train))
+    train, _ = inputs.datasets(rt, dict(teacher.config))
+    pool = inputs.target_pool(rt, teacher, params, boundaries, len(train))
     sampler = Sampler(len(pool) if pool else len(train), params.seed)
 
     def make_inputs(micro_step: int):
@@ -53,11 +53,11 @@ def run(rt: Runtime) -> Output:
 
     per_block = state["parts"]
     metrics = {
-        **common.training_metrics(state),
+        **outputs.training_metrics(state),
         "blockLossFirst": per_block[0],
         "blockLossFinal": per_block[-1],
     }
-    common.write_output(
-        rt, common.trained_model(engine, state), layer_map, metrics, "layer-wise loss"
+    outputs.write_output(
+        rt, outputs.trained_model(engine, state), layer_map, metrics, "layer-wise loss"
     )
     return Output(params.steps, metrics)

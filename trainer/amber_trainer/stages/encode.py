@@ -24,7 +24,7 @@ from amber.plan import OUTPUT
 from amber.storage import open_store
 from amber_trainer.data import encoders, pairs
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import Output, common
+from amber_trainer.stages import Output, inputs
 
 SOURCES = "sources"  # per-source completion records, inside the output folder
 
@@ -38,7 +38,7 @@ def run(rt: Runtime) -> Output:
         raise FileNotFoundError(f"data.uri {spec.uri}: no .tar or .parquet files")
     mine = files[rt.rank :: rt.world]
     dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-    pipe = encoders.load(common.teacher_folder(rt), rt.device, dtype)
+    pipe = encoders.load(inputs.teacher_folder(rt), rt.device, dtype)
     started = time.perf_counter()
     rows = skipped = resumed = 0
     uploaded: dict[str, commits.FileEntry] = {}  # this rank's shards, in the output folder

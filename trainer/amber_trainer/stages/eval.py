@@ -12,16 +12,16 @@ from amber_trainer.data import encoders
 from amber_trainer.model import errors, models
 from amber_trainer.model.generate import euler
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import Output, common
+from amber_trainer.stages import Output, inputs, outputs
 
 
 @torch.no_grad()
 def run(rt: Runtime) -> Output:
     params = rt.run.stage
-    teacher = common.teacher(rt)
-    student, _ = common.input_model(rt)
+    teacher = inputs.teacher(rt)
+    student, _ = inputs.input_model(rt)
     student.eval().to(teacher.dtype)
-    _, held_out = common.datasets(rt, dict(teacher.config))
+    _, held_out = inputs.datasets(rt, dict(teacher.config))
     count = min(params.samples, len(held_out))
     buckets = params.timestep_buckets
     gen = torch.Generator().manual_seed(params.seed)
@@ -49,7 +49,7 @@ def run(rt: Runtime) -> Output:
     out.mkdir()
     if rt.is_main:
         _plot(metrics, out / "velocity_error.png")
-        vae = common.teacher_vae(rt)
+        vae = inputs.teacher_vae(rt)
         if vae is not None:  # a teacher pipeline with a VAE: pictures, not only numbers
             sample_grid(vae, teacher, student, held_out, params, out / "samples.png")
             metrics["sampleGrid"] = "samples.png"
@@ -60,7 +60,7 @@ def run(rt: Runtime) -> Output:
                 if name == rt.run.model_from:
                     models_[name] = student
                 else:
-                    models_[name] = models.load(rt.fetch_output(name) / common.MODEL_DIR)
+                    models_[name] = models.load(rt.fetch_output(name) / outputs.MODEL_DIR)
             judge = fetch_judge(rt, shapes.judge_uri)
             metrics["judged"] = judged(judge, models_, out, params.seed)
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))

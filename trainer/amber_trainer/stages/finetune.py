@@ -8,7 +8,7 @@ from amber_trainer import data
 from amber_trainer.data import Sampler
 from amber_trainer.model.forward import concat, velocity
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import Output, common
+from amber_trainer.stages import Output, inputs, outputs
 from amber_trainer.train import checkpoint, loop, targets
 from amber_trainer.train.objectives import FlowMatching
 from amber_trainer.train.rollouts import Rollouts
@@ -79,11 +79,11 @@ def rollouts_for(rt, params, state: dict | None) -> Rollouts | None:
 
 def run(rt: Runtime) -> Output:
     params = rt.run.stage
-    student, layer_map = common.input_model(rt)
+    student, layer_map = inputs.input_model(rt)
     student.train()
-    teacher = common.teacher(rt) if params.distill_weight > 0 else None
-    train, _ = common.datasets(rt, dict(student.config))
-    pool = common.target_pool(rt, teacher, params, (), len(train)) if teacher else None
+    teacher = inputs.teacher(rt) if params.distill_weight > 0 else None
+    train, _ = inputs.datasets(rt, dict(student.config))
+    pool = inputs.target_pool(rt, teacher, params, (), len(train)) if teacher else None
     sampler = Sampler(len(pool) if pool else len(train), params.seed)
     objective = FlowMatching(student, params.distill_weight, params.flow_weight)
     engine = loop.build_engine(rt, objective, params, params.steps)
@@ -96,8 +96,8 @@ def run(rt: Runtime) -> Output:
 
     part = loop.Part(params.steps, "finetune")
     state = loop.train(rt, engine, params, make_inputs, part, state, carry=rollouts)
-    metrics = {**common.training_metrics(state), "flowLoss": [p[0] for p in state["parts"]]}
-    common.write_output(
-        rt, common.trained_model(engine, state), layer_map, metrics, "flow-matching loss"
+    metrics = {**outputs.training_metrics(state), "flowLoss": [p[0] for p in state["parts"]]}
+    outputs.write_output(
+        rt, outputs.trained_model(engine, state), layer_map, metrics, "flow-matching loss"
     )
     return Output(params.steps, metrics)

@@ -31,7 +31,7 @@ from amber_trainer.data import Sampler
 from amber_trainer.model import models
 from amber_trainer.model.forward import concat
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import Output, common
+from amber_trainer.stages import Output, inputs, outputs
 from amber_trainer.stages.finetune import flow_inputs, own_velocity, rollouts_for
 from amber_trainer.surgery import fuse, spanfit
 from amber_trainer.train import checkpoint, loop
@@ -68,7 +68,7 @@ def phase_model(rt: Runtime, phase: int) -> tuple[torch.nn.Module, dict]:
             commits.quarantine(rt.store, key, err.reason)
         raise
     history = json.loads((folder / HISTORY).read_text())
-    return models.load(folder / common.MODEL_DIR).to(rt.device), history
+    return models.load(folder / outputs.MODEL_DIR).to(rt.device), history
 
 
 def text_weights(model: torch.nn.Module, single_weight: float) -> list[float]:
@@ -143,12 +143,12 @@ class Fusion:
 
 def run(rt: Runtime) -> Output:
     params = rt.run.stage
-    model, layer_map = common.input_model(rt)
+    model, layer_map = inputs.input_model(rt)
     fixed = model.requires_grad_(False).eval()
     already = model.config.get("num_single_layers", 0)
     counts = fuse.phases(params.single_layers, params.blocks_per_phase, already)
     total = len(counts) * params.steps + params.finetune_steps
-    train, _ = common.datasets(rt, dict(model.config))
+    train, _ = inputs.datasets(rt, dict(model.config))
     sampler = Sampler(len(train), params.seed)
     f = Fusion(params, fixed, train, sampler, calibration(rt, train, params), counts, total)
     history: dict = {"phases": [], "losses": []}
@@ -178,7 +178,7 @@ def run(rt: Runtime) -> Output:
         "parameters": models.count_parameters(model),
         "blockKinds": models.block_kinds(model),
     }
-    common.write_output(rt, model, layer_map, metrics, "phases + finetune")
+    outputs.write_output(rt, model, layer_map, metrics, "phases + finetune")
     return Output(total, metrics)
 
 
@@ -187,10 +187,10 @@ def train_phase(rt: Runtime, f: Fusion, model, p: int, engine):
     block by block, against the phase's target. Returns (model, engine, losses)."""
     params = f.params
     target = f.fixed if params.target == "input" else model.requires_grad_(False).eval()
-    inputs = [loop.cast(x, rt.device, model.dtype) for x in f.fit]
+    fit = [loop.cast(x, rt.device, model.dtype) for x in f.fit]
     sequential = params.projection_init == "sequential"
     rank = fuse.text_rank(model.inner_dim, params.text_rank_fraction)
-    student = fuse.convert(model, f.counts[p], inputs, sequential, rank, params.refit_mlp)
+    student = fuse.convert(model, f.counts[p], fit, sequential, rank, params.refit_mlp)
     student = student.train().requires_grad_(True)
     depth = len(student.transformer_blocks)
     objective = LayerwiseDistillation(
@@ -211,15 +211,15 @@ def train_phase(rt: Runtime, f: Fusion, model, p: int, engine):
     )
     part = loop.Part(params.steps, label, offset, f.total)
     state = loop.train(rt, engine, params, make_inputs, part, state, carry=rollouts)
-    return common.trained_model(engine, state), engine, state["losses"]
+    return outputs.trained_model(engine, state), engine, state["losses"]
 
 
 def closing_finetune(rt: Runtime, f: Fusion, model, engine):
     """Flow matching (and output distillation from the frozen teacher) after the last
     phase. Returns (model, losses)."""
     params, train = f.params, f.train
-    teacher = common.teacher(rt) if params.distill_weight > 0 else None
-    pool = common.target_pool(rt, teacher, params, (), len(train)) if teacher else None
+    teacher = inputs.teacher(rt) if params.distill_weight > 0 else None
+    pool = inputs.target_pool(rt, teacher, params, (), len(train)) if teacher else None
     tuning = Sampler(len(pool) if pool else len(train), params.seed)
     objective = FlowMatching(
         model.train().requires_grad_(True), params.distill_weight, params.flow_weight
@@ -234,13 +234,13 @@ def closing_finetune(rt: Runtime, f: Fusion, model, engine):
 
     part = loop.Part(params.finetune_steps, "finetune", offset, f.total)
     state = loop.train(rt, engine, params, make_inputs, part, state, carry=rollouts)
-    return common.trained_model(engine, state), state["losses"]
+    return outputs.trained_model(engine, state), state["losses"]
 
 
 def _commit_phase(rt: Runtime, model, phase: int, layer_map, history: dict) -> None:
     if rt.is_main:
         local = rt.workdir / f"phase-out-{phase}"
-        common.save_model(model, local, layer_map)
+        outputs.save_model(model, local, layer_map)
         (local / HISTORY).write_text(json.dumps(history))
         commits.commit(rt.store, phase_folder(rt, phase), local, phase, spec_hash=rt.run.spec_hash)
     rt.barrier()

@@ -9,7 +9,7 @@ import torch
 
 from amber_trainer.model import models
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import Output, common
+from amber_trainer.stages import Output, inputs, outputs
 from amber_trainer.surgery import prune, spanfit
 from amber_trainer.surgery.score import ScoreResult
 
@@ -23,7 +23,7 @@ def run(rt: Runtime) -> Output:
     metrics: dict = {}
     if rt.is_main:  # tensor arithmetic and a few forwards: one process does it, others wait
         # Both models stay on the host; the refit takes one block at a time to the device.
-        teacher = common.teacher(rt, frozen=False, device=torch.device("cpu"))
+        teacher = inputs.teacher(rt, frozen=False, device=torch.device("cpu"))
         scored = ScoreResult.from_json(
             (rt.fetch_output(rt.run.score_from) / "importance.json").read_text()
         )
@@ -38,7 +38,7 @@ def run(rt: Runtime) -> Output:
             "teacherParameters": models.count_parameters(teacher),
         }
         if params.refit_mlp:
-            train, _ = common.datasets(rt, dict(teacher.config))
+            train, _ = inputs.datasets(rt, dict(teacher.config))
             batches = spanfit.calibration(
                 train, params.fit_samples, params.seed, FIT_BATCH, rt.device, teacher.dtype
             )
@@ -55,6 +55,6 @@ def run(rt: Runtime) -> Output:
             # after its span, on the refit's rows: before and after the refit.
             metrics["spanError"] = [[round(a, 4), round(b, 4)] for a, b in errors]
             rt.log("refitted the MLPs", error_before=errors[-1][0], error_after=errors[-1][1])
-        common.save_model(student, out, prune.entries_to_json(entries))
+        outputs.save_model(student, out, prune.entries_to_json(entries))
         (out / "metrics.json").write_text(json.dumps(metrics))
     return Output(0, metrics)

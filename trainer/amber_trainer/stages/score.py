@@ -7,19 +7,19 @@ import json
 import torch
 
 from amber_trainer.runtime import Runtime
-from amber_trainer.stages import Output, common
+from amber_trainer.stages import Output, inputs
 from amber_trainer.surgery import score
 
 
 def run(rt: Runtime) -> Output:
     params = rt.run.stage
-    teacher = common.teacher(rt)
+    teacher = inputs.teacher(rt)
     num_layers = len(teacher.transformer_blocks)
     if params.target_layers >= num_layers:
         raise ValueError(
             f"targetLayers ({params.target_layers}) is not below the teacher's {num_layers} layers"
         )
-    train, _ = common.datasets(rt, dict(teacher.config))
+    train, _ = inputs.datasets(rt, dict(teacher.config))
     count = min(params.calibration_samples, len(train))
     # The seed picks the calibration rows as well as their noise.
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(params.seed))
