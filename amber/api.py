@@ -8,6 +8,7 @@ up in `kubectl explain`.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -200,6 +201,19 @@ class DataSpec(Model):
         if sum(g is not None for g in given) != 1:
             raise ValueError("exactly one of uri (or cacheUri), synthetic and shapes must be set")
         return self
+
+
+TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"  # Kubernetes' form of a time in a status (UTC, seconds)
+
+
+def timestamp(when: datetime) -> str:
+    """`when` (naive, UTC) as a status writes it."""
+    return when.strftime(TIMESTAMP)
+
+
+def parse_timestamp(text: str) -> datetime:
+    """A status's time, naive UTC, as `timestamp` wrote it."""
+    return datetime.strptime(text, TIMESTAMP)
 
 
 class DeepSpeedSpec(Model):

@@ -19,7 +19,7 @@ from importlib import resources
 import jinja2
 
 from amber import commits, history
-from amber.api import AmberCompression, StageStatus
+from amber.api import AmberCompression, StageStatus, parse_timestamp
 from amber.errors import InvalidInput
 from amber.plan import FINAL, OUTPUT, REPORT, StageRun
 from amber.presets import MODEL_NAMES
@@ -111,10 +111,7 @@ def _png(store: Store, key: str) -> str:
 def _span(status: StageStatus) -> float:
     if not (status.start_time and status.completion_time):
         return 0.0
-    start, end = (
-        datetime.strptime(t, "%Y-%m-%dT%H:%M:%SZ")
-        for t in (status.start_time, status.completion_time)
-    )
+    start, end = (parse_timestamp(t) for t in (status.start_time, status.completion_time))
     return (end - start).total_seconds()
 
 

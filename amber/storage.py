@@ -66,6 +66,14 @@ class Store(ABC):
     def list(self, prefix: str = "") -> dict[str, int]:
         """Keys below `prefix` (relative to the store) with their sizes in bytes."""
 
+    def download_prefix(self, prefix: str, dest: Path) -> list[Path]:
+        """Every object below `prefix` to `dest`, each under its own key; the local paths
+        (none when nothing is there)."""
+        paths = [dest / key for key in self.list(prefix)]
+        for path in paths:
+            self.download(str(path.relative_to(dest)), path)
+        return paths
+
     @abstractmethod
     def delete(self, prefix: str) -> None:
         """Remove every object below `prefix`."""

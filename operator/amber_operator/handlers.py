@@ -21,6 +21,7 @@ from amber.api import (
     VERSION,
     AmberCompression,
     AmberCompressionStatus,
+    parse_timestamp,
 )
 from amber.plan import StageRun, plan
 from amber.resource import format_errors
@@ -220,7 +221,7 @@ def _reconcile(body: kopf.Body, api: client.ApiClient, settings: Settings, logge
         logger.info("%s: %s", event.reason, event.message)
     for before, after in zip(status.stages, decision.status.stages, strict=False):
         if before.phase != "Succeeded" and after.phase == "Succeeded" and after.start_time:
-            started = datetime.strptime(after.start_time, "%Y-%m-%dT%H:%M:%SZ")
+            started = parse_timestamp(after.start_time)
             metrics.STAGE_SECONDS.labels(after.type).observe((now - started).total_seconds())
     _phases[body.metadata.uid] = decision.status.phase
     metrics.set_phases(_phases)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 from amber import eta
-from amber.api import AmberCompression, AmberCompressionStatus, StageStatus
+from amber.api import AmberCompression, AmberCompressionStatus, StageStatus, timestamp
 from amber.plan import FINAL, REPORT, StageRun, plan
 from amber.records import ProgressRecord, StageResult
 from amber_operator import conditions as c
@@ -103,10 +103,6 @@ def backoff(restarts: int, base: int, cap: int) -> float:
     return float(min(cap, base * 2 ** (restarts - 1)))
 
 
-def _iso(when: datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 # What each way a pass can end says in the four conditions, (Ready, Reconciling, Stalled,
 # Suspended); None leaves a condition as it was. Flux's kstatus reads the first three.
 OUTCOMES = {
@@ -137,7 +133,7 @@ class Pass:
 
     @property
     def stamp(self) -> str:
-        return _iso(self.now)
+        return timestamp(self.now)
 
     def event(self, kind: str, reason: str, message: str) -> None:
         self.decision.events.append(Event(kind, reason, message))
@@ -265,7 +261,9 @@ def mark_committed(p: Pass) -> None:
                 stage=run.stage.name, status="Succeeded"
             )
             stage.phase = "Succeeded"
-            stage.completion_time = _iso(job.finished_at) if job and job.finished_at else p.stamp
+            stage.completion_time = (
+                timestamp(job.finished_at) if job and job.finished_at else p.stamp
+            )
             stage.output_uri = result.output or f"{run.run_uri}/{run.stage.name}/output"
             stage.metrics = _scalars(result.metrics)
             stage.progress = stage.samples_per_second = stage.estimated_remaining_seconds = None
@@ -461,7 +459,7 @@ def count_failure(p: Pass, cur: Current) -> Decision | None:
     if p.now >= ready_at:
         return None
     stage.phase = p.out.phase = "Pending"
-    stage.retry_after = _iso(ready_at)
+    stage.retry_after = timestamp(ready_at)
     why = f"retrying {run.stage.name} at {stage.retry_after}"
     return p.settle("progressing", c.BACKOFF, why, (ready_at - p.now).total_seconds())
 

@@ -90,12 +90,10 @@ def load_teacher(spec, workdir: Path, endpoint: str | None = None, region: str |
     uri = spec.uri
     if uri.startswith("s3://"):
         store = open_store(uri, endpoint=endpoint, region=region)
-        listing = store.list("transformer") or store.list()
-        if not listing:
-            raise FileNotFoundError(f"teacher {uri} is empty or does not exist")
         local = workdir / "teacher"
-        for key in listing:
-            store.download(key, local / key)
+        # A pipeline folder's transformer, else a bare model folder.
+        if not (store.download_prefix("transformer", local) or store.download_prefix("", local)):
+            raise FileNotFoundError(f"teacher {uri} is empty or does not exist")
         return load(local)
     path = Path(uri.removeprefix("file://"))
     if not (path / "config.json").exists() and not (path / "transformer" / "config.json").exists():

@@ -56,8 +56,7 @@ def teacher_folder(rt: Runtime, parts=encoders.PARTS) -> Path:
     store = open_store(uri, rt.run.storage.endpoint, rt.run.storage.region)
     local = rt.workdir / "teacher-pipeline"
     for part in parts:
-        for key in store.list(part):
-            store.download(key, local / key)
+        store.download_prefix(part, local)
     return local
 
 
