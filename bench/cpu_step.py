@@ -73,6 +73,85 @@ def engine_for(objective, params: TrainingParams):
     return single_process_fast_path(engine, world=1)
 
 
+def finetune_loops(teacher, entries, batches, params) -> dict:
+    """One finetune step the diffusers way, and the trainer's objective in its engine."""
+    student = prune.prune(teacher, entries).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, eps=1e-8)
+
+    def base_finetune(i):
+        x, target = batches[i]
+        loss = F.mse_loss(diffusers_forward(student, x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+
+    engine = engine_for(FlowMatching(prune.prune(teacher, entries).train()), params)
+
+    def trainer_finetune(i):
+        x, target = batches[i]
+        loss, _ = engine(x, target, None)
+        engine.backward(loss)
+        engine.step()
+
+    return {
+        ("finetune", "diffusers loop"): base_finetune,
+        ("finetune", "amber trainer"): trainer_finetune,
+    }
+
+
+def distill_loops(teacher, entries, batches, params) -> dict:
+    """One distill step: the baseline matches the teacher's output; the trainer matches
+    every block."""
+    student = prune.prune(teacher, entries).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, eps=1e-8)
+
+    def base_distill(i):
+        x, _ = batches[i]
+        with torch.no_grad():
+            target = diffusers_forward(teacher, x)
+        loss = F.mse_loss(diffusers_forward(student, x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+
+    spans = [e.span for e in entries]
+    objective = LayerwiseDistillation(prune.prune(teacher, entries).train(), spans, "local")
+    boundaries = objective.boundaries()
+    engine = engine_for(objective, params)
+
+    def trainer_distill(i):
+        x, _ = batches[i]
+        states, velocity = teacher_states(teacher, x, boundaries)
+        loss, _ = engine(x, states, velocity)
+        engine.backward(loss)
+        engine.step()
+
+    return {
+        ("distill", "diffusers loop"): base_distill,
+        ("distill", "amber trainer"): trainer_distill,
+    }
+
+
+def report(args, times: dict) -> None:
+    median = {key: statistics.median(values) for key, values in times.items()}
+    print(
+        f"teacher {args.layers * 2} blocks -> student {args.layers}, batch {args.batch}, "
+        f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads"
+    )
+    print(f"{'step':<9}{'loop':<16}{'ms/step':>9}{'samples/s':>11}{'spread ms':>11}")
+    for (step, loop), seconds in median.items():
+        spread = (max(times[(step, loop)]) - min(times[(step, loop)])) * 1e3
+        print(
+            f"{step:<9}{loop:<16}{seconds * 1e3:>9.1f}{args.batch / seconds:>11.1f}{spread:>11.1f}"
+        )
+    for step in ("finetune", "distill"):
+        ratio = median[(step, "diffusers loop")] / median[(step, "amber trainer")]
+        print(f"{step}: trainer speed / baseline speed = {ratio:.2f}")
+    print(f"peak RSS of the whole run: {rss_mb():.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -91,82 +170,17 @@ def main() -> None:
     cfg = config(args.layers * 2)
     teacher = models.build(cfg).requires_grad_(False).eval()
     entries = prune.layer_map(list(range(0, args.layers * 2, 2)), args.layers * 2, "average")
-    spans = [e.span for e in entries]
     batches = [inputs(cfg, args.batch, i) for i in range(args.steps + 1)]
-    loops = {}
-
-    # finetune: the diffusers way, then the trainer's objective in its DeepSpeed engine
-    student = prune.prune(teacher, entries).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, eps=1e-8)
-
-    def base_finetune(i):
-        x, target = batches[i]
-        loss = F.mse_loss(diffusers_forward(student, x), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-
-    finetune_engine = engine_for(FlowMatching(prune.prune(teacher, entries).train()), params)
-
-    def trainer_finetune(i):
-        x, target = batches[i]
-        loss, _ = finetune_engine(x, target, None)
-        finetune_engine.backward(loss)
-        finetune_engine.step()
-
-    # distill: the baseline matches the teacher's output; the trainer matches every block
-    distill_student = prune.prune(teacher, entries).train()
-    distill_opt = torch.optim.AdamW(distill_student.parameters(), lr=1e-4, eps=1e-8)
-
-    def base_distill(i):
-        x, _ = batches[i]
-        with torch.no_grad():
-            target = diffusers_forward(teacher, x)
-        loss = F.mse_loss(diffusers_forward(distill_student, x), target)
-        distill_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(distill_student.parameters(), 1.0)
-        distill_opt.step()
-
-    objective = LayerwiseDistillation(prune.prune(teacher, entries).train(), spans, "local")
-    boundaries = objective.boundaries()
-    distill_engine = engine_for(objective, params)
-
-    def trainer_distill(i):
-        x, _ = batches[i]
-        states, velocity = teacher_states(teacher, x, boundaries)
-        loss, _ = distill_engine(x, states, velocity)
-        distill_engine.backward(loss)
-        distill_engine.step()
-
     loops = {
-        ("finetune", "diffusers loop"): base_finetune,
-        ("finetune", "amber trainer"): trainer_finetune,
-        ("distill", "diffusers loop"): base_distill,
-        ("distill", "amber trainer"): trainer_distill,
+        **finetune_loops(teacher, entries, batches, params),
+        **distill_loops(teacher, entries, batches, params),
     }
     # Interleaved rounds, median per loop: two shared cores make single timings noisy.
     times = {key: [] for key in loops}
     for _ in range(args.rounds):
         for key, fn in loops.items():
             times[key].append(timed(fn, args.steps))
-    median = {key: statistics.median(values) for key, values in times.items()}
-
-    print(
-        f"teacher {args.layers * 2} blocks -> student {args.layers}, batch {args.batch}, "
-        f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads"
-    )
-    print(f"{'step':<9}{'loop':<16}{'ms/step':>9}{'samples/s':>11}{'spread ms':>11}")
-    for (step, loop), seconds in median.items():
-        spread = (max(times[(step, loop)]) - min(times[(step, loop)])) * 1e3
-        print(
-            f"{step:<9}{loop:<16}{seconds * 1e3:>9.1f}{args.batch / seconds:>11.1f}{spread:>11.1f}"
-        )
-    for step in ("finetune", "distill"):
-        ratio = median[(step, "diffusers loop")] / median[(step, "amber trainer")]
-        print(f"{step}: trainer speed / baseline speed = {ratio:.2f}")
-    print(f"peak RSS of the whole run: {rss_mb():.0f} MiB")
+    report(args, times)
 
 
 if __name__ == "__main__":

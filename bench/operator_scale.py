@@ -88,9 +88,66 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), p99, ordered[-1]
 
 
-def measure(cluster: Cluster, work: Path, count: int, mode: str) -> dict:
-    namespace = f"scale-{mode}-{count}"
-    cluster.core.create_namespace({"metadata": {"name": namespace}})
+class Watcher:
+    """When the API server announced each resource, and when each (resource, stage) Job
+    appeared, from two watches on their own threads."""
+
+    def __init__(self, cluster: Cluster, namespace: str):
+        self.cluster, self.namespace = cluster, namespace
+        self.created: dict[tuple[str, str], float] = {}  # (resource, stage) -> its Job's time
+        self.born: dict[str, float] = {}  # resource -> its time
+        self.lock = threading.Lock()  # the watch threads add while the caller counts
+        self.stop = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._jobs, daemon=True).start()
+        threading.Thread(target=self._resources, daemon=True).start()
+
+    def _jobs(self) -> None:
+        batch = client.BatchV1Api(self.cluster.api)
+        stream = watch.Watch().stream(
+            batch.list_namespaced_job, self.namespace, timeout_seconds=1800
+        )
+        with contextlib.suppress(Exception):  # the stream ends with the cluster
+            for event in stream:
+                labels = event["object"].metadata.labels
+                key = (labels.get("amber.dev/resource"), labels.get("amber.dev/stage"))
+                with self.lock:
+                    self.created.setdefault(key, time.perf_counter())
+                if self.stop.is_set():
+                    return
+
+    def _resources(self) -> None:
+        custom = client.CustomObjectsApi(self.cluster.api)
+        stream = watch.Watch().stream(
+            custom.list_namespaced_custom_object,
+            "amber.dev",
+            "v1alpha1",
+            self.namespace,
+            "ambercompressions",
+            timeout_seconds=1800,
+        )
+        with contextlib.suppress(Exception):
+            for event in stream:
+                if event["type"] == "ADDED":
+                    with self.lock:
+                        name = event["object"]["metadata"]["name"]
+                        self.born.setdefault(name, time.perf_counter())
+                if self.stop.is_set():
+                    return
+
+    def jobs_of(self, stage: str) -> int:
+        with self.lock:
+            return sum(k[1] == stage for k in self.created)
+
+    def delays(self, stage: str, since) -> list[float]:
+        """Seconds from `since(resource)` to its `stage` Job."""
+        with self.lock:
+            return [t - since(k[0]) for k, t in self.created.items() if k[1] == stage]
+
+
+def start_operator(cluster: Cluster, work: Path, namespace: str, mode: str):
+    """`amber operator` on `namespace` as `mode` runs it: its process, log file, psutil view."""
     flags, interval = MODES[mode]
     env = {
         **os.environ,
@@ -103,47 +160,30 @@ def measure(cluster: Cluster, work: Path, count: int, mode: str) -> dict:
     operator = subprocess.Popen(
         [*command, *ports, *flags], env=env, stdout=log, stderr=subprocess.STDOUT
     )
-    proc = psutil.Process(operator.pid)
     time.sleep(5)  # let kopf start its watches
+    return operator, log, psutil.Process(operator.pid)
 
-    created: dict[tuple[str, str], float] = {}  # (resource, stage) -> when its Job appeared
-    seen = threading.Lock()  # the watch thread adds to `created` while this one counts
+
+def end_first_stage(cluster: Cluster, namespace: str, docs: list, first: str) -> dict:
+    """Every resource's first stage ends at once (its output committed, its Job gone); when
+    each Job went, by resource."""
+    for doc in docs:
+        run = plan(parse(doc))[0]
+        commits.write_marker(open_store(run.run_uri), f"{first}/{OUTPUT}", 1, {}, {}, run.spec_hash)
     batch = client.BatchV1Api(cluster.api)
-    stop = threading.Event()
+    ended = {}
+    for job in batch.list_namespaced_job(namespace, label_selector="amber.dev/stage").items:
+        batch.delete_namespaced_job(job.metadata.name, namespace, propagation_policy="Background")
+        ended[job.metadata.labels["amber.dev/resource"]] = time.perf_counter()
+    return ended
 
-    def watch_jobs():
-        stream = watch.Watch().stream(batch.list_namespaced_job, namespace, timeout_seconds=1800)
-        with contextlib.suppress(Exception):  # the stream ends with the cluster
-            for event in stream:
-                labels = event["object"].metadata.labels
-                key = (labels.get("amber.dev/resource"), labels.get("amber.dev/stage"))
-                with seen:
-                    created.setdefault(key, time.perf_counter())
-                if stop.is_set():
-                    return
 
-    born: dict[str, float] = {}  # resource -> when the API server announced it
-
-    def watch_resources():
-        custom = client.CustomObjectsApi(cluster.api)
-        stream = watch.Watch().stream(
-            custom.list_namespaced_custom_object,
-            "amber.dev",
-            "v1alpha1",
-            namespace,
-            "ambercompressions",
-            timeout_seconds=1800,
-        )
-        with contextlib.suppress(Exception):
-            for event in stream:
-                if event["type"] == "ADDED":
-                    with seen:
-                        born.setdefault(event["object"]["metadata"]["name"], time.perf_counter())
-                if stop.is_set():
-                    return
-
-    threading.Thread(target=watch_jobs, daemon=True).start()
-    threading.Thread(target=watch_resources, daemon=True).start()
+def measure(cluster: Cluster, work: Path, count: int, mode: str) -> dict:
+    namespace = f"scale-{mode}-{count}"
+    cluster.core.create_namespace({"metadata": {"name": namespace}})
+    operator, log, proc = start_operator(cluster, work, namespace, mode)
+    watcher = Watcher(cluster, namespace)
+    watcher.start()
     store_uri = str(work / f"store-{namespace}")
     docs = [tiny_resource(store_uri, name=f"r{i:04d}") for i in range(count)]
     for doc in docs:
@@ -153,38 +193,23 @@ def measure(cluster: Cluster, work: Path, count: int, mode: str) -> dict:
     before = api_requests(cluster)
     peak = 0.0
 
-    def sample():
+    def started(stage):
         nonlocal peak
         peak = max(peak, proc.memory_info().rss / 2**20)
+        return watcher.jobs_of(stage) >= count
 
     applied = time.perf_counter()
     cluster.kubectl("apply", "-f", str(work / "resources.yaml"))
     applying = time.perf_counter() - applied  # kubectl creates them one by one
-
-    def started(stage):
-        sample()
-        with seen:
-            return sum(k[1] == stage for k in created) >= count
-
     wait_for(lambda: started(first), 1800, 0.2, "a Job for every resource")
     after = api_requests(cluster)
-    with seen:
-        first_delays = [t - applied for k, t in created.items() if k[1] == first]
-        reactions = [t - born[k[0]] for k, t in created.items() if k[1] == first]
+    first_delays = watcher.delays(first, lambda resource: applied)
+    reactions = watcher.delays(first, lambda resource: watcher.born[resource])
 
-    # Every first stage ends at once: its output committed, its Job gone.
-    ended = {}
-    for doc in docs:
-        run = plan(parse(doc))[0]
-        store = open_store(run.run_uri)
-        commits.write_marker(store, f"{first}/{OUTPUT}", 1, {}, {}, run.spec_hash)
-    for job in batch.list_namespaced_job(namespace, label_selector="amber.dev/stage").items:
-        batch.delete_namespaced_job(job.metadata.name, namespace, propagation_policy="Background")
-        ended[job.metadata.labels["amber.dev/resource"]] = time.perf_counter()
+    ended = end_first_stage(cluster, namespace, docs, first)
     wait_for(lambda: started(second), 1800, 0.2, "the second stage's Job for every resource")
-    stop.set()
-    with seen:
-        next_delays = [t - ended[k[0]] for k, t in created.items() if k[1] == second]
+    watcher.stop.set()
+    next_delays = watcher.delays(second, lambda resource: ended[resource])
     cpu = proc.cpu_times()
     operator.terminate()
     operator.wait(timeout=60)
