@@ -204,6 +204,46 @@ def running_operator(cluster):
 
 @pytest.mark.e2e
 @pytest.mark.slow
+def check_rbac(cluster, watched: str) -> None:
+    """What the operator needs, and nothing it does not; the trainers, nothing at all."""
+    for verb, resource in [
+        ("create", "jobs"), ("delete", "jobs"), ("get", "secrets"), ("list", "pods"),
+        ("create", "configmaps"), ("create", "services"), ("patch", "ambercompressions/status"),
+        ("create", "events"),
+    ]:  # fmt: skip
+        assert can_i(cluster, verb, resource, watched), f"operator cannot {verb} {resource}"
+    for verb, resource, ns in [
+        ("create", "secrets", watched), ("delete", "pods", watched),
+        ("create", "jobs", "default"),
+        ("list", "nodes", None), ("create", "clusterrolebindings", None),
+        ("get", "secrets", SYSTEM),
+    ]:  # fmt: skip
+        assert not can_i(cluster, verb, resource, ns), f"operator may {verb} {resource} in {ns}"
+    trainer_sa = f"system:serviceaccount:{watched}:amber-trainer"
+    assert not can_i(cluster, "get", "pods", watched, who=trainer_sa)
+
+
+def check_upgrade_changes_nothing(cluster, watched: str, pod, jobs: set[str]) -> None:
+    """An upgrade with changed values: a new operator pod with them, and after a few of its
+    passes nothing re-run or duplicated (the same Jobs as before)."""
+    helm(cluster, "upgrade", RELEASE, str(CHART), "-n", SYSTEM, "--reuse-values",
+         "--set", "reconcileInterval=2", "--wait", "--timeout", "3m")  # fmt: skip
+    new = wait_for(
+        lambda: (p := running_operator(cluster)) and p.metadata.uid != pod.metadata.uid and p,
+        120, 0.5, "the upgraded operator pod",
+    )  # fmt: skip
+    env = {e.name: e.value for e in new.spec.containers[0].env}
+    assert env["AMBER_RECONCILE_INTERVAL"] == "2"
+    wait_for(
+        lambda: cluster.runner.logs(lambda p: p.metadata.uid == new.metadata.uid).count(
+            "on_timer"
+        ) >= 3,
+        120, 0.5, "the upgraded operator to reconcile",
+    )  # fmt: skip
+    batch = client.BatchV1Api(cluster.api)
+    assert {j.metadata.name for j in batch.list_namespaced_job(watched).items} == jobs
+
+
 def test_helm_install_runs_the_operator_that_runs_a_compression(cluster, tmp_path):
     watched = "chart-runs"
     cluster.core.create_namespace({"metadata": {"name": watched}})
@@ -228,22 +268,7 @@ def test_helm_install_runs_the_operator_that_runs_a_compression(cluster, tmp_pat
         assert yaml.safe_load(identity.read_text())["users"][0]["name"] == RELEASE
         assert pod.spec.containers[0].security_context.read_only_root_filesystem
 
-        # RBAC: what the operator needs, and nothing it does not.
-        for verb, resource in [
-            ("create", "jobs"), ("delete", "jobs"), ("get", "secrets"), ("list", "pods"),
-            ("create", "configmaps"), ("create", "services"), ("patch", "ambercompressions/status"),
-            ("create", "events"),
-        ]:  # fmt: skip
-            assert can_i(cluster, verb, resource, watched), f"operator cannot {verb} {resource}"
-        for verb, resource, ns in [
-            ("create", "secrets", watched), ("delete", "pods", watched),
-            ("create", "jobs", "default"),
-            ("list", "nodes", None), ("create", "clusterrolebindings", None),
-            ("get", "secrets", SYSTEM),
-        ]:  # fmt: skip
-            assert not can_i(cluster, verb, resource, ns), f"operator may {verb} {resource} in {ns}"
-        trainer_sa = f"system:serviceaccount:{watched}:amber-trainer"
-        assert not can_i(cluster, "get", "pods", watched, who=trainer_sa)
+        check_rbac(cluster, watched)
 
         # The chart as installed is what runs: a tiny compression to Succeeded.
         doc = tiny_resource(str(tmp_path / "store"), name="charted", **FAST)
@@ -267,26 +292,8 @@ def test_helm_install_runs_the_operator_that_runs_a_compression(cluster, tmp_pat
         assert spec.service_account_name == "amber-trainer"
         assert spec.automount_service_account_token is False
 
-        # Upgrade with changed values: a new operator pod, nothing re-run or duplicated.
-        before = {j.metadata.name for j in jobs}
-        helm(cluster, "upgrade", RELEASE, str(CHART), "-n", SYSTEM, "--reuse-values",
-             "--set", "reconcileInterval=2", "--wait", "--timeout", "3m")  # fmt: skip
-        new = wait_for(
-            lambda: (p := running_operator(cluster)) and p.metadata.uid != pod.metadata.uid and p,
-            120, 0.5, "the upgraded operator pod",
-        )  # fmt: skip
-        env = {e.name: e.value for e in new.spec.containers[0].env}
-        assert env["AMBER_RECONCILE_INTERVAL"] == "2"
-        # Let the new operator reconcile a few passes before looking for duplicates.
-        wait_for(
-            lambda: cluster.runner.logs(lambda p: p.metadata.uid == new.metadata.uid).count(
-                "on_timer"
-            ) >= 3,
-            120, 0.5, "the upgraded operator to reconcile",
-        )  # fmt: skip
-        batch = client.BatchV1Api(cluster.api)
-        after = {j.metadata.name for j in batch.list_namespaced_job(watched).items}
-        assert after == before and resource()["status"]["phase"] == "Succeeded"
+        check_upgrade_changes_nothing(cluster, watched, pod, {j.metadata.name for j in jobs})
+        assert resource()["status"]["phase"] == "Succeeded"
 
     except BaseException:
         # Never leave the operator running for the next tests, whatever failed above.

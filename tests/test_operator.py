@@ -400,12 +400,16 @@ def test_a_local_run_and_the_operator_never_share_a_run_folder(
     local = lease.acquire(run_store, "amber-run")  # as `amber run` on the same store holds it
     apply(cluster, namespace, doc)
 
-    def condition(reason):
+    def condition(type_, reason):
         status = get(cluster, namespace, "shared").get("status") or {}
-        return next((c for c in status.get("conditions", []) if c["reason"] == reason), None)
+        found = status.get("conditions", [])
+        return next((c for c in found if (c["type"], c["reason"]) == (type_, reason)), None)
 
-    held = wait_for(lambda: condition("RunFolderHeld"), 120, 0.5, "a RunFolderHeld condition")
-    assert held["type"] == "Stalled" and f"amber-run pid {os.getpid()}" in held["message"]
+    held = wait_for(
+        lambda: condition("Stalled", "RunFolderHeld"), 120, 0.5, "Stalled: RunFolderHeld"
+    )
+    assert held["status"] == "True" and f"amber-run pid {os.getpid()}" in held["message"]
+    assert condition("Ready", "RunFolderHeld")["status"] == "False"
     time.sleep(3)
     assert jobs_of(cluster, namespace) == []  # nothing started while the folder is held
     local.release()

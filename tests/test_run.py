@@ -15,7 +15,13 @@ import yaml
 from amber import commits, history, lease, local
 from amber.records import ProgressRecord
 from amber.storage import open_store
-from trainer_helpers import ROOT, kill_tree, stage_of, tiny_resource, trainer_env
+from trainer_helpers import (
+    ROOT,
+    kill_at_first_checkpoint,
+    stage_of,
+    tiny_resource,
+    trainer_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,19 +44,44 @@ def write(tmp_path, doc, name="tiny.yaml"):
     return path
 
 
+def check_final_model(final) -> None:
+    """The final model is a diffusers folder, with its card, that a fresh process loads."""
+    assert (final / "README.md").read_text().startswith("---\nlibrary_name: diffusers")
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from amber_trainer.model import hybrid; "
+            "m = hybrid.AmberHybridTransformer2DModel.from_pretrained(sys.argv[1]); "
+            "print(m.config.num_layers, m.config.num_single_layers)",
+            str(final),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.stdout.split() == ["6", "5"], check.stderr[-2000:]
+
+
+def stamps(run_folder) -> dict:
+    """Size and time of every file in the run's folder but its own records (the history
+    and the lease)."""
+    kept = {history.KEY, lease.KEY}
+    return {
+        p: (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(run_folder.rglob("*"))
+        if p.is_file() and p.name not in kept
+    }
+
+
 def test_interrupted_run_continues_where_it_stopped(tmp_path):
     store_dir = tmp_path / "store"
     resource = write(tmp_path, tiny_resource(str(store_dir)))
     run_store = open_store(str(store_dir / "default" / "tiny"))
 
     proc = amber_run(resource, "--nproc", "2", "-o", "json")
-    deadline = time.monotonic() + 400
-    while commits.latest_checkpoint(run_store, "distill") is None:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    kill_tree(proc)  # as if the machine lost power mid-stage
-    checkpoint = commits.latest_checkpoint(run_store, "distill")
+    # As if the machine lost power mid-stage.
+    checkpoint = kill_at_first_checkpoint(proc, run_store, "distill", timeout=400)
 
     proc = amber_run(resource, "--nproc", "2", "-o", "json")
     out, err = proc.communicate(timeout=600)
@@ -80,42 +111,19 @@ def test_interrupted_run_continues_where_it_stopped(tmp_path):
     assert page.count('class="committed">committed') == 6
     assert f"<td>{distill['resumed_from']}</td>" in page
 
-    # The final model is a diffusers folder that a fresh process loads.
     final = store_dir / "default" / "tiny" / "final"
     assert report["final"] == str(final)
-    assert (final / "README.md").read_text().startswith("---\nlibrary_name: diffusers")
-    check = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from amber_trainer.model import hybrid; "
-            "m = hybrid.AmberHybridTransformer2DModel.from_pretrained(sys.argv[1]); "
-            "print(m.config.num_layers, m.config.num_single_layers)",
-            str(final),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert check.stdout.split() == ["6", "5"], check.stderr[-2000:]
+    check_final_model(final)
 
     # Run again unchanged: every stage reused and not a byte rewritten in the run's folder
     # but its own records (the history and the lease).
-    def stamps():
-        kept = {history.KEY, lease.KEY}
-        return {
-            p: (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(run_folder.rglob("*"))
-            if p.is_file() and p.name not in kept
-        }
-
     run_folder = store_dir / "default" / "tiny"
-    before = stamps()
+    before = stamps(run_folder)
     proc = amber_run(resource, "--nproc", "1", "-o", "json")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert {s["status"] for s in json.loads(out)["stages"]} == {"reused"}
-    assert stamps() == before
+    assert stamps(run_folder) == before
 
     # A changed stage re-runs with everything after it, nothing before it.
     changed = tiny_resource(str(store_dir))

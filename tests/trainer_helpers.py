@@ -124,7 +124,9 @@ def kill_at_first_checkpoint(proc: subprocess.Popen, store, stage: str, timeout:
     would; that checkpoint's manifest."""
     deadline = time.monotonic() + timeout
     while commits.latest_checkpoint(store, stage) is None:
-        assert proc.poll() is None, "finished before its first checkpoint"
+        if proc.poll() is not None:
+            said = "".join(part or "" for part in proc.communicate())
+            raise AssertionError(f"finished before its first checkpoint: {said[-3000:]}")
         assert time.monotonic() < deadline, f"no checkpoint of {stage} in {timeout} s"
         time.sleep(0.2)
     kill_tree(proc)
