@@ -7,6 +7,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${AMBER_CACHE:-$HOME/.cache/amber}/bin"
 helm_version="v3.19.5"
+coredns_version="v1.15.0"
 kueue_version="v0.17.0"
 volcano_apis_version="v1.14.0"
 controller_tools_version="v0.23.0"
@@ -21,7 +22,7 @@ ldflags="$ldflags -X k8s.io/component-base/version.gitMajor=1"
 ldflags="$ldflags -X k8s.io/component-base/version.gitMinor=$minor"
 ldflags="$ldflags -X k8s.io/component-base/version.gitTreeState=clean"
 
-key=$(cat "$here/go.mod" "$here/go.sum" "$here/main.go" <(echo "$ldflags") | sha256sum | cut -c1-16)
+key=$(cat "$here/go.mod" "$here/go.sum" "$here"/*.go <(echo "$ldflags") | sha256sum | cut -c1-16)
 cluster="$cache/testcluster-$key"
 if [ ! -x "$cluster" ]; then
   echo "building testcluster ($key): a few minutes on a cold cache" >&2
@@ -35,6 +36,13 @@ helm="$cache/helm-$helm_version/helm"
 if [ ! -x "$helm" ]; then
   echo "building helm $helm_version" >&2
   GOBIN="$cache/helm-$helm_version" go install "helm.sh/helm/v3/cmd/helm@$helm_version"
+fi
+
+# Cluster DNS for the real node (tests/node.py).
+coredns="$cache/coredns-$coredns_version/coredns"
+if [ ! -x "$coredns" ]; then
+  echo "building coredns $coredns_version: a few minutes on a cold cache" >&2
+  GOBIN="$cache/coredns-$coredns_version" go install -trimpath "github.com/coredns/coredns@$coredns_version"
 fi
 
 # Kueue's manager, and its CRDs and webhook manifests from the same module (tests/kueue.py).
@@ -71,5 +79,6 @@ fi
 
 echo "testcluster=$cluster"
 echo "helm=$helm"
+echo "coredns=$coredns"
 echo "kueue=$kueue"
 echo "volcano_crds=$volcano"

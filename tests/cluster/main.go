@@ -5,6 +5,11 @@
 // as child processes of itself (`testcluster apiserver ...` and so on): the apiserver's
 // signal handling may only be set up once per process. It writes DIR/kubeconfig (admin
 // token) and, once the apiserver is ready, DIR/ready. SIGTERM or SIGINT stops everything.
+//
+// With --node NAME it also runs a real node: kubelet against a CRI socket (containerd) and
+// kube-proxy, both from the same Kubernetes release (`testcluster kubelet|proxy ...`).
+// The caller provides the container runtime, the CNI plugins and cluster DNS, and usually
+// runs the whole command inside a network namespace of its own (tests/node.py).
 package main
 
 import (
@@ -33,16 +38,23 @@ import (
 	"k8s.io/component-base/cli"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
 // Controllers the tests need: Jobs and their pods, garbage collection through owner
 // references, namespace deletion, service accounts, and Deployments for the Helm chart.
 const controllers = "job,garbagecollector,namespace,serviceaccount,serviceaccount-token,deployment,replicaset"
 
+// A real node also needs the Services' endpoints (kube-proxy and cluster DNS read them) and
+// the controller that lifts a new node's not-ready taint once it reports Ready, and the
+// cluster's CA in every namespace for the pods' ServiceAccount tokens.
+const nodeControllers = controllers + ",endpointslice,nodelifecycle,root-ca-cert-publisher"
+
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: testcluster up|apiserver|controller-manager|scheduler [flags]")
+		fmt.Fprintln(os.Stderr, "usage: testcluster up|apiserver|controller-manager|scheduler|kubelet|proxy [flags]")
 		os.Exit(2)
 	}
 	role, args := os.Args[1], os.Args[2:]
@@ -53,6 +65,10 @@ func main() {
 		os.Exit(run(controllermanager.NewControllerManagerCommand(), args))
 	case "scheduler":
 		os.Exit(run(scheduler.NewSchedulerCommand(), args))
+	case "kubelet":
+		os.Exit(run(kubelet.NewKubeletCommand(context.Background()), args))
+	case "proxy":
+		os.Exit(run(proxy.NewProxyCommand(), args))
 	case "up":
 		if err := up(args); err != nil {
 			fmt.Fprintln(os.Stderr, "testcluster:", err)
@@ -90,6 +106,12 @@ func up(args []string) error {
 	dir := fs.String("dir", "", "state folder (etcd data, certificates, kubeconfig, logs)")
 	withScheduler := fs.Bool("scheduler", true, "run kube-scheduler")
 	timeout := fs.Duration("timeout", 120*time.Second, "how long to wait for readiness")
+	address := fs.String("address", "127.0.0.1", "the address the apiserver listens on and advertises")
+	var node nodeFlags
+	fs.StringVar(&node.name, "node", "", "run a real node of this name (kubelet and kube-proxy)")
+	fs.StringVar(&node.runtime, "runtime-endpoint", "", "the node's CRI socket (unix:///...)")
+	fs.StringVar(&node.dns, "cluster-dns", "", "the address of the cluster's DNS server, given to pods")
+	fs.StringVar(&node.podCIDR, "pod-cidr", "10.244.0.0/16", "the pod network, for kube-proxy")
 	_ = fs.Parse(args)
 	if *dir == "" {
 		return fmt.Errorf("--dir is required")
@@ -117,7 +139,7 @@ func up(args []string) error {
 	if err != nil {
 		return err
 	}
-	server := fmt.Sprintf("https://127.0.0.1:%d", port)
+	server := fmt.Sprintf("https://%s:%d", *address, port)
 	kubeconfig := filepath.Join(absDir, "kubeconfig")
 	if err := writeKubeconfig(kubeconfig, server, token); err != nil {
 		return err
@@ -130,10 +152,16 @@ func up(args []string) error {
 	children := &group{}
 	defer children.stop()
 	key := filepath.Join(absDir, "sa.key")
+	// The default reconciler refuses a loopback endpoint for the kubernetes Service; a node's
+	// pods reach the apiserver through that Service, so there it must be the real one.
+	reconciler := "none"
+	if node.name != "" {
+		reconciler = "lease"
+	}
 	if err := children.start(self, absDir, "apiserver",
 		"--etcd-servers="+etcdURL,
-		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
+		"--bind-address="+*address,
+		"--advertise-address="+*address,
 		fmt.Sprintf("--secure-port=%d", port),
 		"--cert-dir="+filepath.Join(absDir, "certs"),
 		"--token-auth-file="+filepath.Join(absDir, "tokens.csv"),
@@ -143,8 +171,9 @@ func up(args []string) error {
 		"--service-account-signing-key-file="+key,
 		"--service-cluster-ip-range=10.96.0.0/16",
 		"--allow-privileged=true",
-		// The default reconciler refuses loopback endpoints for the kubernetes Service.
-		"--endpoint-reconciler-type=none",
+		"--endpoint-reconciler-type="+reconciler,
+		// The apiserver reaches a kubelet (logs, exec) by its address: nothing resolves its name.
+		"--kubelet-preferred-address-types=InternalIP",
 		"--v=1",
 	); err != nil {
 		return err
@@ -152,9 +181,13 @@ func up(args []string) error {
 	if err := waitReady(server, token, *timeout, children); err != nil {
 		return err
 	}
+	enabled := controllers
+	if node.name != "" {
+		enabled = nodeControllers
+	}
 	if err := children.start(self, absDir, "controller-manager",
 		"--kubeconfig="+kubeconfig,
-		"--controllers="+controllers,
+		"--controllers="+enabled,
 		"--leader-elect=false",
 		"--bind-address=127.0.0.1",
 		"--secure-port=0",
@@ -173,6 +206,12 @@ func up(args []string) error {
 			"--secure-port=0",
 			"--v=1",
 		); err != nil {
+			return err
+		}
+	}
+
+	if node.name != "" {
+		if err := startNode(children, self, absDir, kubeconfig, *address, node); err != nil {
 			return err
 		}
 	}
