@@ -72,6 +72,11 @@ class Cluster:
     proc: subprocess.Popen | None = None
     kubeconfig: Path = field(init=False)
     runner: PodRunner | None = None
+    # `up`'s extra flags, and what it runs under (tests/node.py: a network namespace).
+    args: tuple[str, ...] = ()
+    prefix: tuple[str, ...] = ()
+    # The fake GPU node and its pod runner; a cluster with a real node has neither.
+    fake_node: bool = True
 
     def __post_init__(self):
         self.kubeconfig = self.dir / "kubeconfig"
@@ -79,7 +84,7 @@ class Cluster:
     def start(self, timeout: float = 180) -> Cluster:
         self.log = open(self.dir / "testcluster.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [self.binary, "up", "--dir", str(self.dir)],
+            [*self.prefix, self.binary, "up", "--dir", str(self.dir), *self.args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -94,10 +99,12 @@ class Cluster:
             raise RuntimeError(f"testcluster exited: {(self.dir / 'testcluster.log').read_text()}")
         self.api = config.new_client_from_config(str(self.kubeconfig))
         self.core = client.CoreV1Api(self.api)
-        self.register_node()
+        if self.fake_node:
+            self.register_node()
         wait_for(self._default_service_account, 60, what="the default service account")
-        self.runner = PodRunner(self)
-        self.runner.start()
+        if self.fake_node:
+            self.runner = PodRunner(self)
+            self.runner.start()
         return self
 
     def _default_service_account(self) -> bool:

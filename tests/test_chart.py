@@ -132,20 +132,29 @@ def test_rendered_manifests_match_the_chart(cluster):
     assert body == rendered, "manifests/install drifted from the chart: run manifests/render.sh"
 
 
-def _installs(dockerfile: Path) -> tuple[set[str], list[str]]:
-    """(extras of the project installs, other requirements pip installs) in a Dockerfile."""
+def _installs(dockerfile: Path) -> tuple[set[str], set[str], list[str]]:
+    """(extras the project installs, groups its dependencies are installed from first,
+    other requirements pip installs) in a Dockerfile. A dependency layer writes the
+    requirements of pyproject's groups into a file (`python -c "...tomllib..." GROUPS > FILE`)
+    that `pip install -r FILE` installs."""
     text = dockerfile.read_text().replace("\\\n", " ")
-    extras, others = set(), []
+    written = {
+        path: set(groups.split())
+        for groups, path in re.findall(r"tomllib[^\n]*?\"\s+([\w ]+?)\s*>\s*(\S+)", text)
+    }
+    extras, first, others = set(), set(), []
     for command in re.findall(r"pip install ([^&\n]+)", text):
-        for word in command.split():
-            word = word.strip("'\"")
-            if word.startswith("-") or word.startswith("${") or "://" in word:
+        words = [word.strip("'\"") for word in command.split()]
+        for previous, word in zip(["", *words], words, strict=False):
+            if previous == "-r":
+                first |= written[word]
+            elif word.startswith("-") or word.startswith("${") or "://" in word:
                 continue
-            if word.startswith(".["):
+            elif word.startswith(".["):
                 extras.update(word[2:-1].split(","))
-            elif word != ".":
+            elif word not in (".", "wheel"):
                 others.append(word)
-    return extras, others
+    return extras, first, others
 
 
 def test_images_install_the_package_dependency_groups():
@@ -157,10 +166,13 @@ def test_images_install_the_package_dependency_groups():
             optional.setdefault(extra.group(1), []).append(
                 requirement.name + str(requirement.specifier)
             )
-    operator_extras, operator_others = _installs(ROOT / "images/operator/Dockerfile")
-    assert operator_extras == {"operator"} and operator_others == []
-    trainer_extras, trainer_others = _installs(ROOT / "images/trainer/Dockerfile")
-    assert trainer_extras == {"trainer", "quality"}  # quality: data.shapes' text encoder
+    operator_extras, operator_first, operator_others = _installs(
+        ROOT / "images/operator/Dockerfile"
+    )
+    assert operator_extras == operator_first == {"operator"} and operator_others == []
+    trainer_extras, trainer_first, trainer_others = _installs(ROOT / "images/trainer/Dockerfile")
+    # quality: data.shapes' text encoder; the dependency layer installs what the package needs
+    assert trainer_extras == trainer_first == {"trainer", "quality"}
     # torch is installed first from the CUDA index; its pin must satisfy the trainer group.
     text = (ROOT / "images/trainer/Dockerfile").read_text()
     torch_pin = re.search(r"ARG TORCH=([\d.]+)", text).group(1)
@@ -173,8 +185,12 @@ def test_images_install_the_package_dependency_groups():
         user = re.findall(r"^USER (\S+)", dockerfile, re.M)
         assert user and not user[-1].startswith(("0", "root")), f"{image} runs as root"
         assert "org.opencontainers.image.source" in dockerfile
+        # The production bases, as the build arguments' defaults name them: pinned tags.
+        defaults = dict(re.findall(r"^ARG (\w+)=(\S+)", dockerfile, re.M))
         base = re.findall(r"^FROM (\S+)", dockerfile, re.M)
-        assert all(":" in b and not b.endswith(":latest") for b in base), base
+        while any("${" in b for b in base):  # a default may name other arguments
+            base = [re.sub(r"\$\{(\w+)\}", lambda m, d=defaults: d[m.group(1)], b) for b in base]
+        assert all(":" in b and "$" not in b and not b.endswith(":latest") for b in base), base
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", "tests", "amber-store"} <= set(ignored)
 

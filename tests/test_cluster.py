@@ -155,3 +155,38 @@ def test_deleting_an_owner_garbage_collects_its_children(cluster):
             return err.status == 404
 
     wait_for(child_gone, 60, what="the garbage collector")
+
+
+def test_trainer_pods_are_admitted_where_pod_security_is_restricted(cluster, tmp_path):
+    """Trainer pods meet Pod Security's "restricted" level (non-root, no privilege
+    escalation, no capabilities, the runtime's seccomp profile), so a namespace that enforces
+    it admits them; the same pod without its security context is refused."""
+    from amber.plan import plan
+    from amber.resource import parse
+    from amber_operator import render
+    from trainer_helpers import tiny_resource
+
+    namespace = "restricted-trainers"
+    labels = {"pod-security.kubernetes.io/enforce": "restricted"}
+    cluster.core.create_namespace({"metadata": {"name": namespace, "labels": labels}})
+    doc = tiny_resource(str(tmp_path), name="rs")
+    doc["spec"]["resources"] = {"pods": 2, "gpusPerPod": 0}
+    obj = parse(doc)
+    job = render.job(obj, plan(obj)[0], 1, "rs-score-abcde-1")
+    spec = job["spec"]["template"]["spec"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "rs-0"}, "spec": spec}
+
+    def admitted(body: dict):
+        return cluster.kubectl(
+            "create", "-n", namespace, "--dry-run=server", "-f", "-",
+            input=json.dumps(body), check=False,
+        )  # fmt: skip
+
+    assert admitted(pod).returncode == 0, admitted(pod).stderr
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert env["HOME"] == render.SCRATCH and env["DS_ACCELERATOR"] == "cpu"
+    bare = json.loads(json.dumps(pod))
+    del bare["spec"]["securityContext"], bare["spec"]["containers"][0]["securityContext"]
+    refused = admitted(bare)
+    assert refused.returncode != 0 and "violates PodSecurity" in refused.stderr, refused.stderr
+    cluster.core.delete_namespace(namespace)

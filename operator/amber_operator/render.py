@@ -15,6 +15,17 @@ KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 VOLCANO_GROUP = "scheduling.k8s.io/group-name"
 CONFIG_MOUNT = "/etc/amber"
 RENDEZVOUS_PORT = 29500
+# The trainer's only writable paths, besides its volumes: the root filesystem is read-only,
+# and torch, Triton, DeepSpeed, Hugging Face and matplotlib keep their caches under $HOME.
+SCRATCH = "/tmp"
+# What Pod Security's "restricted" level asks of a pod, so that trainers run in a namespace
+# that enforces it.
+POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 
 def labels(obj: AmberCompression, run: StageRun, attempt: int) -> dict[str, str]:
@@ -82,7 +93,11 @@ def environment(obj: AmberCompression, run: StageRun) -> list[dict]:
             },
         },
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HOME", "value": SCRATCH},
     ]
+    if not run.resources.gpus_per_pod:
+        # DeepSpeed looks for an accelerator and finds none on a CPU node.
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
     if storage.region:
@@ -124,6 +139,7 @@ def job(
         "subdomain": name,
         # Trainers read storage, never the Kubernetes API: no token in their pods.
         "automountServiceAccountToken": False,
+        "securityContext": POD_SECURITY,
         "containers": [
             {
                 "name": "trainer",
@@ -133,9 +149,11 @@ def job(
                 "env": environment(obj, run),
                 "resources": {"limits": limits, "requests": requests},
                 "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
+                "securityContext": CONTAINER_SECURITY,
                 "volumeMounts": [
                     {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
                     {"name": "dshm", "mountPath": "/dev/shm"},
+                    {"name": "scratch", "mountPath": SCRATCH},
                 ],
                 "terminationMessagePolicy": "File",
             }
@@ -144,6 +162,8 @@ def job(
             {"name": "config", "configMap": {"name": name}},
             # NCCL and DataLoader workers need more shared memory than the default 64Mi.
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            # Downloads (the teacher, the student), checkpoints before upload, caches.
+            {"name": "scratch", "emptyDir": {}},
         ],
     }
     if service_account:
