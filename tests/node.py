@@ -48,6 +48,7 @@ STATE = Path("/run/amber-node")  # containerd's state and socket (a tmpfs, as on
 # happened, replaced by the next run's.
 NODE_DIR = Path("/var/lib/amber-node")
 CNI_BIN = Path("/usr/lib/cni")
+GC_TRIGGER = "amber.test/gc:collect"
 PACKAGES = {  # Debian's packages the node needs: (a file each installs, package)
     "/usr/bin/containerd": "containerd",
     "/usr/sbin/runc": "runc",
@@ -243,6 +244,7 @@ class Node:
         stamp = CACHE / "containerd" / "imported.json"
         imported = json.loads(stamp.read_text()) if stamp.exists() else {}
         present = set(self.ctr("images", "list", "--quiet").stdout.split())
+        changed = False
         for name, image in self.images.items():
             if imported.get(image.reference) == image.archive and image.reference in present:
                 continue
@@ -251,6 +253,12 @@ class Node:
             imported[image.reference] = image.archive
             stamp.write_text(json.dumps(imported))
             print(f"imported {name} in {time.monotonic() - start:.0f}s", file=sys.stderr)
+            changed = True
+        if changed:
+            # An image imported under a name another held leaves that one's layers behind; a
+            # synchronous delete runs containerd's garbage collection over everything.
+            self.ctr("images", "tag", self.images["pause"].reference, GC_TRIGGER)
+            self.ctr("images", "delete", "--sync", GC_TRIGGER)
 
     def _dns(self) -> None:
         corefile = self.dir / "Corefile"
@@ -342,9 +350,24 @@ class Node:
                 ):
                     proc.kill()
         self._unmount()
+        for pod in self._pod_namespaces():
+            sh("ip", "netns", "delete", pod, check=False)
         sh("ip", "netns", "delete", NETNS, check=False)
         sh("ip", "link", "delete", HOST_LINK, check=False)
         shutil.rmtree(STATE, ignore_errors=True)
+
+    @staticmethod
+    def _pod_namespaces() -> list[str]:
+        """The network namespaces containerd made for pods and left behind when it was
+        stopped: an address on the pod network, or (their node gone) nothing but loopback."""
+        found = []
+        for path in Path("/run/netns").glob("cni-*"):
+            links = json.loads(sh("ip", "-n", path.name, "-j", "addr", check=False).stdout or "[]")
+            addresses = [a["local"] for link in links for a in link.get("addr_info", [])]
+            ours = any(a.startswith(POD_SUBNET.rsplit(".", 1)[0] + ".") for a in addresses)
+            if ours or all(link["ifname"] == "lo" for link in links):
+                found.append(path.name)
+        return found
 
     def _unmount(self) -> None:
         roots = (str(STATE), str(self.dir), str(CACHE / "containerd"))

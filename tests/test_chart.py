@@ -143,12 +143,12 @@ def _installs(dockerfile: Path) -> tuple[set[str], set[str], list[str]]:
         for groups, path in re.findall(r"tomllib[^\n]*?\"\s+([\w ]+?)\s*>\s*(\S+)", text)
     }
     extras, first, others = set(), set(), []
-    for command in re.findall(r"pip install ([^&\n]+)", text):
+    for command in re.findall(r"pip (?:install|wheel) ([^&\n]+)", text):
         words = [word.strip("'\"") for word in command.split()]
         for previous, word in zip(["", *words], words, strict=False):
             if previous == "-r":
                 first |= written[word]
-            elif word.startswith("-") or word.startswith("${") or "://" in word:
+            elif word.startswith(("-", "${", "/")) or "://" in word:
                 continue
             elif word.startswith(".["):
                 extras.update(word[2:-1].split(","))
@@ -187,7 +187,8 @@ def test_images_install_the_package_dependency_groups():
         assert "org.opencontainers.image.source" in dockerfile
         # The production bases, as the build arguments' defaults name them: pinned tags.
         defaults = dict(re.findall(r"^ARG (\w+)=(\S+)", dockerfile, re.M))
-        base = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+        stages = set(re.findall(r"^FROM \S+ AS (\S+)", dockerfile, re.M))
+        base = [b for b in re.findall(r"^FROM (\S+)", dockerfile, re.M) if b not in stages]
         while any("${" in b for b in base):  # a default may name other arguments
             base = [re.sub(r"\$\{(\w+)\}", lambda m, d=defaults: d[m.group(1)], b) for b in base]
         assert all(":" in b and "$" not in b and not b.endswith(":latest") for b in base), base

@@ -159,6 +159,33 @@ def test_restarted_operator_finds_its_job_instead_of_creating_another():
     assert d.status.stages[0].attempts == 1 and d.status.phase == "Running"
 
 
+def test_an_attempt_whose_end_a_lost_status_write_left_unrecorded_still_counts():
+    """A pass counted attempt 2's end and started attempt 3, then lost its status write to
+    a pass that decided on the older status: the next pass sees attempt 3 running, and still
+    records how attempt 2 ended (a real node's eviction found this: tests/test_node.py)."""
+    obj = resource()
+    before = step(obj, None, Observed(jobs=(job_for(obj, "score", 1),))).status
+    before.stages[0].attempts, before.stages[0].last_failure = 2, 1
+    before.stages[0].restarts = before.restarts = 1
+    jobs = (
+        job_for(obj, "score", 1, finished="Failed"),
+        job_for(obj, "score", 2, finished="Failed", disrupted=True),
+        job_for(obj, "score", 3),
+    )
+    d = step(obj, before, Observed(jobs=jobs))
+    stage = d.status.stages[0]
+    assert (stage.attempts, stage.restarts, stage.disruptions) == (3, 1, 1)
+    assert stage.phase == "Running" and d.actions == []
+    assert [e.reason for e in d.events] == [c.STAGE_DISRUPTED]
+    # Recorded once: the pass after changes nothing.
+    again = step(obj, d.status, Observed(jobs=jobs))
+    assert again.status.stages[0].disruptions == 1 and again.events == []
+    # A failure lost the same way counts against the restarts.
+    failed = (jobs[0], replace(jobs[1], disrupted=False), jobs[2])
+    d = step(obj, before, Observed(jobs=failed))
+    assert (d.status.stages[0].restarts, d.status.restarts) == (2, 2)
+
+
 def test_completed_job_moves_to_the_next_stage_in_the_same_pass():
     obj = resource()
     status = step(obj).status

@@ -207,6 +207,7 @@ def decide(
     current = current_stage(p)
     if current is None:
         return publish(p)
+    record_lost_failures(p, current)
     return (
         suspend(p, current)
         or held_by_queue(p, current)
@@ -421,6 +422,47 @@ def report_running(p: Pass, cur: Current) -> Decision | None:
     return p.settle("progressing", c.STAGE_RUNNING, why, PROGRESS_REFRESH_SECONDS)
 
 
+def record_lost_failures(p: Pass, cur: Current) -> None:
+    """Failed attempts before the latest that no status recorded: a pass that started the
+    next attempt and then lost its status write to another pass (which decided on the
+    resource as it was before) leaves the earlier attempt's end unrecorded, and the pass after
+    sees only the new attempt running. Count them now, in order, as they would have been."""
+    if cur.latest is None:
+        return
+    lost = [
+        job
+        for job in p.observed.jobs
+        if job.stage == cur.run.stage.name
+        and job.spec_hash == cur.run.spec_hash
+        and job.finished == "Failed"
+        and cur.stage.last_failure < job.attempt < cur.latest.attempt
+    ]
+    for job in sorted(lost, key=lambda j: j.attempt):
+        _record_failure(p, cur, job)
+
+
+def _record_failure(p: Pass, cur: Current, job: ObservedJob) -> bool:
+    """Record how an attempt ended, once: a counted failure or a disruption, with its event.
+    Whether it counts against the stage's restarts."""
+    run, stage = cur.run, cur.stage
+    counted = not job.disrupted or p.obj.spec.failure_policy.count_disruptions
+    if stage.last_failure < job.attempt:
+        stage.last_failure = job.attempt
+        if counted:
+            stage.restarts += 1
+            p.out.restarts += 1
+        else:
+            stage.disruptions += 1
+        stage.message = f"failed: {job.name}"
+        kind = "disrupted" if job.disrupted else "failed"
+        p.event(
+            "Warning",
+            c.STAGE_DISRUPTED if job.disrupted else c.STAGE_FAILED,
+            f"stage {run.stage.name} attempt {job.attempt} {kind}: {job.message}"[:1000],
+        )
+    return counted
+
+
 def count_failure(p: Pass, cur: Current) -> Decision | None:
     """The last attempt failed: count it (unless a disruption), give up, or back off."""
     run, stage, latest = cur.run, cur.stage, cur.latest
@@ -428,21 +470,7 @@ def count_failure(p: Pass, cur: Current) -> Decision | None:
     if not failed or latest.attempt != stage.attempts:  # not one a suspend deleted
         return None
     policy = p.obj.spec.failure_policy
-    counted = not latest.disrupted or policy.count_disruptions
-    if stage.last_failure < latest.attempt:
-        stage.last_failure = latest.attempt
-        if counted:
-            stage.restarts += 1
-            p.out.restarts += 1
-        else:
-            stage.disruptions += 1
-        stage.message = f"failed: {latest.name}"
-        kind = "disrupted" if latest.disrupted else "failed"
-        p.event(
-            "Warning",
-            c.STAGE_DISRUPTED if latest.disrupted else c.STAGE_FAILED,
-            f"stage {run.stage.name} attempt {latest.attempt} {kind}: {latest.message}"[:1000],
-        )
+    counted = _record_failure(p, cur, latest)
     if stage.restarts > policy.max_restarts:
         stage.phase = p.out.phase = "Failed"
         why = (
