@@ -390,10 +390,16 @@ class PodRunner:
         termination = root / "termination-log"
         env["AMBER_TERMINATION_LOG"] = str(termination)
 
+        # One pass, longest mount first, a path only where an argument or a flag's value
+        # starts: a folder that replaced one mount's path (under /tmp) is not itself a
+        # path under another mount (the trainer's scratch volume is /tmp).
+        prefixes = {m.rstrip("/") + "/": f"{folder}/" for m, folder in mounts.items()}
+        pattern = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
+
         def local(arg: str) -> str:
-            for mount, folder in mounts.items():
-                arg = arg.replace(mount.rstrip("/") + "/", f"{folder}/")
-            return arg
+            if not pattern:
+                return arg
+            return re.sub(f"(^|=)({pattern})", lambda m: m.group(1) + prefixes[m.group(2)], arg)
 
         def expand(arg: str) -> str:
             # $(VAR) from the container's environment, as the kubelet expands it; and no

@@ -190,7 +190,7 @@ class Node:
         sh(*in_node("ip", "addr", "add", f"{NODE_IP}/30", "dev", NODE_LINK))
         sh(*in_node("ip", "link", "set", NODE_LINK, "up"))
         sh(*in_node("ip", "link", "set", "lo", "up"))
-        # Pods reach the node's own address through the bridge's gateway.
+        # What kubeadm's preflight asks of a node; the namespace starts with it off.
         sh(*in_node("sysctl", "-qw", "net.ipv4.ip_forward=1"))
 
     def _containerd(self) -> None:
