@@ -21,6 +21,7 @@ import ctypes
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -206,12 +207,14 @@ def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> Laun
     """Run one stage as a torchrun gang on this machine."""
     config, log_path = _files(run, logs)
     env = _stage_env(processes)
-    rendezvous = on_this_machine(free_port())
+    # torchrun makes a log folder of its own (in /tmp unless told): in the run's, it goes
+    # with the run's when the run succeeds.
+    options = [*on_this_machine(free_port()), f"--log-dir={logs / 'torchrun'}"]
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        *torchrun_args(run.stage.type, str(config), processes, rendezvous),
+        *torchrun_args(run.stage.type, str(config), processes, options),
     ]
     with open(log_path, "w") as log:
         events = EventLog(log, run, on_event)
@@ -389,13 +392,15 @@ def run_resource(
             raise errors.InvalidInput(f"no stage named {name!r} (stages: {', '.join(names)})")
     store = run_folder(obj)
     with lease.acquire(store, "amber-run", wait=wait, on_wait=on_wait).keep() as held:
-        how = Launch(
-            launcher, processes, Path(tempfile.mkdtemp(prefix=f"amber-run-{obj.metadata.name}-"))
-        )
+        logs = Path(tempfile.mkdtemp(prefix=f"amber-run-{obj.metadata.name}-"))
+        how = Launch(launcher, processes, logs)
         try:
-            return _run_held(obj, runs, store, held, only, from_stage, how, on_event)
+            result = _run_held(obj, runs, store, held, only, from_stage, how, on_event)
         finally:
             how.close()
+        # Kept when the run failed: the error names a stage's log in it.
+        shutil.rmtree(logs, ignore_errors=True)
+        return result
 
 
 def _run_held(

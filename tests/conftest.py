@@ -16,6 +16,16 @@ def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temp_folder(tmp_path_factory):
+    # Tests kill trainers and `amber run` on purpose, and a killed process leaves its work
+    # folder: under pytest's base folder (pytest keeps the last three) rather than in /tmp.
+    import tempfile
+
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
+    tempfile.tempdir = None
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto in server mode, in its own process, reached over HTTP like any S3 service."""

@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -281,23 +280,9 @@ class Node:
 
     def s3(self) -> str:
         """moto on the node's address: the S3 endpoint pods and tests share."""
-        from trainer_helpers import free_port
+        from trainer_helpers import moto_server
 
-        port = free_port()
-        self._spawn(
-            "s3",
-            *in_node(sys.executable, "-m", "moto.server", "-H", NODE_IP, "-p", str(port)),
-        )
-        url = f"http://{NODE_IP}:{port}"
-
-        def answers() -> bool:
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(url, timeout=2).close()
-                return True
-            return False
-
-        wait_for(answers, 30, 0.2, "the S3 endpoint")
-        return url
+        return moto_server(NODE_IP, lambda command: self._spawn("s3", *in_node(*command)))[1]
 
     def kill_container(self, pod) -> None:
         """SIGKILL a pod's first container through containerd, as an OOM kill would."""

@@ -172,11 +172,17 @@ def test_readme_example_is_the_embedded_default():
     assert "./tests/run" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_every_launcher_commits_what_torchrun_commits(tmp_path):
+def test_every_launcher_commits_what_torchrun_commits(tmp_path, monkeypatch):
     # `amber run` runs a one-process stage in its warm worker, the quality benchmark dozens
     # of tiny stages in its own process: the same pipeline as torchrun's, to the weights.
+    import tempfile
+
     from safetensors.torch import load_file
 
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)
     stages = ["score", "prune", "distill"]
     weights = {}
     for launcher in ("torchrun", "auto", "here"):
@@ -186,6 +192,10 @@ def test_every_launcher_commits_what_torchrun_commits(tmp_path):
         assert [o.status for o in outcomes if o.stage in stages] == ["ran"] * 3
         folder = store / "default" / "tiny" / "distill" / "output" / "model"
         weights[launcher] = load_file(str(next(folder.glob("*.safetensors"))))
+        # A run that succeeded leaves no log folder, no stage work folder behind (torch's
+        # compile cache is meant to stay).
+        left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]
+        assert left == [], launcher
     for launcher in ("auto", "here"):
         assert weights[launcher].keys() == weights["torchrun"].keys()
         for name, tensor in weights["torchrun"].items():

@@ -68,16 +68,19 @@ def stage_runs(doc: dict) -> dict[str, StageRun]:
     return {r.stage.name: r for r in plan(parse(doc))}
 
 
-def moto_server(timeout: float = 30) -> tuple[subprocess.Popen, str]:
-    """moto in server mode, in its own process on loopback (the tests' S3, and the
-    benchmarks'): the process and its URL, once it answers."""
+def _quietly(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def moto_server(
+    host: str = "127.0.0.1", start=_quietly, timeout: float = 30
+) -> tuple[subprocess.Popen, str]:
+    """moto in server mode, in its own process (the tests' S3, and the benchmarks'): the
+    process and its URL, once it answers. `start` starts the command (the real node's
+    tests run it inside the node's network namespace)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc = start([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)])
+    url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout
     while True:
         try:
