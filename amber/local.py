@@ -35,7 +35,14 @@ from typing import Literal
 
 from amber import errors, history, lease, report, state, worker
 from amber.api import AmberCompression, StorageSpec
-from amber.plan import StageRun, on_this_machine, plan, run_uri, torchrun_args
+from amber.plan import (
+    StageRun,
+    accelerator_env,
+    on_this_machine,
+    plan,
+    run_uri,
+    torchrun_args,
+)
 from amber.publish import publish_final
 from amber.records import Event, StageResult, parse_event
 from amber.storage import Store, open_store
@@ -196,9 +203,14 @@ def _files(run: StageRun, logs: Path) -> tuple[Path, Path]:
 def _stage_env(processes: int) -> dict[str, str]:
     """The environment of a stage's processes: unbuffered event lines, death with their
     parent, and on CPUs DeepSpeed's CPU accelerator and the cores shared out."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_DEATH_ENV: str(int(signal.SIGTERM))})
-    if not has_gpu():
-        env.setdefault("DS_ACCELERATOR", "cpu")
+    gpu = has_gpu()
+    env = {
+        **accelerator_env(int(gpu)),
+        **os.environ,  # what the user set wins
+        "PYTHONUNBUFFERED": "1",
+        PARENT_DEATH_ENV: str(int(signal.SIGTERM)),
+    }
+    if not gpu:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     return env
 
@@ -266,8 +278,7 @@ def launch_here(run: StageRun, logs: Path, on_event: EventFn) -> Launched:
     trains. The process group it joins stays up for the next stage.
     """
     gang = {**worker.GANG, "MASTER_PORT": str(free_port())}
-    if not has_gpu() and "DS_ACCELERATOR" not in os.environ:
-        gang["DS_ACCELERATOR"] = "cpu"
+    gang.update((k, v) for k, v in accelerator_env(int(has_gpu())).items() if k not in os.environ)
     config, log_path = _files(run, logs)
     saved = dict(os.environ)
     os.environ.update(gang)  # only while the stage runs: later subprocesses must not inherit it

@@ -73,6 +73,13 @@ def torchrun_args(stage_type: str, config: str, processes: int, rendezvous: list
     ]
 
 
+def accelerator_env(gpus: int) -> dict[str, str]:
+    """What a stage's processes need to find their accelerator: DeepSpeed looks for a GPU
+    and stops where there is none unless told to use the CPU (pods with `gpusPerPod: 0`,
+    `amber run` on a machine without one)."""
+    return {} if gpus else {"DS_ACCELERATOR": "cpu"}
+
+
 def on_this_machine(port: int) -> list[str]:
     """The rendezvous of a gang on one machine, outside Kubernetes (`amber run`, tests)."""
     return ["--master-addr=127.0.0.1", f"--master-port={port}"]

@@ -95,9 +95,9 @@ def environment(obj: AmberCompression, run: StageRun) -> list[dict]:
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HOME", "value": SCRATCH},
     ]
-    if not run.resources.gpus_per_pod:
-        # DeepSpeed looks for an accelerator and finds none on a CPU node.
-        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    env += [
+        {"name": k, "value": v} for k, v in plan.accelerator_env(run.resources.gpus_per_pod).items()
+    ]
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
     if storage.region:
