@@ -58,11 +58,12 @@ class StageRun(Model):
         return run_uri(self.storage.uri, self.namespace, self.name)
 
 
-def torchrun_args(stage_type: str, config: str, processes: int, rendezvous: list[str]) -> list[str]:
+def torchrun_args(stage_type: str, config: str, processes: int, options: list[str]) -> list[str]:
     """torchrun's arguments for one stage: `processes` trainers on this node, each running
-    `amber trainer <type> --config <config>`, meeting as `rendezvous` says."""
+    `amber trainer <type> --config <config>`, after torchrun's own `options` (how the gang
+    meets, where torchrun logs)."""
     return [
-        *rendezvous,
+        *options,
         f"--nproc-per-node={processes}",
         "-m",
         "amber",

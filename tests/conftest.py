@@ -16,6 +16,16 @@ def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
+def pytest_terminal_summary(terminalreporter):
+    # The real-node test builds the images of images/ and records their sizes (any worker's
+    # report reaches this controller with its properties).
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            for name, value in getattr(report, "user_properties", ()):
+                if name == "image sizes" and getattr(report, "when", "") == "call":
+                    terminalreporter.write_sep("-", f"images: {value}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _temp_folder(tmp_path_factory):
     # Tests kill trainers and `amber run` on purpose, and a killed process leaves its work

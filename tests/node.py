@@ -87,15 +87,23 @@ class Image(NamedTuple):
 
 def build_images() -> dict[str, Image]:
     """tests/images.sh: the images by name (built on first use, cached)."""
-    out = subprocess.run(
-        ["bash", str(HERE / "images.sh")], check=True, capture_output=True, text=True
-    )
-    sys.stderr.write(out.stderr)  # the images' sizes, in the test's log
+    out = subprocess.run(["bash", str(HERE / "images.sh")], capture_output=True, text=True)
+    sys.stderr.write(out.stderr)  # what was built, in the test's log
+    if out.returncode:
+        raise RuntimeError(f"tests/images.sh failed ({out.returncode}):\n{out.stderr[-3000:]}")
     images = {}
     for line in out.stdout.splitlines():
         name, rest = line.split("=", 1)
         images[name] = Image(*rest.split())
     return images
+
+
+def sizes(images: dict[str, Image]) -> str:
+    """The images' archive sizes, as `./tests/run` prints them at the end."""
+    return ", ".join(
+        f"{name} {os.path.getsize(image.archive) / 2**20:,.1f} MiB"
+        for name, image in images.items()
+    )
 
 
 CONTAINERD = """version = 2

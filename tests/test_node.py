@@ -79,7 +79,10 @@ def resource(bucket: str, endpoint: str) -> dict:
     }
 
 
-def test_the_chart_runs_a_compression_in_real_containers(node, monkeypatch):
+def test_the_chart_runs_a_compression_in_real_containers(node, monkeypatch, record_property):
+    from node import sizes
+
+    record_property("image sizes", sizes(node.images))  # conftest prints it at the end
     cluster = node.cluster
     endpoint = node.s3()
     for var, value in CREDENTIALS.items():  # this side reads the bucket with them too
