@@ -8,6 +8,7 @@ up in `kubectl explain`.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -354,11 +355,31 @@ class AmberCompressionSpec(Model):
         return presets.build(self.preset, layers, self.overrides, encode=encode)
 
 
+# Kubernetes' own metadata rules (apimachinery's validation), applied here too so that
+# `amber run` refuses what `kubectl apply` would.
+QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+ANNOTATIONS_BYTES = 256 * 1024
+
+
+def key_problem(key: str) -> str | None:
+    """Why `key` is not a label or annotation key (`[prefix/]name`), or None."""
+    prefix, _, name = key.rpartition("/")
+    if "/" in key and (not prefix or len(prefix) > 253 or not DNS_SUBDOMAIN.match(prefix)):
+        return f"key {key!r}: its prefix must be a DNS subdomain of at most 253 characters"
+    if len(name) > 63 or not QUALIFIED_NAME.match(name):
+        return (
+            f"key {key!r}: its name must be 1-63 characters, letters, digits, '-', '_' or "
+            "'.', starting and ending with a letter or digit"
+        )
+    return None
+
+
 class ObjectMeta(Model):
     model_config = ConfigDict(**{**Model.model_config, "extra": "allow"})
 
     name: str = Field(..., min_length=1, max_length=63)
-    namespace: str = "default"
+    namespace: str = Field("default", min_length=1, max_length=63)
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 
@@ -368,6 +389,31 @@ class ObjectMeta(Model):
         if not DNS_LABEL.match(value):
             raise ValueError(f"{value!r} must be a DNS label (lower-case letters, digits, '-')")
         return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        problems = [p for p in map(key_problem, labels) if p]
+        problems += [
+            f"value {value!r} of {key!r}: at most 63 characters, letters, digits, '-', '_' or "
+            "'.', starting and ending with a letter or digit"
+            for key, value in labels.items()
+            if value and (len(value) > 63 or not QUALIFIED_NAME.match(value))
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return labels
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, annotations: dict[str, str]) -> dict[str, str]:
+        problems = [p for p in map(key_problem, annotations) if p]
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in annotations.items())
+        if size > ANNOTATIONS_BYTES:
+            problems.append(f"{size} bytes in all, over the {ANNOTATIONS_BYTES} Kubernetes allows")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return annotations
 
 
 class AmberCompression(Model):

@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 import amber
 from amber import resource
-from amber.errors import EXIT_CODES, INTERRUPTED, AmberError, InvalidInput
+from amber.errors import EXIT_CODES, INTERRUPTED, AmberError, InvalidInput, exit_code, one_line
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
@@ -33,7 +33,8 @@ EXIT_INVALID = InvalidInput.code
 
 class Commands(TyperGroup):
     """Every command's failures end here: an AmberError is one line and its class's exit
-    code; anything else is a bug, said so in one line (the traceback with --debug)."""
+    code, and so is the machine refusing a file (a full or read-only disk, permissions);
+    anything else is a bug, said so in one line (the traceback with --debug)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -49,16 +50,27 @@ class Commands(TyperGroup):
         except KeyboardInterrupt:
             errors.print("interrupted: run the same command again to continue")
             raise typer.Exit(INTERRUPTED) from None
+        except OSError as err:
+            if exit_code(err) is None or (ctx.obj or {}).get("debug"):
+                raise _internal(err, ctx) from None
+            # The machine refused (a full or read-only disk, permissions): not a bug.
+            errors.print(f"[bold red]error[/] {escape(one_line(err))}", highlight=False)
+            raise typer.Exit(exit_code(err)) from None
         except Exception as err:
-            if (ctx.obj or {}).get("debug"):
-                raise
-            errors.print(
-                f"[bold red]internal error[/] {escape(type(err).__name__)}: "
-                f"{escape(str(err).splitlines()[0] if str(err) else '')} (a bug in Amber; "
-                "--debug shows the traceback)",
-                highlight=False,
-            )
-            raise typer.Exit(1) from None
+            raise _internal(err, ctx) from None
+
+
+def _internal(err: Exception, ctx: click.Context) -> Exception:
+    """A bug: said in one line (typer.Exit 1), or the exception itself with --debug."""
+    if (ctx.obj or {}).get("debug"):
+        return err
+    errors.print(
+        f"[bold red]internal error[/] {escape(type(err).__name__)}: "
+        f"{escape(str(err).splitlines()[0] if str(err) else '')} (a bug in Amber; "
+        "--debug shows the traceback)",
+        highlight=False,
+    )
+    return typer.Exit(1)
 
 
 app = typer.Typer(
@@ -335,7 +347,7 @@ def run(
     def waiting(holder) -> None:
         errors.print(f"waiting: {holder.describe()}", markup=False, highlight=False)
 
-    with view:
+    with local.stop_signals_raise(), view:
         outcomes, final = local.run_resource(
             obj, store, only, from_stage, nproc, view.on_event, wait=wait, on_wait=waiting
         )
@@ -420,6 +432,7 @@ def trainer(
     from amber import local
     from amber_trainer import entry
 
+    local.stop_signals_exit()
     if os.environ.get(local.PARENT_DEATH_ENV):  # `amber run`'s stages die with torchrun
         parent = os.getppid()
         local.die_with_parent(int(os.environ[local.PARENT_DEATH_ENV]))
@@ -444,6 +457,7 @@ def worker(
     from amber import local
     from amber import worker as warm
 
+    local.stop_signals_exit()
     parent = os.getppid()
     local.die_with_parent()
     if os.getppid() != parent:  # it died before we asked

@@ -22,11 +22,11 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 
 from amber.errors import CorruptCommit
+from amber.layout import QUARANTINE
 from amber.storage import Store
 
 MARKER = "COMMIT.json"
 CHECKPOINTS = "checkpoints"
-QUARANTINE = "quarantine"
 CHECKSUM_LOCAL_MAX = 4 << 30  # reuse on a local store re-hashes outputs up to this size
 
 

@@ -7,6 +7,9 @@ traceback only with `--debug`.
 
 from __future__ import annotations
 
+import errno
+import signal
+
 
 class AmberError(Exception):
     """A failure a person can act on; `code` is the command's exit status."""
@@ -46,6 +49,54 @@ class RunLocked(AmberError):
     code = 5
 
 
+# The machine, not Amber: a full, read-only or unreachable disk, permissions, a symlink
+# loop, a name too long for the file system.
+MACHINE_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+        errno.EIO,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EMFILE,
+        errno.ENFILE,
+    }
+)
+
+
+def exit_code(err: BaseException) -> int | None:
+    """The exit status an exception stands for: an AmberError's class, a machine's refusal
+    (an OSError of MACHINE_ERRNOS) as storage; None for anything else (a bug)."""
+    if isinstance(err, AmberError):
+        return err.code
+    if isinstance(err, OSError) and err.errno in MACHINE_ERRNOS:
+        return StorageError.code
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as the line a person reads: an OSError names its path and cause."""
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        where = f"{err.filename}: " if err.filename is not None else ""
+        return f"{where}{err.strerror}"
+    return str(err)
+
+
+class Stopped(AmberError):
+    """A stop signal (SIGTERM: `timeout`, systemd, a pod's end; SIGHUP: a terminal closed):
+    the run stopped as Ctrl-C stops it, lease released; the exit status is 128 + signal."""
+
+    def __init__(self, signum: int, what: str = "the run"):
+        name = signal.Signals(signum).name
+        super().__init__(f"{what} stopped by {name}: run the same command again to continue")
+        self.signum, self.code = signum, 128 + signum
+
+
 INTERRUPTED = 130  # Ctrl-C: run the same command again to continue
 EXIT_CODES = {
     0: "success",
@@ -54,5 +105,7 @@ EXIT_CODES = {
     StorageError.code: "storage: unreachable, missing or damaged objects",
     StageFailed.code: "a stage failed (its own last error lines and log are printed)",
     RunLocked.code: "the run's folder is held by another run or the operator",
+    128 + signal.SIGHUP: "stopped by SIGHUP, a terminal closed (run it again to continue)",
     INTERRUPTED: "interrupted (run the same command again to continue)",
+    128 + signal.SIGTERM: "stopped by SIGTERM (run the same command again to continue)",
 }

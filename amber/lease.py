@@ -18,11 +18,12 @@ import uuid
 
 from pydantic import Field, ValidationError
 
+from amber import layout
 from amber.base import Model
 from amber.errors import RunLocked
 from amber.storage import Store
 
-KEY = "LEASE.json"
+KEY = layout.LEASE
 TTL_SECONDS = 60.0
 
 

@@ -52,9 +52,14 @@ ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Failed|Mismatch|Interrupt
 
 
 class StageFailed(errors.StageFailed):
-    def __init__(self, stage: str, code: int, log: Path, cause: str):
+    """A stage that ended without committing; `code` is the failure's class when the stage
+    said it (a storage or input error exits as one), else StageFailed's."""
+
+    def __init__(self, stage: str, code: int, log: Path, cause: str, kind: int | None = None):
         super().__init__(f"stage {stage} failed (exit {code}): {cause}\n  log: {log}")
         self.stage, self.code_, self.log, self.cause = stage, code, log, cause
+        if kind is not None:
+            self.code = kind
 
 
 def _prctl():
@@ -67,6 +72,46 @@ def _prctl():
 # Looked up once, here: the child of a fork (preexec_fn) should only make the call.
 PRCTL = _prctl()
 PR_SET_PDEATHSIG = 1
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """SIGTERM and SIGHUP raise `errors.Stopped` in `amber run`, as Ctrl-C raises
+    KeyboardInterrupt: the stages are stopped, the lease released, one line said (the
+    handlers before are put back after)."""
+
+    def stop(signum, frame):
+        raise errors.Stopped(signum)
+
+    before = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def stop_signals_exit() -> None:
+    """A stage process stopped by SIGTERM or SIGHUP exits through its `finally` blocks
+    (its scratch folder removed), with status 128 + signal; nothing is committed."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+
+
+def stop_signal(code: int) -> int | None:
+    """The stop signal a process's exit status says it ended by (killed by it, or exited
+    128 + it as `stop_signals_exit` makes it), or None."""
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        if code in (-sig, 128 + sig):
+            return int(sig)
+    return None
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -187,9 +232,13 @@ class EventLog(io.TextIOBase):
 
 def _finish(run: StageRun, code: int, events: EventLog, log_path: Path) -> Launched:
     result = events.result
+    stopped = stop_signal(code)
+    if result is None and stopped is not None:
+        raise errors.Stopped(stopped, f"stage {run.stage.name}")
     if code != 0 or result is None or result.status != "Succeeded":
         text = log_path.read_text(errors="replace")
-        raise StageFailed(run.stage.name, code, log_path, cause(result, text))
+        kind = result.code if result is not None else None
+        raise StageFailed(run.stage.name, code, log_path, cause(result, text), kind)
     return Launched(result, events.resumed)
 
 
@@ -407,6 +456,10 @@ def run_resource(
         how = Launch(launcher, processes, logs)
         try:
             result = _run_held(obj, runs, store, held, only, from_stage, how, on_event)
+        except (KeyboardInterrupt, errors.Stopped):
+            how.close()
+            shutil.rmtree(logs, ignore_errors=True)  # stopped on purpose: nothing to read
+            raise
         finally:
             how.close()
         # Kept when the run failed: the error names a stage's log in it.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from amber import lineage
+from amber import layout, lineage
 from amber.stages import StageBase
 
 
@@ -23,6 +23,11 @@ def check_pipeline(stages: Sequence[StageBase], teacher_layers: int) -> list[str
         if stage.name in seen:
             problems.append(f"{where}.name: {stage.name!r} is used by an earlier stage")
         seen.add(stage.name)
+        if stage.name in layout.ENTRIES:
+            problems.append(
+                f"{where}.name: {stage.name!r} is reserved (the run folder's own "
+                f"{stage.name}/ is there); name the stage otherwise"
+            )
         if stage.makes_data and link.index != 0:
             problems.append(f"{where}: {stage.type} must be the first stage")
         if stage.reads_score and link.scored is None:

@@ -6,6 +6,7 @@ Storage layout under `{storage.uri}/{namespace}/{name}/`:
   {stage}/checkpoints/  step-NNNNNNNNNN/ folders, newest committed one wins on restart
   final/                the last model, diffusers format, with a model card (a whole
                         pipeline folder when the teacher is one: amber/publish.py)
+and the run's own entries beside them (amber/layout.py: no stage may be named as one).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from amber.base import Model
 from amber.stages import ResourceSpec, Stage
 
 OUTPUT = "output"
-FINAL = "final"
-REPORT = "report.html"  # the run report page (amber.report)
 
 
 class StageRun(Model):

@@ -11,13 +11,15 @@ no torch, so the operator can publish too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 
 from amber import commits
 from amber.api import AmberCompression
 from amber.errors import InvalidInput, StorageError
-from amber.plan import FINAL, OUTPUT, StageRun
+from amber.layout import FINAL
+from amber.plan import OUTPUT, StageRun
 from amber.storage import Store, open_store
 
 PIPELINE_INDEX = "model_index.json"
@@ -152,12 +154,18 @@ def publish_final(
     ):
         return published
     store.delete(FINAL)  # nothing of another layout (bare transformer, pipeline) stays
-    for relative, (name, _) in copies.items():
-        store.copy(f"{output.folder}/{name}", f"{FINAL}/{relative}")
-    for key in parts:
-        store.copy_from(teacher, key, f"{FINAL}/{key}")
-    for key, text in written.items():
-        store.write_text(f"{FINAL}/{key}", text)
+    try:
+        for relative, (name, _) in copies.items():
+            store.copy(f"{output.folder}/{name}", f"{FINAL}/{relative}")
+        for key in parts:
+            store.copy_from(teacher, key, f"{FINAL}/{key}")
+        for key, text in written.items():
+            store.write_text(f"{FINAL}/{key}", text)
+    except StorageError:
+        # A disk that filled up halfway: no half model left where people look for one.
+        with contextlib.suppress(StorageError):
+            store.delete(FINAL)
+        raise
     return commits.write_marker(
         store, FINAL, output.step, files, {"source": last.stage.name}, last.spec_hash
     )

@@ -60,6 +60,11 @@ class StageResult(Model):
     step: int | None = Field(None, description="step: the step the output was made at.")
     metrics: dict[str, Any] = Field(default_factory=dict, description="metrics: its summary.")
     message: str | None = Field(None, description="message: why it failed.")
+    code: int | None = Field(
+        None,
+        description="code: the failure's class as an `amber` exit status (2 input, 3 storage: "
+        "amber/errors.py); None for the stage's own failures.",
+    )
     reused: bool = Field(False, description="reused: the output was committed before.")
 
     def event(self) -> Event:

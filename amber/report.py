@@ -21,11 +21,11 @@ import jinja2
 from amber import commits, history
 from amber.api import AmberCompression, StageStatus, parse_timestamp
 from amber.errors import InvalidInput
-from amber.plan import FINAL, OUTPUT, REPORT, StageRun
+from amber.layout import FINAL, REPORT, RESOURCE
+from amber.plan import OUTPUT, StageRun
 from amber.presets import MODEL_NAMES
 from amber.storage import Store
 
-RESOURCE = "resource.json"
 ATTEMPTS = ("ran", "resumed")  # history statuses that are a stage process having run
 
 

@@ -22,6 +22,7 @@ FIELD_PREFIX = re.compile(r"^[a-zA-Z][\w\[\].]*: ")
 MAX_BYTES = 1 << 20
 MAX_DEPTH = 32
 MAX_ALIASES = 16
+MAX_PROBLEMS = 20  # lines of one refusal; the rest are counted
 
 
 class InvalidResource(InvalidInput):
@@ -112,7 +113,15 @@ def _path(loc: tuple) -> str:
 
 
 def format_errors(err: ValidationError) -> list[str]:
-    """One `field.path: reason` line per problem."""
+    """One `field.path: reason` line per problem, the first MAX_PROBLEMS of them (a file with
+    thousands of unknown keys gets a screenful, not thousands of lines)."""
+    lines = _problem_lines(err)
+    if len(lines) > MAX_PROBLEMS:
+        lines = [*lines[:MAX_PROBLEMS], f"and {len(lines) - MAX_PROBLEMS} more"]
+    return lines
+
+
+def _problem_lines(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
         path = _path(e["loc"])

@@ -20,6 +20,7 @@ and If-Match; a local store with an exclusive lock on a file beside the object.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -28,7 +29,7 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from amber.errors import StorageError
 
@@ -136,55 +137,109 @@ def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
+@contextlib.contextmanager
+def local_errors(what: str):
+    """The machine's refusals (a read-only or full disk, permissions, a symlink loop, a name
+    too long) as one StorageError line naming the path and the cause."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as err:
+        raise StorageError(f"{what}: {describe(err, what)}") from None
+
+
+def resolved(path: Path, what: str) -> Path:
+    """`path` with its symlinks followed; a loop is a StorageError (Python 3.11 raises
+    RuntimeError for one, later versions OSError)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as err:
+        cause = describe(err) if isinstance(err, OSError) else "symlink loop"
+        raise StorageError(f"{what}: {cause}") from None
+
+
+def describe(err: OSError, said: str = "") -> str:
+    """An OSError's cause in words, with the path it names unless `said` names it."""
+    cause = err.strerror or errno.errorcode.get(err.errno or 0) or str(err)
+    if err.filename is None or str(err.filename) in said:
+        return cause
+    return f"{err.filename}: {cause}"
+
+
 class LocalStore(Store):
+    """A folder. Paths stay as the user wrote them (a store below `/data -> /mnt/disk1`
+    names `/data/...` everywhere); they are resolved only to refuse keys that escape it."""
+
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().absolute()
+        self.root = Path(os.path.normpath(Path(root).expanduser().absolute()))
         self.uri = str(self.root)
+        with local_errors(f"store {self.root}"):
+            self._check_parents()
+
+    def _check_parents(self) -> None:
+        """A store's nearest existing folder must be one: a dangling symlink or a file on
+        the way is said now, not when the first write fails minutes in."""
         for parent in (self.root, *self.root.parents):
+            if parent.is_symlink():
+                target = resolved(parent, f"store {self.root}: {parent}")
+                if not parent.exists():
+                    raise StorageError(
+                        f"store {self.root}: {parent} is a symlink to {target}, which does "
+                        "not exist"
+                    )
             if parent.exists():
                 if not parent.is_dir():
-                    raise StorageError(f"{self.root}: {parent} is a file, not a folder")
+                    raise StorageError(f"store {self.root}: {parent} is a file, not a folder")
                 break
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        path = self.root / key
+        real = resolved(path, f"{self.uri}/{key}")
+        root = resolved(self.root, f"store {self.root}")
+        if not real.is_relative_to(root):
             raise StorageError(f"key {key!r} escapes {self.root}")
-        return path
+        return Path(os.path.normpath(path))
 
     def _atomic(self, key: str, fill) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600: shared stores need more
-            with os.fdopen(fd, "wb") as out:
-                fill(out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with local_errors(f"writing {target}"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            try:
+                os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600: shared stores need more
+                with os.fdopen(fd, "wb") as out:
+                    fill(out)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     @contextlib.contextmanager
     def _locked(self, key: str):
         """An exclusive lock on `key`'s sidecar `.lock` file (the read-compare-write of the
         conditional writes; holders on one file system)."""
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.parent / f".{target.name}.lock", "a") as lock:
+        with local_errors(f"locking {target}"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lock = os.open(target.parent / f".{target.name}.lock", os.O_CREAT | os.O_WRONLY, 0o666)
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield target
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            yield target
+        finally:
+            os.close(lock)  # closing lets the lock go
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        path = self._path(key)
         try:
-            data = self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
+            with local_errors(f"reading {path}"):
+                data = path.read_bytes()
+        except StorageError:
+            if not path.exists() and not path.is_symlink():
+                return None
+            raise
         return data, hashlib.sha256(data).hexdigest()
 
     def create(self, key: str, data: bytes) -> bool:
@@ -206,12 +261,13 @@ class LocalStore(Store):
         self._atomic(key, lambda out: out.write(data))
 
     def read_bytes(self, key: str) -> bytes:
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
+            return path.read_bytes()
         except FileNotFoundError:
             raise StorageError(f"{self.uri}/{key} does not exist") from None
         except OSError as err:
-            raise StorageError(f"reading {self.uri}/{key}: {err.strerror or err}") from None
+            raise StorageError(f"reading {path}: {describe(err, str(path))}") from None
 
     def upload(self, path: Path, key: str) -> None:
         def copy(out):
@@ -224,41 +280,42 @@ class LocalStore(Store):
         source = self._path(key)
         if not source.is_file():
             raise StorageError(f"{self.uri}/{key} does not exist")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, path)
+        with local_errors(f"copying {source} to {path}"):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, path)
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
 
     def sha256(self, key: str) -> str:
         digest = hashlib.sha256()
-        try:
-            with open(self._path(key), "rb") as f:
-                while chunk := f.read(16 << 20):
-                    digest.update(chunk)
-        except OSError as err:
-            raise StorageError(f"reading {self.uri}/{key}: {err.strerror or err}") from None
+        path = self._path(key)
+        with local_errors(f"reading {path}"), open(path, "rb") as f:
+            while chunk := f.read(16 << 20):
+                digest.update(chunk)
         return digest.hexdigest()
 
     def list(self, prefix: str = "") -> dict[str, int]:
         base = self._path(prefix) if prefix else self.root
-        if base.is_file():
-            return {prefix: base.stat().st_size}
-        if not base.is_dir():
-            return {}
-        found = {}
-        for path in base.rglob("*"):
-            # Temporary files of writes in flight are not objects yet.
-            if path.is_file() and not path.name.endswith(".tmp"):
-                found[path.relative_to(self.root).as_posix()] = path.stat().st_size
+        with local_errors(f"listing {base}"):
+            if base.is_file():
+                return {prefix: base.stat().st_size}
+            if not base.is_dir():
+                return {}
+            found = {}
+            for path in base.rglob("*"):
+                # Temporary files of writes in flight are not objects yet.
+                if path.is_file() and not path.name.endswith(".tmp"):
+                    found[path.relative_to(self.root).as_posix()] = path.stat().st_size
         return dict(sorted(found.items()))
 
     def delete(self, prefix: str) -> None:
         target = self._path(prefix)
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
+        with local_errors(f"deleting {target}"):
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
 
     def copy(self, source: str, key: str) -> None:
         src = self._path(source)
@@ -301,12 +358,11 @@ class S3Store(Store):
             raise StorageError(f"{what}: {err}") from err
 
     def _get(self, key: str, **conditions) -> dict | None:
-        """get_object with the whole body read (`body`), read again when cut off; None when
-        the object is not there."""
-        from botocore.exceptions import ClientError
+        """get_object with the whole body read (`body`), read again when cut off or when it
+        fails its checksum; None when the object is not there."""
+        from botocore.exceptions import ClientError, FlexibleChecksumError
 
-        what = f"reading {self.uri}/{key}"
-        for attempt in range(BODY_READS):
+        def read() -> dict | None:
             try:
                 response = self.client.get_object(
                     Bucket=self.bucket, Key=self._key(key), **conditions
@@ -315,19 +371,32 @@ class S3Store(Store):
                 if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                     return None
                 raise StorageError(f"{what}: {err.response['Error'].get('Code', err)}") from err
-            except Exception as err:
+            except FlexibleChecksumError:
+                raise  # a small body is checked as it arrives: read again
+            except Exception as err:  # boto3 has retried the request already
                 raise StorageError(f"{what}: {err}") from err
+            body = response["Body"].read()
+            if len(body) != response.get("ContentLength", len(body)):
+                raise OSError(f"{len(body)} of {response['ContentLength']} bytes")
+            return {**response, "body": body}
+
+        what = f"reading {self.uri}/{key}"
+        return self._read_again(what, read)
+
+    def _read_again(self, what: str, read):
+        """`read()`, again while its body arrives damaged: cut off (botocore's streaming
+        errors, urllib3's, sockets') or failing its checksum (boto3 retries neither: only
+        the request)."""
+        for attempt in range(BODY_READS):
             try:
-                body = response["Body"].read()
-                if len(body) == response.get("ContentLength", len(body)):
-                    return {**response, "body": body}
-                problem: Exception = OSError(f"{len(body)} of {response['ContentLength']} bytes")
-            except Exception as err:  # botocore's streaming errors, urllib3's, sockets'
+                return read()
+            except StorageError:
+                raise
+            except Exception as err:
                 problem = err
-            if attempt == BODY_READS - 1:
-                raise StorageError(f"{what}: body cut off {BODY_READS} times: {problem}")
-            time.sleep(0.2 * 2**attempt)
-        raise AssertionError("unreachable")
+            if attempt < BODY_READS - 1:
+                time.sleep(0.2 * 2**attempt)
+        raise StorageError(f"{what}: body damaged or cut off {BODY_READS} times: {problem}")
 
     def _put(self, key: str, data: bytes, **conditions) -> bool:
         """put_object; False when a condition (If-None-Match, If-Match) does not hold."""
@@ -374,14 +443,23 @@ class S3Store(Store):
         )
 
     def download(self, key: str, path: Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._call(
-            f"downloading {self.uri}/{key}",
-            self.client.download_file,
-            self.bucket,
-            self._key(key),
-            str(path),
-        )
+        from botocore.exceptions import FlexibleChecksumError
+
+        what = f"downloading {self.uri}/{key}"
+        with local_errors(what):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+        def fetch() -> None:
+            try:
+                self.client.download_file(self.bucket, self._key(key), str(path))
+            except FlexibleChecksumError:
+                raise  # read again
+            except Exception as err:
+                if isinstance(err, OSError) and err.errno is not None:  # this machine's disk
+                    raise StorageError(f"{what}: {describe(err)}") from None
+                self._call(what, _raise, err)  # the request's own failures: no second try
+
+        self._read_again(what, fetch)
 
     def list(self, prefix: str = "") -> dict[str, int]:
         root = f"{self.prefix}/" if self.prefix else ""
@@ -435,8 +513,12 @@ class S3Store(Store):
         )
 
     def sha256(self, key: str) -> str:
+        what = f"reading {self.uri}/{key}"
+
         def read() -> str:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            response = self._call(
+                what, self.client.get_object, Bucket=self.bucket, Key=self._key(key)
+            )
             digest, size = hashlib.sha256(), 0
             for chunk in response["Body"].iter_chunks(16 << 20):
                 digest.update(chunk)
@@ -445,10 +527,14 @@ class S3Store(Store):
                 raise OSError(f"{size} of {response['ContentLength']} bytes")
             return digest.hexdigest()
 
-        return self._call(f"reading {self.uri}/{key}", read)
+        return self._read_again(what, read)
 
     def child(self, prefix: str) -> Store:
         return S3Store(self.bucket, self._key(prefix), client=self.client)
+
+
+def _raise(err: Exception):
+    raise err
 
 
 def s3_client(
@@ -486,6 +572,15 @@ def s3_client(
     )
 
 
+def file_path(uri: str) -> str:
+    """The path of a `file://` URI, percent-decoded (`file:///st%20ore` is `/st ore`), as
+    RFC 8089 writes paths."""
+    parsed = urlparse(uri)
+    if parsed.netloc not in ("", "localhost"):
+        raise StorageError(f"{uri}: a file:// URI names no host (write file:///path)")
+    return unquote(parsed.path)
+
+
 def open_store(
     uri: str, endpoint: str | None = None, region: str | None = None, client=None
 ) -> Store:
@@ -501,7 +596,7 @@ def open_store(
             return S3Store(parsed.netloc, parsed.path, client=client)
         return S3Store(parsed.netloc, parsed.path, endpoint=endpoint, region=region)
     if uri.startswith("file://"):
-        return LocalStore(urlparse(uri).path)
+        return LocalStore(file_path(uri))
     if "://" in uri:
         raise StorageError(f"{uri}: only s3://, file:// and plain paths are supported")
     return LocalStore(uri)

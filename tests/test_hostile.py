@@ -44,6 +44,23 @@ def tiny(**spec) -> dict:
     return doc
 
 
+def metadata(**changes) -> dict:
+    doc = tiny()
+    doc["metadata"].update(changes)
+    return doc
+
+
+def stage_named(name: str) -> dict:
+    """The random example with its stages written out, the score stage named `name`."""
+    doc = tiny(preset=None, overrides={})
+    del doc["spec"]["preset"], doc["spec"]["overrides"]
+    doc["spec"]["stages"] = [
+        {"type": "score", "name": name, "targetLayers": 6, "timesteps": [0.5]},
+        {"type": "prune"},
+    ]
+    return doc
+
+
 def teacher_config(**changes) -> dict:
     doc = tiny()
     doc["spec"]["teacher"]["config"].update(changes)
@@ -93,6 +110,19 @@ REFUSED = {
         "duplicate key 'preset'",
     ),
     "deep nesting": ("spec: " + "[" * 3000 + "]" * 3000, "nested deeper than 32"),
+    "a stage named final": (stage_named("final"), "spec.stages[0].name: 'final' is reserved"),
+    "a stage named quarantine": (stage_named("quarantine"), "'quarantine' is reserved"),
+    "a namespace of 64 characters": (metadata(namespace="n" * 64), "metadata.namespace"),
+    "a label key with a space": (metadata(labels={"team a": "x"}), "metadata.labels: key 'team a'"),
+    "a label value too long": (metadata(labels={"team": "v" * 64}), "metadata.labels: value"),
+    "a label key prefix not a DNS name": (
+        metadata(labels={"Example.COM/team": "a"}),
+        "its prefix must be a DNS subdomain",
+    ),
+    "annotations over 256 KiB": (
+        metadata(annotations={"note": "x" * (256 * 1024)}),
+        "metadata.annotations: 262148 bytes in all, over the 262144 Kubernetes allows",
+    ),
     "binary garbage": (b"\x89PNG\r\n\x1a\n\xff\xfe\x00garbage", "not UTF-8 text"),
     "a huge file": ("# " + "x" * (2 << 20), "larger than 1024 KiB"),
 }
@@ -112,6 +142,18 @@ def test_hostile_resources_are_refused_naming_the_field_and_write_nothing(tmp_pa
         assert message in out.output, (case, out.output)
         assert "Traceback" not in out.output and "internal error" not in out.output
     assert not store.exists()
+
+
+def test_thousands_of_problems_print_a_screenful(tmp_path):
+    doc = tiny()
+    doc["spec"]["overrides"]["finetune"].update({f"unknown{i}": i for i in range(5000)})
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    out = cli("validate", path)
+    assert out.exit_code == 2
+    lines = out.output.strip().splitlines()
+    assert 20 <= len(lines) <= 23, len(lines)
+    assert lines[-1].strip() == "and 4980 more", lines[-3:]
 
 
 @pytest.mark.parametrize(
@@ -210,12 +252,13 @@ def test_store_files_are_readable_by_the_team(tmp_path):
 
 
 class CuttingProxy(http.server.ThreadingHTTPServer):
-    """Forwards to `upstream`; the first `cuts` GET responses with a body are cut off halfway
-    (the full Content-Length is announced, then the connection closes)."""
+    """Forwards to `upstream`; the first `cuts` GET responses with a body are damaged: cut
+    off halfway (the full Content-Length is announced, then the connection closes), or with
+    `damage="flip"` delivered whole with one byte changed (its checksum header kept)."""
 
-    def __init__(self, upstream: str, cuts: int):
+    def __init__(self, upstream: str, cuts: int, damage: str = "cut"):
         self.upstream = upstream.removeprefix("http://")
-        self.cuts = cuts
+        self.cuts, self.damage = cuts, damage
         self.cut = 0
         super().__init__(("127.0.0.1", 0), _Forward)
 
@@ -243,6 +286,11 @@ class _Forward(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         cut = self.command == "GET" and len(data) > 1 and self.server.cut < self.server.cuts
+        if cut and "list-type" not in self.path and self.server.damage == "flip":
+            self.server.cut += 1
+            middle = len(data) // 2
+            self.wfile.write(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+            return
         if cut and "list-type" not in self.path:
             self.server.cut += 1
             self.wfile.write(data[: len(data) // 2])

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from amber import commits, history, lease, local
+from amber import commits, history, layout, lease, local
 from amber.records import ProgressRecord
 from amber.storage import open_store
 from trainer_helpers import (
@@ -107,6 +107,10 @@ def test_interrupted_run_continues_where_it_stopped(tmp_path):
     assert [r["stage"] for r in records if r["status"] == "resumed"] == ["distill"]
     # The report page says the same: every stage committed, distill resumed in attempt 2.
     page = (store_dir / "default" / "tiny" / "report.html").read_text()
+    # The run's folder holds its stages' folders and its own entries, which no stage may be
+    # named as (the validator refuses them: amber/layout.py).
+    entries = {p.name for p in (store_dir / "default" / "tiny").iterdir()}
+    assert entries - set(status) - {f".{lease.KEY}.lock"} <= set(layout.ENTRIES), entries
     assert report["report"] == str(store_dir / "default" / "tiny" / "report.html")
     assert page.count('class="committed">committed') == 6
     assert f"<td>{distill['resumed_from']}</td>" in page

@@ -144,7 +144,8 @@ def _stamps(store, prefix: str) -> dict[str, tuple]:
 def test_publishing_an_unchanged_final_model_writes_nothing(store, tmp_path):
     import time
 
-    from amber.plan import FINAL, plan
+    from amber.layout import FINAL
+    from amber.plan import plan
     from amber.publish import publish_final
     from amber.resource import parse
     from trainer_helpers import tiny_resource
@@ -179,7 +180,8 @@ def test_a_pipeline_teacher_is_published_as_a_whole_pipeline(store, tmp_path, te
     import json
     import time
 
-    from amber.plan import FINAL, plan
+    from amber.layout import FINAL
+    from amber.plan import plan
     from amber.publish import publish_final
     from amber.resource import parse
     from trainer_helpers import tiny_resource

@@ -17,7 +17,8 @@ from kubernetes.client.rest import ApiException
 
 from amber import commits, lease, state
 from amber.api import AmberCompression
-from amber.plan import FINAL, StageRun, run_uri
+from amber.layout import FINAL
+from amber.plan import StageRun, run_uri
 from amber.records import StageResult
 from amber.storage import StorageError, Store, open_store, s3_client
 from amber_operator import render

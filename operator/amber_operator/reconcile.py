@@ -12,7 +12,8 @@ from datetime import datetime, timedelta, timezone
 
 from amber import eta
 from amber.api import AmberCompression, AmberCompressionStatus, StageStatus, timestamp
-from amber.plan import FINAL, REPORT, StageRun, plan
+from amber.layout import FINAL, REPORT
+from amber.plan import StageRun, plan
 from amber.records import ProgressRecord, StageResult
 from amber_operator import conditions as c
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from amber import errors
 from amber.plan import StageRun
 from amber.records import StageResult
 from amber_trainer import runtime
@@ -72,9 +73,11 @@ def main(stage_type: str, config: Path) -> int:
             runtime.report(rt, succeeded(rt, manifest))
         return 0
     except Exception as err:
-        message = f"{type(err).__name__}: {err}"
-        runtime.report(rt, StageResult(stage=run.stage.name, status="Failed", message=message))
-        traceback.print_exc()
+        code = errors.exit_code(err)
+        message = f"{type(err).__name__}: {errors.one_line(err)}"
+        result = StageResult(stage=run.stage.name, status="Failed", message=message, code=code)
+        runtime.report(rt, result)
+        traceback.print_exc()  # into the stage's log
         return 1
     finally:
         runtime.teardown(rt)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from amber.errors import StorageError
 from amber_trainer.model.forward import FlowInputs
 
 
@@ -136,11 +138,9 @@ def shapes_datasets(config: dict, samples: int, seed: int) -> tuple[TensorDatase
 
 def load_shards(paths: list) -> TensorDataset:
     """Encoded safetensors shards (from the encode stage) as one dataset."""
-    from safetensors.torch import load_file
-
-    parts = [load_file(str(p)) for p in sorted(paths)]
+    parts = [_shard(Path(p)) for p in sorted(paths)]
     if not parts:
-        raise FileNotFoundError("no encoded shards found")
+        raise StorageError("no encoded shards found")
     side = int(parts[0]["side"].item())
     return TensorDataset(
         torch.cat([p["latents"] for p in parts]),
@@ -148,6 +148,25 @@ def load_shards(paths: list) -> TensorDataset:
         torch.cat([p["text_mask"] for p in parts]),
         side,
     )
+
+
+SHARD_KEYS = ("latents", "text", "text_mask", "side")
+
+
+def _shard(path: Path) -> dict[str, torch.Tensor]:
+    """One encoded shard, or a StorageError naming it: empty, cut short (safetensors says
+    only 'header too small'), or without the tensors an encoded shard holds."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise StorageError(f"data shard {path}: damaged or cut short ({err})") from None
+    missing = [key for key in SHARD_KEYS if key not in tensors]
+    if missing:
+        raise StorageError(f"data shard {path}: no {', '.join(missing)}; not an encoded shard")
+    return tensors
 
 
 class Sampler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import QwenImageTransformer2DModel
 
+from amber.errors import InvalidInput
 from amber_trainer.model.hybrid import AmberHybridTransformer2DModel
 
 # A 12-block teacher that runs in milliseconds on a CPU; the shapes keep Qwen-Image's ratios
@@ -61,12 +63,67 @@ def build_empty(config: dict[str, Any]) -> QwenImageTransformer2DModel:
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32) -> QwenImageTransformer2DModel:
-    """A diffusers folder: the transformer itself, or a pipeline with transformer/."""
+    """A diffusers folder: the transformer itself, or a pipeline with transformer/. Its
+    weights must be exactly those its config describes: diffusers would leave a missing
+    block freshly initialised, or drop an extra one, and the run would go on with a model
+    that is not the one in the folder."""
     path = Path(path)
     if (path / "transformer" / "config.json").exists():
         path = path / "transformer"
     config = QwenImageTransformer2DModel.load_config(path)
+    check_weights(path, config)
     return model_class(config).from_pretrained(path, torch_dtype=dtype)
+
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SHOWN_KEYS = 4
+
+
+def weight_keys(folder: Path) -> tuple[str, set[str]] | None:
+    """The weight files' names (for messages) and the tensor names they hold, read from
+    their headers alone; None when the folder has no safetensors weights."""
+    from safetensors import safe_open
+
+    index = folder / f"{WEIGHTS}.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / WEIGHTS).is_file():
+        shards = [WEIGHTS]
+    else:
+        return None
+    keys: set[str] = set()
+    for shard in shards:
+        try:
+            with safe_open(str(folder / shard), "pt") as f:
+                keys.update(f.keys())
+        except Exception as err:  # a truncated or foreign file: safetensors' own words
+            message = f"{folder / shard}: not a readable safetensors file ({err})"
+            raise InvalidInput(message) from None
+    return ", ".join(str(folder / s) for s in shards), keys
+
+
+def check_weights(folder: Path, config: dict[str, Any]) -> None:
+    """InvalidInput naming the files and the keys when the weights in `folder` are not
+    exactly the parameters `config` builds."""
+    found = weight_keys(folder)
+    if found is None:
+        return
+    files, keys = found
+    wanted = set(build_empty(dict(config)).state_dict())
+    missing, unexpected = sorted(wanted - keys), sorted(keys - wanted)
+    if not missing and not unexpected:
+        return
+    problems = [
+        f"{len(names)} {what} ({', '.join(names[:SHOWN_KEYS])}"
+        + (", ..." if len(names) > SHOWN_KEYS else "")
+        + ")"
+        for what, names in (("missing", missing), ("unexpected", unexpected))
+        if names
+    ]
+    raise InvalidInput(
+        f"{files}: the weights do not match {folder / 'config.json'} "
+        f"(num_layers {config.get('num_layers')}): {'; '.join(problems)}"
+    )
 
 
 def count_parameters(model: torch.nn.Module) -> int:
