@@ -131,3 +131,60 @@ def test_killed_fuse_resumes_inside_its_phase_with_the_whole_history(bucket, tmp
         assert mine["singleLayers"] == theirs["singleLayers"]
         for key in ("firstLoss", "finalLoss"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6)
+
+
+def test_fuse_killed_at_each_phase_boundary_ends_bit_identical(bucket, tmp_path):
+    """Killed once a phase has committed and before the next part's first checkpoint (as a
+    power loss or a full disk there would), fuse starts the next part from the committed
+    phase, its history and its optimizer's moments: the same model to the bit and the same
+    history as a run never stopped. One process (ZeRO 0: a plain AdamW whose moments the
+    parts share)."""
+    import torch
+    from safetensors.torch import load_file
+
+    fuse = {**FAST["fuse"], "steps": 4, "checkpointEvery": 100, "finetuneSteps": 4}
+    steps = {"distill": {**FAST["distill"], "steps": 2}, "fuse": fuse}
+    runs = stage_runs(tiny_resource(f"s3://{bucket}/straight", **steps))
+    for name in ("score", "prune", "distill", "finetune"):
+        assert finish(torchrun(runs[name], tmp_path, nproc=1))[0] == 0
+    straight = open_store(runs["fuse"].run_uri)
+    code, out, _ = finish(torchrun(runs["fuse"], tmp_path, nproc=1))
+    assert code == 0, out[-2000:]
+    reference = json.loads(straight.read_text("fuse/output/metrics.json"))
+    phases = len(reference["phases"])
+    assert phases >= 2
+
+    def tensors(store) -> dict:
+        store.download("fuse/output/model/diffusion_pytorch_model.safetensors", tmp_path / "m")
+        return load_file(tmp_path / "m")
+
+    expected = tensors(straight)
+    for boundary in range(phases):  # after phase `boundary`: the next phase, or the fine-tune
+        killed = stage_runs(tiny_resource(f"s3://{bucket}/killed-{boundary}", **steps))["fuse"]
+        store = open_store(killed.run_uri)
+        for key in straight.list():
+            if key.split("/")[0] in ("score", "prune", "distill", "finetune"):
+                store.copy_from(straight, key, key)
+        proc = torchrun(killed, tmp_path, nproc=1)
+        deadline = time.monotonic() + 300
+        while commits.read_manifest(store, f"fuse/phases/phase-{boundary}") is None:
+            assert proc.poll() is None, "finished before the phase committed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        kill_tree(proc)
+        assert commits.read_manifest(store, "fuse/output") is None
+        assert commits.latest_checkpoint(store, "fuse") is None  # a boundary, not a checkpoint
+
+        code, out, events = finish(torchrun(killed, tmp_path, nproc=1))
+        assert code == 0, out[-2000:]
+        (resumed,) = [e for e in events if e["event"] == "resumed"]
+        assert resumed["checkpoint"].endswith(f"fuse/phases/phase-{boundary}")
+        assert resumed["phase"] == (
+            f"phase-{boundary + 1}" if boundary + 1 < phases else "finetune"
+        )
+        done = json.loads(store.read_text("fuse/output/metrics.json"))
+        assert done["loss"] == reference["loss"] and done["phases"] == reference["phases"]
+        got = tensors(store)
+        assert got.keys() == expected.keys()
+        different = [k for k in expected if not torch.equal(got[k], expected[k])]
+        assert not different, (boundary, different[:5])

@@ -13,8 +13,9 @@ the frozen teacher's output (`distillWeight`) beside flow matching (`flowWeight`
 same mix of rows.
 
 Each phase's model is committed under `{stage}/phases/phase-P/` with the loss history so
-far, so a restart resumes inside the phase it stopped in, against the right target, and
-reports the same history as an uninterrupted run.
+far and the optimizer's moments the next part starts from, so a restart resumes inside the
+phase it stopped in (or at the start of the next part), against the right target, with the
+same moments, and ends with the same model and history as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from amber_trainer.train import checkpoint, loop
 from amber_trainer.train.objectives import FlowMatching, LayerwiseDistillation, teacher_states
 
 HISTORY = "history.json"
+MOMENTS = "moments.pt"  # a phase's optimizer moments by parameter name (plain AdamW only)
 
 
 def phase_folder(rt: Runtime, phase: int) -> str:
@@ -56,8 +58,9 @@ def committed_phases(rt: Runtime, count: int) -> int:
     return rt.broadcast(done)
 
 
-def phase_model(rt: Runtime, phase: int) -> tuple[torch.nn.Module, dict]:
-    """A committed phase's model and the stage's loss history up to its end."""
+def phase_model(rt: Runtime, phase: int) -> tuple[torch.nn.Module, dict, loop.Moments]:
+    """A committed phase's model, the stage's loss history up to its end and its optimizer's
+    moments (what the next part starts from, as it would have straight after it)."""
     key = phase_folder(rt, phase)
     try:
         folder = commits.fetch(
@@ -68,7 +71,8 @@ def phase_model(rt: Runtime, phase: int) -> tuple[torch.nn.Module, dict]:
             commits.quarantine(rt.store, key, err.reason)
         raise
     history = json.loads((folder / HISTORY).read_text())
-    return models.load(folder / outputs.MODEL_DIR).to(rt.device), history
+    moments = torch.load(folder / MOMENTS, weights_only=True) if (folder / MOMENTS).exists() else {}
+    return models.load(folder / outputs.MODEL_DIR).to(rt.device), history, moments
 
 
 def text_weights(model: torch.nn.Module, single_weight: float) -> list[float]:
@@ -81,16 +85,17 @@ def text_weights(model: torch.nn.Module, single_weight: float) -> list[float]:
     return weights
 
 
-def part_engine(rt: Runtime, objective, params, previous, offset: int, steps: int, total: int):
+def part_engine(
+    rt: Runtime, objective, params, moments: loop.Moments, offset: int, steps: int, total: int
+):
     """The engine for one part of the stage (a phase, or the closing fine-tune) of `steps`
     steps starting at stage step `offset`. `phaseOptimizer: shared`: on the whole stage's
-    schedule, with the `previous` part's moments; `fresh`: a schedule of its own."""
+    schedule, with the part before's `moments`; `fresh`: a schedule of its own."""
     if params.phase_optimizer == "fresh":
         return loop.build_engine(rt, objective, params, steps)
     engine = loop.build_engine(rt, objective, params, total)
     loop.continue_schedule(engine, offset)
-    if previous is not None:
-        loop.carry_moments(previous, engine)
+    loop.put_moments(engine, moments)
     return engine
 
 
@@ -154,19 +159,28 @@ def run(rt: Runtime) -> Output:
     history: dict = {"phases": [], "losses": []}
 
     done = committed_phases(rt, len(counts))
+    moments: loop.Moments = {}
     if done:
-        model, history = phase_model(rt, done - 1)
-    engine = None
+        model, history, moments = phase_model(rt, done - 1)
+        following = f"phase-{done}" if done < len(counts) else "finetune"
+        rt.log(
+            "resumed",
+            step=done * params.steps,
+            checkpoint=phase_folder(rt, done - 1),
+            phase=following,
+            world=rt.world,
+        )
     for p in range(done, len(counts)):
-        model, engine, losses = train_phase(rt, f, model, p, engine)
+        model, engine, losses = train_phase(rt, f, model, p, moments)
+        moments = loop.optimizer_moments(engine)
         history["phases"].append(
             {"singleLayers": counts[p], "firstLoss": losses[0], "finalLoss": losses[-1]}
         )
         history["losses"] += losses
-        _commit_phase(rt, model, p, layer_map, history)
+        _commit_phase(rt, model, p, layer_map, history, moments)
 
     if params.finetune_steps:
-        model, losses = closing_finetune(rt, f, model, engine)
+        model, losses = closing_finetune(rt, f, model, moments)
         history["finetuneLoss"] = losses
         history["losses"] += losses
 
@@ -182,9 +196,10 @@ def run(rt: Runtime) -> Output:
     return Output(total, metrics)
 
 
-def train_phase(rt: Runtime, f: Fusion, model, p: int, engine):
+def train_phase(rt: Runtime, f: Fusion, model, p: int, moments: loop.Moments):
     """Phase `p`: convert the next blocks to single-stream, then distil the whole model,
-    block by block, against the phase's target. Returns (model, engine, losses)."""
+    block by block, against the phase's target, the optimizer starting from the phase
+    before's `moments`. Returns (model, engine, losses)."""
     params = f.params
     target = f.fixed if params.target == "input" else model.requires_grad_(False).eval()
     fit = [loop.cast(x, rt.device, model.dtype) for x in f.fit]
@@ -203,7 +218,7 @@ def train_phase(rt: Runtime, f: Fusion, model, p: int, engine):
 
     label = f"phase-{p}"
     offset = p * params.steps
-    engine = part_engine(rt, objective, params, engine, offset, params.steps, f.total)
+    engine = part_engine(rt, objective, params, moments, offset, params.steps, f.total)
     state = checkpoint.resume_state(rt, engine, label)  # restores the schedule and moments too
     rollouts = rollouts_for(rt, params, state)
     make_inputs = phase_inputs(
@@ -214,9 +229,9 @@ def train_phase(rt: Runtime, f: Fusion, model, p: int, engine):
     return outputs.trained_model(engine, state), engine, state["losses"]
 
 
-def closing_finetune(rt: Runtime, f: Fusion, model, engine):
+def closing_finetune(rt: Runtime, f: Fusion, model, moments: loop.Moments):
     """Flow matching (and output distillation from the frozen teacher) after the last
-    phase. Returns (model, losses)."""
+    phase, the optimizer starting from its `moments`. Returns (model, losses)."""
     params, train = f.params, f.train
     teacher = inputs.teacher(rt) if params.distill_weight > 0 else None
     pool = inputs.target_pool(rt, teacher, params, (), len(train)) if teacher else None
@@ -225,7 +240,7 @@ def closing_finetune(rt: Runtime, f: Fusion, model, engine):
         model.train().requires_grad_(True), params.distill_weight, params.flow_weight
     )
     offset = len(f.counts) * params.steps
-    engine = part_engine(rt, objective, params, engine, offset, params.finetune_steps, f.total)
+    engine = part_engine(rt, objective, params, moments, offset, params.finetune_steps, f.total)
     state = checkpoint.resume_state(rt, engine, "finetune")
     rollouts = rollouts_for(rt, params, state)
 
@@ -237,10 +252,12 @@ def closing_finetune(rt: Runtime, f: Fusion, model, engine):
     return outputs.trained_model(engine, state), state["losses"]
 
 
-def _commit_phase(rt: Runtime, model, phase: int, layer_map, history: dict) -> None:
+def _commit_phase(rt: Runtime, model, phase: int, layer_map, history: dict, moments) -> None:
     if rt.is_main:
         local = rt.workdir / f"phase-out-{phase}"
         outputs.save_model(model, local, layer_map)
         (local / HISTORY).write_text(json.dumps(history))
+        if moments:
+            torch.save(moments, local / MOMENTS)
         commits.commit(rt.store, phase_folder(rt, phase), local, phase, spec_hash=rt.run.spec_hash)
     rt.barrier()

@@ -71,25 +71,38 @@ def continue_schedule(engine, steps_before: int) -> None:
         engine.lr_scheduler.step(steps_before - 1)
 
 
+Moments = dict[str, dict[str, Any]]  # parameter name -> its optimizer state (AdamW's)
+
+
+def optimizer_moments(engine) -> Moments:
+    """The optimizer's per-parameter state by parameter name (not copied). Only a plain torch
+    optimizer has it whole (no ZeRO partitions or mixed-precision wrappers): otherwise
+    none, and whatever is handed these moments starts from zero."""
+    optimizer = engine.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return {}
+    return {
+        name: optimizer.state[param]
+        for name, param in engine.module.named_parameters()
+        if param in optimizer.state
+    }
+
+
 @torch.no_grad()
-def carry_moments(old_engine, new_engine) -> None:
-    """Copy the optimizer's per-parameter state (AdamW's moments) from `old_engine` to
-    `new_engine` for every parameter both train under the same name and shape. Only for
-    plain torch optimizers (no ZeRO partitions or mixed-precision wrappers); otherwise the
-    new engine's moments start from zero."""
-    old_opt, new_opt = old_engine.optimizer, new_engine.optimizer
-    if not (
-        isinstance(old_opt, torch.optim.Optimizer) and isinstance(new_opt, torch.optim.Optimizer)
-    ):
+def put_moments(engine, moments: Moments) -> None:
+    """Give `engine`'s optimizer a copy of `moments` for every parameter it trains under the
+    same name and shape (a plain torch optimizer only, as `optimizer_moments`)."""
+    optimizer = engine.optimizer
+    if not moments or not isinstance(optimizer, torch.optim.Optimizer):
         return
-    old = dict(old_engine.module.named_parameters())
-    for name, param in new_engine.module.named_parameters():
-        source = old.get(name)
-        if source is None or source.shape != param.shape or source not in old_opt.state:
+    for name, param in engine.module.named_parameters():
+        state = moments.get(name)
+        average = state.get("exp_avg") if state else None
+        if average is None or average.shape != param.shape:
             continue
-        new_opt.state[param] = {
-            k: v.clone() if isinstance(v, torch.Tensor) else v
-            for k, v in old_opt.state[source].items()
+        optimizer.state[param] = {
+            k: v.to(param.device).clone() if isinstance(v, torch.Tensor) else v
+            for k, v in state.items()
         }
 
 
