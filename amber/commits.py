@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
+from amber import lease
 from amber.errors import CorruptCommit
 from amber.layout import QUARANTINE
 from amber.storage import Store
@@ -43,6 +44,9 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     spec_hash: str = Field("", description="The stage spec it was produced under.")
     created: float = Field(default_factory=time.time)
+    fence: int | None = Field(
+        None, description="The fencing token of the lease holder that wrote it (amber.lease)."
+    )
     folder: str = Field("", exclude=True, description="Where it was read from (not stored).")
 
 
@@ -79,13 +83,49 @@ def write_marker(
     files: dict[str, FileEntry],
     metrics: dict | None = None,
     spec_hash: str = "",
+    fence: lease.Fence | None = None,
 ) -> Manifest:
-    """Commit `folder`: call only after every file in `files` is uploaded."""
+    """Commit `folder`: call only after every file in `files` is uploaded. With a `fence`
+    (the run lease's holder this process works for) only while that holder still holds the
+    run folder's lease, and never over a marker of a newer holder."""
     manifest = Manifest(
-        step=step, files=files, metrics=metrics or {}, spec_hash=spec_hash, folder=folder
+        step=step,
+        files=files,
+        metrics=metrics or {},
+        spec_hash=spec_hash,
+        folder=folder,
+        fence=fence.token if fence else None,
     )
-    store.write_text(f"{folder}/{MARKER}", manifest.model_dump_json(indent=2))
+    data = manifest.model_dump_json(indent=2).encode()
+    if fence is None:
+        store.write_bytes(f"{folder}/{MARKER}", data)
+    else:
+        _fenced_write(store, f"{folder}/{MARKER}", data, fence)
     return manifest
+
+
+def _fenced_write(store: Store, key: str, data: bytes, fence: lease.Fence) -> None:
+    """Write `key` (in the run folder `store`) only while `fence`'s holder holds the lease,
+    with a conditional write over what was read, never over a newer holder's marker."""
+    holder, _ = lease.read(store)
+    if holder is None or holder.released or holder.id != fence.id:
+        raise lease.LeaseLost(
+            f"{store.uri}/{lease.KEY} no longer names the run this process works for "
+            f"(token {fence.token}); {key} not written"
+        )
+    current = store.read_versioned(key)
+    if current is None:
+        written = store.create(key, data)
+    else:
+        try:
+            theirs = json.loads(current[0]).get("fence") or 0
+        except (ValueError, AttributeError):
+            theirs = 0  # a damaged marker: ours replaces it
+        if theirs > fence.token:
+            raise lease.LeaseLost(f"{store.uri}/{key} was written by a newer holder")
+        written = store.replace(key, data, current[1])
+    if not written:
+        raise lease.LeaseLost(f"{store.uri}/{key} changed while it was written: another holder")
 
 
 def commit(
@@ -95,10 +135,11 @@ def commit(
     step: int,
     metrics: dict | None = None,
     spec_hash: str = "",
+    fence: lease.Fence | None = None,
 ) -> Manifest:
     """Upload every file under `local_dir` to `folder`, then write the marker last."""
     files = upload_files(store, folder, local_dir)
-    return write_marker(store, folder, step, files, metrics, spec_hash)
+    return write_marker(store, folder, step, files, metrics, spec_hash, fence)
 
 
 def read_manifest(store: Store, folder: str) -> Manifest | None:

@@ -249,25 +249,29 @@ def _files(run: StageRun, logs: Path) -> tuple[Path, Path]:
     return config, logs / f"{run.stage.name}.log"
 
 
-def _stage_env(processes: int) -> dict[str, str]:
+def _stage_env(processes: int, fence: dict[str, str]) -> dict[str, str]:
     """The environment of a stage's processes: unbuffered event lines, death with their
-    parent, and on CPUs DeepSpeed's CPU accelerator and the cores shared out."""
+    parent, the run lease's `fence` they commit under, and on CPUs DeepSpeed's CPU
+    accelerator and the cores shared out."""
     gpu = has_gpu()
     env = {
         **accelerator_env(int(gpu)),
         **os.environ,  # what the user set wins
         "PYTHONUNBUFFERED": "1",
         PARENT_DEATH_ENV: str(int(signal.SIGTERM)),
+        **fence,
     }
     if not gpu:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     return env
 
 
-def launch(run: StageRun, processes: int, logs: Path, on_event: EventFn) -> Launched:
+def launch(
+    run: StageRun, processes: int, logs: Path, on_event: EventFn, fence: dict[str, str]
+) -> Launched:
     """Run one stage as a torchrun gang on this machine."""
     config, log_path = _files(run, logs)
-    env = _stage_env(processes)
+    env = _stage_env(processes, fence)
     # torchrun makes a log folder of its own (in /tmp unless told): in the run's, it goes
     # with the run's when the run succeeds.
     options = [*on_this_machine(free_port()), f"--log-dir={logs / 'torchrun'}"]
@@ -319,14 +323,14 @@ def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
     proc.wait()
 
 
-def launch_here(run: StageRun, logs: Path, on_event: EventFn) -> Launched:
+def launch_here(run: StageRun, logs: Path, on_event: EventFn, fence: dict[str, str]) -> Launched:
     """Run one stage inside this process, as a gang of one, through the same entry point.
 
     For benchmarks that run dozens of small stages: starting torchrun and importing torch,
     diffusers and DeepSpeed costs about 10 s a stage on two cores, more than a tiny stage
     trains. The process group it joins stays up for the next stage.
     """
-    gang = {**worker.GANG, "MASTER_PORT": str(free_port())}
+    gang = {**worker.GANG, "MASTER_PORT": str(free_port()), **fence}
     gang.update((k, v) for k, v in accelerator_env(int(has_gpu())).items() if k not in os.environ)
     config, log_path = _files(run, logs)
     saved = dict(os.environ)
@@ -349,13 +353,13 @@ class Worker:
     """`amber run`'s warm worker (`amber.worker`): started when the first single-process
     stage runs, kept for the next ones, stopped with the run however it ends."""
 
-    def __init__(self, logs: Path):
-        self.logs = logs
+    def __init__(self, logs: Path, fence: dict[str, str]):
+        self.logs, self.fence = logs, fence
         self.proc: subprocess.Popen | None = None
         self.busy = False
 
     def _start(self) -> subprocess.Popen:
-        env = {**_stage_env(1), **worker.GANG, "MASTER_PORT": str(free_port())}
+        env = {**_stage_env(1, self.fence), **worker.GANG, "MASTER_PORT": str(free_port())}
         # The log folder is in its command line, as in a torchrun stage's (its config path).
         command = [sys.executable, "-m", "amber", "worker", str(self.logs)]
         return subprocess.Popen(
@@ -410,20 +414,21 @@ Launcher = Literal["auto", "torchrun", "here"]
 
 
 class Launch:
-    """How a run's stages are started (see `run_resource`), with the run's log folder and
-    its warm worker."""
+    """How a run's stages are started (see `run_resource`), with the run's log folder, its
+    warm worker and the environment that hands its stages the lease's fence."""
 
-    def __init__(self, launcher: Launcher, processes: int | None, logs: Path):
+    def __init__(self, launcher: Launcher, processes: int | None, logs: Path, fence: lease.Fence):
         self.launcher, self.processes, self.logs = launcher, processes, logs
-        self.worker = Worker(logs)
+        self.fence = fence.env()
+        self.worker = Worker(logs, self.fence)
 
     def launch(self, run: StageRun, on_event: EventFn) -> Launched:
         if self.launcher == "here":
-            return launch_here(run, self.logs, on_event)
+            return launch_here(run, self.logs, on_event, self.fence)
         processes = self.processes or default_processes(run)
         if self.launcher == "auto" and processes == 1:
             return self.worker.launch(run, on_event)
-        return launch(run, processes, self.logs, on_event)
+        return launch(run, processes, self.logs, on_event, self.fence)
 
     def close(self) -> None:
         self.worker.close()
@@ -453,7 +458,7 @@ def run_resource(
     store = run_folder(obj)
     with lease.acquire(store, "amber-run", wait=wait, on_wait=on_wait).keep() as held:
         logs = Path(tempfile.mkdtemp(prefix=f"amber-run-{obj.metadata.name}-"))
-        how = Launch(launcher, processes, logs)
+        how = Launch(launcher, processes, logs, held.fence)
         try:
             result = _run_held(obj, runs, store, held, only, from_stage, how, on_event)
         except (KeyboardInterrupt, errors.Stopped):
@@ -525,7 +530,8 @@ def _run_held(
         )
     held.check()
     produces_model = any(r.stage.makes_model for r in runs)
-    final = publish_final(obj, runs, store) if produces_model and not only else None
+    publish = produces_model and not only
+    final = publish_final(obj, runs, store, fence=held.fence) if publish else None
     report.write(obj, runs, store)
     return outcomes, f"{store.uri}/{final.folder}" if final is not None else None
 

@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import json
 
-from amber import commits
+from amber import commits, lease
 from amber.api import AmberCompression
 from amber.errors import InvalidInput, StorageError
 from amber.layout import FINAL
@@ -107,7 +107,11 @@ def components(teacher: Store, index: dict) -> dict[str, int]:
 
 
 def publish_final(
-    obj: AmberCompression, runs: list[StageRun], store: Store, log=print
+    obj: AmberCompression,
+    runs: list[StageRun],
+    store: Store,
+    log=print,
+    fence: lease.Fence | None = None,
 ) -> commits.Manifest:
     """Copy the last model stage's model to `final/` and commit it, unless `final/` already
     holds exactly that (same spec hash, files and card): a rerun of a finished pipeline
@@ -167,5 +171,5 @@ def publish_final(
             store.delete(FINAL)
         raise
     return commits.write_marker(
-        store, FINAL, output.step, files, {"source": last.stage.name}, last.spec_hash
+        store, FINAL, output.step, files, {"source": last.stage.name}, last.spec_hash, fence
     )

@@ -167,6 +167,10 @@ def describe(err: OSError, said: str = "") -> str:
     return f"{err.filename}: {cause}"
 
 
+def _sidecar(name: str) -> bool:
+    return name.endswith(".tmp") or (name.startswith(".") and name.endswith(".lock"))
+
+
 class LocalStore(Store):
     """A folder. Paths stay as the user wrote them (a store below `/data -> /mnt/disk1`
     names `/data/...` everywhere); they are resolved only to refuse keys that escape it."""
@@ -304,8 +308,9 @@ class LocalStore(Store):
                 return {}
             found = {}
             for path in base.rglob("*"):
-                # Temporary files of writes in flight are not objects yet.
-                if path.is_file() and not path.name.endswith(".tmp"):
+                # Temporary files of writes in flight are not objects yet, and the lock
+                # files of conditional writes (`_locked`) never are.
+                if path.is_file() and not _sidecar(path.name):
                     found[path.relative_to(self.root).as_posix()] = path.stat().st_size
         return dict(sorted(found.items()))
 

@@ -419,22 +419,35 @@ def test_one_holder_at_a_time_and_a_dead_holder_is_taken_over(store):
         lease.acquire(store, "amber-run")
     assert first.renew()
     first.release()
-    second = lease.acquire(store, "operator")  # released: free again
-    # A holder that stopped renewing (its lease expired) is taken over, and finds out.
-    holder, version = lease.read(store)
-    expired = holder.model_copy(update={"expires": time.time() - 1})
-    assert store.replace(lease.KEY, expired.model_dump_json().encode(), version)
+    assert lease.read(store)[0].released  # the file stays, so its fencing token counts on
+    second = lease.acquire(store, "operator", ttl=0.5)  # released: free again
+    assert second.holder.token == first.holder.token + 1
+    # A holder that stopped renewing is taken over once this process has seen its lease
+    # unchanged for its whole ttl, on its own clock; and the holder finds out.
+    time.sleep(0.6)
+    started = time.monotonic()
     third = lease.acquire(store, "amber-run")
+    assert time.monotonic() - started >= 0.5
+    assert third.holder.token == second.holder.token + 1
     assert not second.renew()
     with pytest.raises(RunLocked, match="taken over"):
         second.check()
     second.release()  # never deletes another holder's lease
     assert lease.read(store)[0].id == third.holder.id
     third.release()
-    # A holder on this host whose process is gone is stale at once.
-    dead = third.holder.model_copy(update={"pid": 2**22 + 1, "expires": time.time() + 600})
-    assert store.create(lease.KEY, dead.model_dump_json().encode())
+    # A holder on this host, in this PID namespace, whose process is gone is stale at once;
+    # in another PID namespace the same pid says nothing.
+    released, version = lease.read(store)
+    dead = released.model_copy(
+        update={"pid": 2**22 + 1, "expires": time.time() + 600, "released": False}
+    )
+    assert store.replace(lease.KEY, dead.model_dump_json().encode(), version)
     lease.acquire(store, "amber-run").release()
+    released, version = lease.read(store)
+    elsewhere = dead.model_copy(update={"pid_namespace": "pid:[1]", "token": released.token})
+    assert store.replace(lease.KEY, elsewhere.model_dump_json().encode(), version)
+    with pytest.raises(RunLocked, match="being run by"):
+        lease.acquire(store, "amber-run")
 
 
 def test_the_operators_hold_writes_only_when_a_third_of_its_ttl_has_passed(store):

@@ -376,3 +376,116 @@ def test_stop_signals_are_the_same_handler_as_the_exit_codes_listed():
     assert local.stop_signal(128 + signal.SIGTERM) == signal.SIGTERM
     assert local.stop_signal(-signal.SIGHUP) == signal.SIGHUP
     assert local.stop_signal(1) is None and local.stop_signal(-signal.SIGKILL) is None
+
+
+# --- the lease: clocks, PID namespaces, a holder that lost it ---------------------------
+
+TAKER = """
+import sys, time
+real = time.time
+time.time = lambda: real() + float(sys.argv[2])  # this process's clock, skewed
+from amber import lease
+from amber.errors import RunLocked
+from amber.storage import open_store
+try:
+    lease.acquire(open_store(sys.argv[1]), "amber-run", wait=float(sys.argv[3])).release()
+    print("took it over")
+except RunLocked as err:
+    print("refused:", err)
+"""
+
+
+def test_a_clock_ahead_never_takes_over_a_live_lease(tmp_path):
+    """A second process whose clock is 120 s ahead sees the live holder's lease as expired;
+    it watches it for the holder's ttl on its own clock, sees it renewed, and is refused."""
+    store = LocalStore(tmp_path / "run")
+    with lease.acquire(store, "amber-run", ttl=1.0).keep():
+        out = subprocess.run(
+            [sys.executable, "-c", TAKER, str(store.root), "120", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.stdout.startswith("refused: "), out.stdout + out.stderr
+        assert lease.read(store)[0].kind == "amber-run" and not lease.read(store)[0].released
+    # A holder that died without a word (the same lease left unrenewed) is taken over by
+    # the skewed process after one ttl of watching.
+    held = lease.acquire(store, "amber-run", ttl=1.0)  # never renewed nor released
+    out = subprocess.run(
+        [sys.executable, "-c", TAKER, str(store.root), "120", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.stdout.startswith("took it over"), out.stdout + out.stderr
+    assert not held.renew()
+
+
+@AS_ROOT
+def test_a_holder_in_another_pid_namespace_is_not_taken_for_dead(tmp_path):
+    """The same host name, another PID namespace: the holder's pid is not in its process
+    table, and that says nothing (a container beside the holder's)."""
+    spec = resource(tmp_path)
+    store = tmp_path / "store"
+    with lease.acquire(LocalStore(store / "default" / "amber-random"), "amber-run").keep():
+        in_new_namespace = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable]
+        done = subprocess.run(
+            [*in_new_namespace, "-m", "amber", "run", str(spec), "--store", str(store)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 5, done.stderr
+    assert f"being run by amber-run pid {os.getpid()}" in done.stderr
+
+
+def test_a_holder_paused_past_its_lease_never_commits_over_the_new_holder(tmp_path):
+    """Run A is stopped (SIGSTOP, every process of it) in its finetune past its lease's ttl;
+    run B watches the lease unchanged for a ttl, takes it over and runs; A is resumed and
+    goes on training, but its next commit is refused (the lease names B): A exits 5, B
+    finishes, and every marker written after the pause is B's."""
+    import psutil
+
+    doc = yaml.safe_load(RANDOM.read_text())
+    doc["spec"]["overrides"]["finetune"].update(steps=120, checkpointEvery=10)
+    spec = tmp_path / "paused.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    store = tmp_path / "store"
+    env = {**os.environ, lease.TTL_ENV: "2"}
+    command = [sys.executable, "-m", "amber", "run", str(spec), "--store", str(store)]
+    run_a = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    folder = LocalStore(store / "default" / "amber-random")
+    deadline = time.monotonic() + 300
+    while not folder.exists("finetune/progress.json"):
+        assert run_a.poll() is None and time.monotonic() < deadline, run_a.communicate()
+        time.sleep(0.2)
+    family = [psutil.Process(run_a.pid), *psutil.Process(run_a.pid).children(recursive=True)]
+    for process in family:
+        process.suspend()
+    paused = time.time()
+    token_a = lease.read(folder)[0].token
+    run_b = subprocess.Popen(
+        [*command, "--wait", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    while lease.read(folder)[0].token == token_a:
+        assert run_b.poll() is None and time.monotonic() < deadline, run_b.communicate()
+        time.sleep(0.1)
+    for process in family:
+        process.resume()
+    _, err_a = run_a.communicate(timeout=300)
+    _, err_b = run_b.communicate(timeout=300)
+    assert run_b.returncode == 0, err_b
+    assert run_a.returncode == 5, err_a
+    assert "no longer names the run" in err_a or "was taken over" in err_a, err_a
+    one_clear_line(err_a)
+    markers = [k for k in folder.list() if k.endswith("COMMIT.json")]
+    assert any(k.startswith("final/") for k in markers)
+    for key in markers:
+        manifest = json.loads(folder.read_text(key))
+        assert manifest["fence"] == token_a + 1 or manifest["created"] < paused, key

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from amber import commits, state
+from amber import commits, lease, state
 from amber.api import DeepSpeedSpec
 from amber.plan import OUTPUT, StageRun
 from amber.records import Event, ProgressRecord, StageResult
@@ -41,6 +41,9 @@ class Runtime:
     device: torch.device
     store: Store  # rooted at {storage}/{namespace}/{name}
     workdir: Path  # this process's scratch space
+    # The run lease's holder this process works for (`amber run`'s; None under the
+    # operator): every commit marker is written only while it holds the folder.
+    fence: lease.Fence | None = None
     _last_progress: float = field(default=0.0, repr=False)
 
     @property
@@ -148,7 +151,7 @@ class Runtime:
             for part in parts:
                 files.update(part)
             manifest = commits.write_marker(
-                self.store, folder, step, files, metrics, self.run.spec_hash
+                self.store, folder, step, files, metrics, self.run.spec_hash, self.fence
             )
         self.barrier()
         return manifest
@@ -171,7 +174,7 @@ def setup(run: StageRun) -> Runtime:
     storage = run.storage
     store = open_store(run.run_uri, endpoint=storage.endpoint, region=storage.region)
     workdir = Path(tempfile.mkdtemp(prefix=f"amber-{run.stage.name}-r{rank}-"))
-    return Runtime(run, rank, world, local_rank, device, store, workdir)
+    return Runtime(run, rank, world, local_rank, device, store, workdir, lease.fence_from_env())
 
 
 def teardown(rt: Runtime) -> None:

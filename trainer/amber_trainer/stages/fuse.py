@@ -259,5 +259,6 @@ def _commit_phase(rt: Runtime, model, phase: int, layer_map, history: dict, mome
         (local / HISTORY).write_text(json.dumps(history))
         if moments:
             torch.save(moments, local / MOMENTS)
-        commits.commit(rt.store, phase_folder(rt, phase), local, phase, spec_hash=rt.run.spec_hash)
+        folder = phase_folder(rt, phase)
+        commits.commit(rt.store, folder, local, phase, spec_hash=rt.run.spec_hash, fence=rt.fence)
     rt.barrier()

@@ -41,7 +41,7 @@ def save(rt: Runtime, engine, step: int, state: dict[str, Any], metrics: dict) -
     if rt.is_main:
         files = {name: entry for part in everyone for name, entry in part.items()}
         metrics = {**metrics, WORLD: rt.world}
-        commits.write_marker(rt.store, folder, step, files, metrics, rt.run.spec_hash)
+        commits.write_marker(rt.store, folder, step, files, metrics, rt.run.spec_hash, rt.fence)
         commits.prune_checkpoints(rt.store, rt.stage, keep=KEEP)
     rt.barrier()
     shutil.rmtree(local, ignore_errors=True)
