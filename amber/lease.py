@@ -38,7 +38,7 @@ from pydantic import Field, ValidationError
 from amber import layout
 from amber.base import Model
 from amber.errors import RunLocked
-from amber.storage import Store
+from amber.storage import StorageError, Store
 
 KEY = layout.LEASE
 TTL_ENV = "AMBER_LEASE_TTL"  # seconds; tests shorten it, a store slow to write lengthens it
@@ -203,8 +203,14 @@ class Lease:
     def __enter__(self) -> Lease:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, kind, *exc) -> None:
+        try:
+            self.release()
+        except StorageError:
+            if kind is None:
+                raise
+            # The run's own error says more (a disk turned read-only says it twice); the
+            # lease, never released, is taken over as its holder's is once it is dead.
 
 
 def read(store: Store) -> tuple[Holder | None, str | None]:

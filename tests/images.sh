@@ -11,6 +11,10 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${AMBER_CACHE:-$HOME/.cache/amber}/images"
 mkdir -p "$cache"
+# RUN steps in chroot isolation: no OCI runtime and no cgroups, so the build does not depend
+# on the host's cgroup layout (crun refuses a hybrid v1/v2 layout with a controller in v2,
+# which some machines of this kind have; tests/test_node.py's build checks it on the host).
+export BUILDAH_ISOLATION=chroot
 buildah=(buildah --root "$cache/buildah" --runroot /run/amber-buildah --storage-driver overlay)
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/pyproject.toml")
 

@@ -142,6 +142,14 @@ def test_a_full_or_read_only_disk_is_one_storage_line_and_publishes_nothing(tmp_
     mount -o remount,ro disk
     $AMBER run {spec} --store disk/st > ro.out 2> ro.err; echo $? > ro.code
     ls -R disk/st/default/amber-random > listing.txt
+    # An empty store on a read-only disk, and a disk turned read-only mid-run.
+    mkdir empty && mount -t tmpfs -o size=1m,ro tmpfs empty
+    $AMBER run {spec} --store empty/st > empty.out 2> empty.err; echo $? > empty.code
+    mkdir midway && mount -t tmpfs -o size=16m tmpfs midway
+    $AMBER run {spec} --store midway/st > midway.out 2> midway.err &
+    until [ -e midway/st/default/amber-random/score/output/COMMIT.json ]; do sleep 0.2; done
+    mount -o remount,ro midway
+    wait $!; echo $? > midway.code
     """
     done = _in_mount_namespace(tmp_path, script)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -150,9 +158,11 @@ def test_a_full_or_read_only_disk_is_one_storage_line_and_publishes_nothing(tmp_
         ("publish", "No space left on device"),
         ("full", "No space left on device"),
         ("ro", "Read-only file system"),
+        ("empty", "Read-only file system"),
+        ("midway", "Read-only file system"),
     ):
         assert read(f"{case}.code").strip() == "3", (case, read(f"{case}.err"))
-        assert cause in read(f"{case}.err") and "disk/st" in read(f"{case}.err"), case
+        assert cause in read(f"{case}.err") and "/st" in read(f"{case}.err"), case
         one_clear_line(read(f"{case}.err"))
     assert "final" in read("publish.err")
     assert "LEASE.json" in read("full.err") or "history.jsonl" in read("full.err")

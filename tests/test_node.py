@@ -194,3 +194,42 @@ def attempt_logs(cluster, stage: str, attempt: int) -> str:
         for pod in pods_of(cluster, stage)
         if pod.metadata.labels.get("amber.dev/attempt") == str(attempt)
     )
+
+
+def test_image_builds_run_steps_whatever_the_cgroup_layout(node, tmp_path):
+    """tests/images.sh runs RUN steps in buildah's chroot isolation, which needs neither an
+    OCI runtime nor cgroups: on a host whose cgroup v2 hierarchy sits beside v1's with a
+    controller in it (crun refuses that layout), a step runs as on any other. The step is a
+    static binary in an empty image, run exactly as the script's builds run theirs."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = (Path(__file__).parent / "images.sh").read_text()
+    isolation = re.search(r"^export BUILDAH_ISOLATION=(\w+)$", script, re.M)
+    assert isolation and isolation.group(1) == "chroot"
+    source = tmp_path / "ok.c"
+    source.write_text('#include <stdio.h>\nint main(void) { puts("step ran"); return 0; }\n')
+    subprocess.run(["gcc", "-static", "-o", tmp_path / "ok", source], check=True)
+    buildah = ["buildah", "--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run")]
+    env = {"BUILDAH_ISOLATION": isolation.group(1), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+    def call(*args) -> str:
+        done = subprocess.run([*buildah, *args], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, (args, done.stderr, cgroup_layout())
+        return done.stdout.strip()
+
+    container = call("from", "scratch")
+    call("copy", container, str(tmp_path / "ok"), "/ok")
+    assert call("run", container, "/ok") == "step ran"
+    call("rm", container)
+
+
+def cgroup_layout() -> str:
+    """The host's cgroup mounts and the v2 hierarchy's controllers, for a failure's message."""
+    from pathlib import Path
+
+    mounts = [line for line in Path("/proc/mounts").read_text().splitlines() if "cgroup" in line]
+    unified = Path("/sys/fs/cgroup/unified/cgroup.controllers")
+    controllers = unified.read_text().strip() if unified.exists() else "(no hybrid v2 mount)"
+    return "\n".join([*mounts, f"v2 controllers: {controllers}"])
