@@ -342,13 +342,17 @@ class S3Store(Store):
     def _key(self, key: str) -> str:
         return _join(self.prefix, key)
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def _call(self, what: str, fn, *args, again=(), **kwargs):
+        """`fn(*args, **kwargs)`, its failures a StorageError naming `what`, but for those
+        of `again`, which a caller reads again (`_read_again`)."""
         from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
         from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 
         try:
             return fn(*args, **kwargs)
+        except again:
+            raise
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "")
             raise StorageError(f"{what}: {code or err}") from err
@@ -453,18 +457,9 @@ class S3Store(Store):
         what = f"downloading {self.uri}/{key}"
         with local_errors(what):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-
-        def fetch() -> None:
-            try:
-                self.client.download_file(self.bucket, self._key(key), str(path))
-            except FlexibleChecksumError:
-                raise  # read again
-            except Exception as err:
-                if isinstance(err, OSError) and err.errno is not None:  # this machine's disk
-                    raise StorageError(f"{what}: {describe(err)}") from None
-                self._call(what, _raise, err)  # the request's own failures: no second try
-
-        self._read_again(what, fetch)
+        args = (self.bucket, self._key(key), str(path))
+        fetch = self.client.download_file
+        self._read_again(what, lambda: self._call(what, fetch, *args, again=FlexibleChecksumError))
 
     def list(self, prefix: str = "") -> dict[str, int]:
         root = f"{self.prefix}/" if self.prefix else ""
@@ -536,10 +531,6 @@ class S3Store(Store):
 
     def child(self, prefix: str) -> Store:
         return S3Store(self.bucket, self._key(prefix), client=self.client)
-
-
-def _raise(err: Exception):
-    raise err
 
 
 def s3_client(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 import zlib
 
@@ -129,3 +130,23 @@ def operator(cluster, namespace, tmp_path):
     op = Operator(cluster, namespace, tmp_path / "operator.log").start()
     yield op
     op.kill()
+
+
+@pytest.fixture
+def cutting(s3_endpoint, bucket):
+    """`start(n, damage)`: a proxy whose first `n` GET bodies are cut off (or, with
+    damage="flip", have one byte changed); point AWS_ENDPOINT_URL at its `url`."""
+    proxies = []
+
+    def start(cuts: int, damage: str = "cut"):
+        from s3_proxy import CuttingProxy
+
+        proxy = CuttingProxy(s3_endpoint, cuts, damage)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.shutdown()
+        proxy.server_close()

@@ -4,15 +4,13 @@ fallen back from; one holder per run folder.
 
 The CLI cases run in-process (typer's runner, the same `Commands` error path a shell sees);
 one case per class also runs as a real subprocess. S3 faults come from a proxy of our own
-on loopback between boto3 and the moto server: it cuts response bodies short.
+on loopback between boto3 and the moto server (tests/s3_proxy.py, the `cutting` fixture):
+it cuts response bodies short.
 """
 
 from __future__ import annotations
 
-import http.client
-import http.server
 import os
-import socket
 import stat
 import threading
 import time
@@ -249,78 +247,6 @@ def test_store_files_are_readable_by_the_team(tmp_path):
     finally:
         os.umask(old)
     assert mode == 0o644
-
-
-class CuttingProxy(http.server.ThreadingHTTPServer):
-    """Forwards to `upstream`; the first `cuts` GET responses with a body are damaged: cut
-    off halfway (the full Content-Length is announced, then the connection closes), or with
-    `damage="flip"` delivered whole with one byte changed (its checksum header kept)."""
-
-    def __init__(self, upstream: str, cuts: int, damage: str = "cut"):
-        self.upstream = upstream.removeprefix("http://")
-        self.cuts, self.damage = cuts, damage
-        self.cut = 0
-        super().__init__(("127.0.0.1", 0), _Forward)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Forward(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def _forward(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
-        upstream = http.client.HTTPConnection(self.server.upstream, timeout=30)
-        headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-        headers["Host"] = self.server.upstream
-        upstream.request(self.command, self.path, body=body, headers=headers)
-        response = upstream.getresponse()
-        data = response.read()
-        self.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        cut = self.command == "GET" and len(data) > 1 and self.server.cut < self.server.cuts
-        if cut and "list-type" not in self.path and self.server.damage == "flip":
-            self.server.cut += 1
-            middle = len(data) // 2
-            self.wfile.write(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
-            return
-        if cut and "list-type" not in self.path:
-            self.server.cut += 1
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
-            self.close_connection = True
-            return
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def cutting(s3_endpoint, bucket):
-    proxies = []
-
-    def start(cuts: int):
-        proxy = CuttingProxy(s3_endpoint, cuts)
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
-        proxies.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in proxies:
-        proxy.shutdown()
-        proxy.server_close()
 
 
 def test_s3_bodies_cut_off_are_read_again_and_named_when_they_never_arrive(

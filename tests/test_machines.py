@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_hostile import CuttingProxy, cli
+from test_hostile import cli
 
 from amber import history, lease, local
 from amber.errors import InvalidInput, StorageError
@@ -284,31 +284,13 @@ def test_a_damaged_history_is_a_record_not_an_input(tmp_path):
 # --- S3 bodies that fail their checksum --------------------------------------------------
 
 
-@pytest.fixture
-def damaging(s3_endpoint, bucket):
-    proxies = []
-
-    def start(damages: int):
-        proxy = CuttingProxy(s3_endpoint, damages, damage="flip")
-        import threading
-
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
-        proxies.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in proxies:
-        proxy.shutdown()
-        proxy.server_close()
-
-
 def test_s3_bodies_that_fail_their_checksum_are_read_again_then_named(
-    bucket, damaging, monkeypatch, tmp_path
+    bucket, cutting, monkeypatch, tmp_path
 ):
     payload = bytes(range(256)) * 64
     open_store(f"s3://{bucket}/runs").write_bytes("x/weights.bin", payload)
     for read in ("read_bytes", "download", "sha256"):
-        proxy = damaging(2)
+        proxy = cutting(2, damage="flip")
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         store = open_store(f"s3://{bucket}/runs")
         if read == "read_bytes":
@@ -321,7 +303,7 @@ def test_s3_bodies_that_fail_their_checksum_are_read_again_then_named(
 
             assert store.sha256("x/weights.bin") == hashlib.sha256(payload).hexdigest()
         assert proxy.cut == 2, read
-        proxy = damaging(100)
+        proxy = cutting(100, damage="flip")
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         store = open_store(f"s3://{bucket}/runs")
         with pytest.raises(StorageError, match=rf"s3://{bucket}/runs/x/weights.bin: body"):
@@ -377,7 +359,7 @@ def test_a_stop_signal_stops_cleanly_releases_the_lease_and_says_so(tmp_path, ta
     assert f"{what} stopped by {sig}: run the same command again to continue" in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1, err
     one_clear_line(err)
-    assert not (store / "default" / "amber-random" / lease.KEY).exists()
+    assert lease.read(LocalStore(store / "default" / "amber-random"))[0].released
     assert [p.name for p in (tmp_path / "scratch").glob("amber-*")] == []  # scratch, logs
     assert not [pid for pid in family if psutil.pid_exists(pid)]
 
@@ -409,25 +391,25 @@ def test_a_clock_ahead_never_takes_over_a_live_lease(tmp_path):
     """A second process whose clock is 120 s ahead sees the live holder's lease as expired;
     it watches it for the holder's ttl on its own clock, sees it renewed, and is refused."""
     store = LocalStore(tmp_path / "run")
-    with lease.acquire(store, "amber-run", ttl=1.0).keep():
+
+    def taker_ahead() -> str:
         out = subprocess.run(
             [sys.executable, "-c", TAKER, str(store.root), "120", "0"],
             capture_output=True,
             text=True,
             timeout=60,
         )
-        assert out.stdout.startswith("refused: "), out.stdout + out.stderr
+        return out.stdout + out.stderr
+
+    with lease.acquire(store, "amber-run", ttl=1.0).keep():
+        said = taker_ahead()
+        assert said.startswith("refused: "), said
         assert lease.read(store)[0].kind == "amber-run" and not lease.read(store)[0].released
     # A holder that died without a word (the same lease left unrenewed) is taken over by
     # the skewed process after one ttl of watching.
     held = lease.acquire(store, "amber-run", ttl=1.0)  # never renewed nor released
-    out = subprocess.run(
-        [sys.executable, "-c", TAKER, str(store.root), "120", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.stdout.startswith("took it over"), out.stdout + out.stderr
+    said = taker_ahead()
+    assert said.startswith("took it over"), said
     assert not held.renew()
 
 
