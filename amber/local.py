@@ -120,14 +120,18 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
-def cause(result: StageResult | None, log_text: str) -> str:
+def cause(result: StageResult | None, log_text: str, code: int = 1) -> str:
     """What a failed stage said: its result's message, else the last error line of its log
-    (a traceback's last line), else the log's last line."""
+    (a traceback's last line), else what killed it (a signal), else the log's last line that
+    is not an event (a progress line says nothing of why)."""
     if result is not None and result.message:
         return result.message
     lines = [line.strip() for line in log_text.splitlines() if line.strip()]
     found = [line for line in lines if ERROR_LINE.match(line)]
-    return (found or lines or ["no output"])[-1][:500]
+    if not found and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    said = [line for line in lines if parse_event(line) is None]
+    return (found or said or ["no output"])[-1][:500]
 
 
 @dataclass
@@ -238,7 +242,7 @@ def _finish(run: StageRun, code: int, events: EventLog, log_path: Path) -> Launc
     if code != 0 or result is None or result.status != "Succeeded":
         text = log_path.read_text(errors="replace")
         kind = result.code if result is not None else None
-        raise StageFailed(run.stage.name, code, log_path, cause(result, text), kind)
+        raise StageFailed(run.stage.name, code, log_path, cause(result, text, code), kind)
     return Launched(result, events.resumed)
 
 

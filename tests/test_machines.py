@@ -364,6 +364,13 @@ def test_a_stop_signal_stops_cleanly_releases_the_lease_and_says_so(tmp_path, ta
     assert not [pid for pid in family if psutil.pid_exists(pid)]
 
 
+def test_a_stage_killed_says_by_what_never_a_progress_line():
+    progress = '{"event": "progress", "stage": "finetune", "step": 3, "total": 80}\n'
+    assert local.cause(None, progress, -signal.SIGKILL) == "killed by SIGKILL"
+    assert local.cause(None, "loading\n" + progress, 1) == "loading"
+    assert local.cause(None, progress + "RuntimeError: out of memory\n", -9).startswith("Runtime")
+
+
 def test_stop_signals_are_the_same_handler_as_the_exit_codes_listed():
     assert local.stop_signal(128 + signal.SIGTERM) == signal.SIGTERM
     assert local.stop_signal(-signal.SIGHUP) == signal.SIGHUP
