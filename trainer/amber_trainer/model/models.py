@@ -46,7 +46,9 @@ def model_class(config: dict[str, Any]) -> type[QwenImageTransformer2DModel]:
 
 
 def _init_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+    # diffusers' own keys (`_class_name`, ...) and the hybrid's `auto_map` (how a fresh
+    # process finds its code) are not the model's arguments.
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "auto_map"}
 
 
 def build(config: dict[str, Any], seed: int = 0) -> QwenImageTransformer2DModel:
