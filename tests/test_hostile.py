@@ -522,9 +522,9 @@ def test_a_failed_stage_says_why_in_its_own_words(tmp_path):
     resource = tmp_path / "run.yaml"
     resource.write_text(yaml.safe_dump(doc))
     out = amber("run", str(resource))
-    assert out.returncode == 4, out.stderr
+    assert out.returncode == 2, out.stderr  # the stage's own words say the input is wrong
     first = out.stderr.strip().splitlines()[0]
-    assert "stage score failed (exit 1): FileNotFoundError: teacher" in first, out.stderr
+    assert "stage score failed (exit 1): InvalidInput: teacher" in first, out.stderr
     assert "no diffusers model folder there" in first
     assert "log: " in out.stderr and "Traceback" not in out.stderr
     assert "torch.distributed" not in out.stderr  # no launcher banner

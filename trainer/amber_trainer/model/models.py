@@ -10,7 +10,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import QwenImageTransformer2DModel
 
-from amber.errors import InvalidInput
+from amber.errors import InvalidInput, StorageError
 from amber_trainer.model.hybrid import AmberHybridTransformer2DModel
 
 # A 12-block teacher that runs in milliseconds on a CPU; the shapes keep Qwen-Image's ratios
@@ -152,9 +152,9 @@ def load_teacher(spec, workdir: Path, endpoint: str | None = None, region: str |
         local = workdir / "teacher"
         # A pipeline folder's transformer, else a bare model folder.
         if not (store.download_prefix("transformer", local) or store.download_prefix("", local)):
-            raise FileNotFoundError(f"teacher {uri} is empty or does not exist")
+            raise StorageError(f"teacher {uri} is empty or does not exist")
         return load(local)
     path = Path(uri.removeprefix("file://"))
     if not (path / "config.json").exists() and not (path / "transformer" / "config.json").exists():
-        raise FileNotFoundError(f"teacher {uri}: no diffusers model folder there")
+        raise InvalidInput(f"teacher {uri}: no diffusers model folder there ({path.absolute()})")
     return load(path)
