@@ -446,7 +446,11 @@ def test_a_holder_paused_past_its_lease_never_commits_over_the_new_holder(tmp_pa
     import psutil
 
     doc = yaml.safe_load(RANDOM.read_text())
-    doc["spec"]["overrides"]["finetune"].update(steps=120, checkpointEvery=10)
+    # Small stages: B runs the rest of the pipeline while the suite's other worker is busy.
+    overrides = doc["spec"]["overrides"]
+    overrides["finetune"].update(steps=40, checkpointEvery=10)
+    overrides["fuse"].update(steps=4, finetuneSteps=4, checkpointEvery=4)
+    overrides["eval"].update(samples=4)
     spec = tmp_path / "paused.yaml"
     spec.write_text(yaml.safe_dump(doc))
     store = tmp_path / "store"
@@ -477,8 +481,8 @@ def test_a_holder_paused_past_its_lease_never_commits_over_the_new_holder(tmp_pa
         time.sleep(0.1)
     for process in family:
         process.resume()
-    _, err_a = run_a.communicate(timeout=300)
-    _, err_b = run_b.communicate(timeout=300)
+    _, err_a = run_a.communicate(timeout=600)
+    _, err_b = run_b.communicate(timeout=600)
     assert run_b.returncode == 0, err_b
     assert run_a.returncode == 5, err_a
     assert "no longer names the run" in err_a or "was taken over" in err_a, err_a

@@ -144,6 +144,9 @@ def test_velocity_error_against_cached_teacher_answers_is_evals_definition():
     assert cached == pytest.approx((rel / len(s)).tolist(), rel=1e-6)
 
 
+# About 9 minutes alone; its time is the machine's, so a busy neighbour on the other worker
+# (the real node's image build, the resume tests) may stretch it past the suite's 15 minutes.
+@pytest.mark.timeout(1800)
 def test_compression_keeps_most_of_the_teacher_and_a_broken_pipeline_does_not(tmp_path):
     budget = arms.Budget(calibration_samples=16, finetune_steps=120)
     size = benchmark.Size(held_out=48, training=24, pool=1024)
